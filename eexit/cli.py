@@ -1,0 +1,133 @@
+"""The `eexit` command line: thin wrappers over the recipes in `eexit.train` and `eexit.lm_eval`."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+from eexit.errors import EexitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="eexit: train, evaluate and sweep early-exit transformers.")
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _params(items: List[str]) -> dict:
+    from eexit.config import parse_override
+
+    return dict(parse_override(i) for i in items)
+
+
+@app.command()
+def train(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML experiment config (experiments/*.yaml)."),
+    loss: Optional[str] = typer.Option(None, help="Training objective, e.g. final, weighted-ce, aux, deep-supervision, free-kd, ponder."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: --set train.lr=3e-4 (repeatable)."),
+    out: Optional[str] = typer.Option(None, help="Output folder (default checkpoints/<run_name>)."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the output folder."),
+    overwrite: bool = typer.Option(False, help="Start again in an existing output folder."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop after this many steps, as if killed (resume later)."),
+):
+    """Train an early-exit LM (multi-process with `accelerate launch` or `torchrun`)."""
+    _quiet()
+    from eexit.config import load_config
+    from eexit.losses import LOSSES
+    from eexit.train import run_training
+
+    overrides = list(set_)
+    if loss:
+        LOSSES.get(loss)
+        overrides.append(f"loss.name={loss}")
+    if out:
+        overrides.append(f"out_dir={out}")
+    cfg = load_config(config, overrides)
+    LOSSES.get(cfg.loss.name)
+    result = run_training(cfg, resume=resume, overwrite=overwrite, stop_after=stop_after)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k == "step" or k.startswith(("loss", "val_ppl"))}
+    typer.echo(f"{'finished' if result['finished'] else 'stopped'}: {cfg.output_dir}  {shown}")
+
+
+def _setup(model, policy, threshold, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers):
+    from eexit.lm_eval import EvalSetup
+
+    return EvalSetup(model, policy, threshold, min_exit_layer, _params(param), dataset, split, seq_len, max_tokens, batch_size, exit_layers)
+
+
+_MODEL = typer.Option(..., "--model", "-m", help="eexit checkpoint folder, HF folder / hub name, or .gguf file.")
+_POLICY = typer.Option("max-prob", help="Exit policy: max-prob, margin, entropy, saturation, static, oracle, halting-cdf.")
+_MIN = typer.Option(1, "--min-exit-layer", help="No exit below this layer.")
+_PARAM = typer.Option([], "--param", help="Policy parameter key=value, e.g. --param layer=2 for static.")
+_DATASET = typer.Option(None, help="Dataset (default: the checkpoint's training corpus).")
+_SPLIT = typer.Option("test", help="train, validation or test.")
+_SEQ = typer.Option(None, "--seq-len", help="Window length (default: the training one).")
+_MAXTOK = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens.")
+_BS = typer.Option(8, "--batch-size")
+_EXITS = typer.Option(None, "--exit-layers", help="Override the exits: all, or e.g. 1,3.")
+
+
+@app.command()
+def evaluate(
+    model: str = _MODEL, policy: str = _POLICY,
+    threshold: float = typer.Option(0.9, help="Exit when the policy's score > threshold (in [0, 1]; 1.0 never exits early)."),
+    min_exit_layer: int = _MIN, param: List[str] = _PARAM, dataset: Optional[str] = _DATASET, split: str = _SPLIT,
+    seq_len: Optional[int] = _SEQ, max_tokens: Optional[int] = _MAXTOK, batch_size: int = _BS, exit_layers: Optional[str] = _EXITS,
+    out: Optional[str] = typer.Option(None, help="Write the table to this results folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
+):
+    """Perplexity, compute % and exit shares of one policy at one threshold."""
+    _quiet()
+    from eexit.lm_eval import print_rows, run_evaluate
+
+    s = _setup(model, policy, threshold, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
+    row = run_evaluate(s, out, overwrite)
+    print_rows([row], title=f"{policy} @ {threshold}")
+
+
+def sweep_threshold(
+    model: str = _MODEL, policy: str = _POLICY,
+    thresholds: str = typer.Option("0.5:0.95", help="a:b (step 0.05), a:b:step, or a comma list."),
+    min_exit_layer: int = _MIN, param: List[str] = _PARAM, dataset: Optional[str] = _DATASET, split: str = _SPLIT,
+    seq_len: Optional[int] = _SEQ, max_tokens: Optional[int] = _MAXTOK, batch_size: int = _BS, exit_layers: Optional[str] = _EXITS,
+    out: Optional[str] = typer.Option(None, help="Results folder (default results/sweep-<model>-<policy>)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
+):
+    """One row per threshold: PPL, compute %, exit shares; Markdown/CSV/JSON + PNG in results/."""
+    _quiet()
+    from pathlib import Path
+
+    from eexit.lm_eval import print_rows, run_sweep
+    from eexit.thresholds import parse_thresholds
+
+    values = parse_thresholds(thresholds)
+    out = out or f"results/sweep-{Path(model).name}-{policy}"
+    s = _setup(model, policy, values[0], min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
+    rows = run_sweep(s, values, out, overwrite)
+    print_rows(rows, title=f"{policy} sweep -> {out}")
+
+
+app.command("sweep-threshold")(sweep_threshold)
+app.command("sweep", help="Alias of sweep-threshold.")(sweep_threshold)
+
+
+def main() -> None:
+    try:
+        app()
+    except EexitError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

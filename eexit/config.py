@@ -1,0 +1,190 @@
+"""Experiment configuration: YAML -> dataclasses, with `--set key=value` overrides.
+
+Precedence: command line > YAML file > the defaults below. Unknown keys are errors
+(with a "did you mean"), so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eexit.errors import EexitError
+from eexit.registry import unknown_name_error
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt2"  # architecture built from scratch: gpt2 | llama
+    pretrained: str | None = None  # hub name, local HF folder or .gguf file (then the size fields are ignored)
+    n_layers: int = 4  # transformer blocks
+    d_model: int = 128  # hidden size
+    n_heads: int = 4  # attention heads
+    d_ff: int = 512  # MLP inner size
+    max_len: int = 256  # longest sequence (position embeddings)
+    vocab_size: int = 4096  # size of the BPE vocabulary trained on the training split
+    exit_layers: Any = "all"  # "all" or a list of 1-based layers, e.g. [1, 3]; the last layer is always an exit
+    min_exit_layer: int = 1  # exits below this layer are not created
+    exit_heads: str = "shared"  # shared: the model's final norm + LM head at every exit; separate: one norm+head per exit
+    dropout: float = 0.0  # dropout in attention / MLP / embeddings
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "wiki-gensim"  # corpus name (see `eexit.data`), a hub dataset, or a .txt/.jsonl file
+    seq_len: int = 128  # tokens per training / evaluation window
+    text_field: str = "text"  # field holding the text in .jsonl files and hub datasets
+
+
+@dataclass
+class LossConfig:
+    name: str = "weighted-ce"  # training objective (see `eexit.losses`)
+    exit_token_fraction: float = 1.0  # share of positions scored at intermediate exits (1.0 = exact loss)
+    kd_mapping: str = "last"  # free-kd: shallow->deep layer mapping: last | uniform | closest
+    kd_weight: float = 1.0  # free-kd: weight of the distillation term
+    shallow_layer: int | None = None  # free-kd: last layer of the shallow module (default: first exit)
+    ponder_beta: float = 0.01  # ponder: weight of the halting-distribution entropy bonus
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # global batch (split evenly over processes)
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warmup
+    weight_decay: float = 0.1  # AdamW weight decay (not on norms/biases)
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    save_every: int = 200  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    eval_every: int = 200  # steps between validation passes
+    eval_batches: int = 8  # validation batches per pass
+    log_every: int = 10  # steps between log lines in train_log.jsonl
+
+
+@dataclass
+class RunConfig:
+    run_name: str = "run"  # name of the run; default output folder is checkpoints/<run_name>
+    seed: int = 0  # seeds model init, batch order and loss sampling
+    out_dir: str | None = None  # where checkpoints and the final model go
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.out_dir or f"checkpoints/{self.run_name}")
+
+
+def _field_names(obj) -> list[str]:
+    return [f.name for f in dataclasses.fields(obj)]
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Cast a YAML/CLI value to the type of the current default where that is unambiguous."""
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        raise EexitError(f"config key {key!r} must be true or false, got {value!r}")
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise EexitError(f"config key {key!r} must be a number, got {value!r}")
+        try:
+            return type(current)(value) if not (isinstance(current, int) and isinstance(value, float) and not value.is_integer()) else value
+        except ValueError:
+            raise EexitError(f"config key {key!r} must be a number, got {value!r}") from None
+    return value
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise EexitError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {data!r}")
+    names = _field_names(obj)
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise unknown_name_error("config key", full, [f"{prefix}{n}" for n in names])
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, current, full))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise EexitError(f"--set expects key=value (e.g. train.lr=3e-4), got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise EexitError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise EexitError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        raise EexitError(f"config file {p} is empty")
+    if not isinstance(data, dict):
+        raise EexitError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    cfg = RunConfig()
+    if path is not None:
+        _apply(cfg, read_yaml(path))
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _apply(cfg, nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    m, t, lo = cfg.model, cfg.train, cfg.loss
+    if m.arch not in ("gpt2", "llama"):
+        raise EexitError(f"model.arch must be one of gpt2, llama; got {m.arch!r}")
+    if m.exit_heads not in ("shared", "separate"):
+        raise EexitError(f"model.exit_heads must be shared or separate; got {m.exit_heads!r}")
+    for name in ("n_layers", "d_model", "n_heads", "d_ff", "max_len", "vocab_size"):
+        if getattr(m, name) <= 0:
+            raise EexitError(f"model.{name} must be positive; got {getattr(m, name)}")
+    if m.d_model % m.n_heads:
+        raise EexitError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    if cfg.data.seq_len <= 1 or cfg.data.seq_len > m.max_len:
+        raise EexitError(f"data.seq_len must be in 2..model.max_len ({m.max_len}); got {cfg.data.seq_len}")
+    if t.steps <= 0 or t.batch_size <= 0 or t.lr <= 0:
+        raise EexitError("train.steps, train.batch_size and train.lr must be positive")
+    if not 0 < lo.exit_token_fraction <= 1:
+        raise EexitError(f"loss.exit_token_fraction must be in (0, 1]; got {lo.exit_token_fraction}")
+    if lo.kd_mapping not in ("last", "uniform", "closest"):
+        raise EexitError(f"loss.kd_mapping must be one of last, uniform, closest; got {lo.kd_mapping!r}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,9 @@
+"""User-facing errors: one line, exit code 2, no traceback (see `eexit.cli`)."""
+
+
+class EexitError(Exception):
+    """Bad input from the user: the message says what is wrong and what is allowed."""
+
+
+class TrainingDiverged(EexitError):
+    """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""

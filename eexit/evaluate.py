@@ -1,0 +1,120 @@
+"""Early-exit language-model evaluation.
+
+`collect_exit_table` runs the model once per batch with every layer's hidden state, and
+records per token and per exit: the loss of the exit's prediction, its top-1 and the policy's
+confidence score. `exit_metrics` then applies a threshold: each token exits at the first exit
+whose score passes (and whose layer >= min exit layer) and its loss is taken there.
+
+Semantics: in this teacher-forced evaluation the later tokens attend to full-depth states of
+earlier tokens (the `full` KV mode of decoding); each token's own compute is the layers up to
+its exit. Compute % counts transformer layers; the exit-decision overhead (LM-head matmuls of
+softmax-based measures, classifiers, ...) is reported separately in layer-equivalents.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from eexit.policies import ExitPolicy, ExitView
+
+
+@dataclass
+class ExitTable:
+    exit_layers: list[int]  # 1-based layers with an exit (last = model depth)
+    num_layers: int
+    nll: torch.Tensor  # [K, N] negative log-likelihood of the target at each exit
+    top1: torch.Tensor  # [K, N] top-1 prediction at each exit
+    score: torch.Tensor  # [K, N] policy confidence at each exit
+    decision_cost: float  # one decision, in layer-equivalents
+    reuses_logits: bool  # an exit's decision logits are also its output (no extra head at the exit)
+
+    @property
+    def tokens(self) -> int:
+        return self.nll.shape[1]
+
+
+def layer_macs(model, context: float) -> float:
+    """Multiply-accumulates of one transformer block for one token with `context` visible tokens."""
+    block = model.parts.layers[0]
+    params = sum(p.numel() for p in block.parameters() if p.dim() > 1)
+    return params + 2.0 * context * model.hidden_size
+
+
+@torch.no_grad()
+def collect_exit_table(model, inputs: torch.Tensor, targets: torch.Tensor, policy: ExitPolicy,
+                       batch_size: int = 8, progress=None) -> ExitTable:
+    model.eval()
+    dev = model.device
+    exits = model.exit_layers
+    nll, top1, score = [[] for _ in exits], [[] for _ in exits], [[] for _ in exits]
+    embed = model.parts.base.get_input_embeddings()
+    for start in range(0, len(inputs), batch_size):
+        x = inputs[start : start + batch_size].to(dev)
+        y = targets[start : start + batch_size].to(dev).reshape(-1)
+        states = model(x)
+        n, d = y.numel(), model.hidden_size
+        state: dict = {}
+        for k, layer in enumerate(exits):
+            h = states[layer - 1].reshape(n, d)
+            prev = (states[layer - 2] if layer > 1 else embed(x)).reshape(n, d)
+            view = ExitView(layer, model.num_layers, h, prev, lambda h=h, layer=layer: model.exit_logits(h, layer), model, state)
+            logp = torch.log_softmax(view.logits, -1)
+            nll[k].append(-logp.gather(1, y[:, None]).squeeze(1).cpu())
+            top1[k].append(logp.argmax(-1).cpu())
+            if not policy.needs_future:
+                score[k].append(policy.score(view).float().cpu())
+        if progress is not None:
+            progress(len(x) * x.shape[1])
+    top1_t = torch.stack([torch.cat(t) for t in top1])
+    score_t = policy.scores_from_top1(top1_t) if policy.needs_future else torch.stack([torch.cat(s) for s in score])
+    ctx = (inputs.shape[1] + 1) / 2.0
+    cost = policy.decision_macs(model.hidden_size, model.vocab_size) / layer_macs(model, ctx)
+    return ExitTable(exits, model.num_layers, torch.stack([torch.cat(v) for v in nll]), top1_t, score_t, cost, policy.needs_logits)
+
+
+def exit_indices(table: ExitTable, policy: ExitPolicy, threshold: float | None = None) -> torch.Tensor:
+    """Index (into exit_layers) of the exit each token takes."""
+    thr = policy.threshold if threshold is None else threshold
+    layers = torch.tensor(table.exit_layers)[:, None]
+    if policy.threshold_free:
+        ok = table.score > 0
+    else:
+        ok = table.score > thr
+    ok = ok & (layers >= policy.min_exit_layer)
+    ok[-1] = True
+    return ok.int().argmax(0)
+
+
+def exit_metrics(table: ExitTable, policy: ExitPolicy, threshold: float | None = None) -> dict:
+    idx = exit_indices(table, policy, threshold)
+    n = table.tokens
+    cols = torch.arange(n)
+    layers = torch.tensor(table.exit_layers, dtype=torch.float)
+    L = table.num_layers
+    used = layers[idx]
+    # decisions are taken at exits >= min_exit_layer below the last layer, up to the exit taken
+    eligible = torch.tensor([1.0 if (l >= policy.min_exit_layer and l < L) else 0.0 for l in table.exit_layers])
+    decisions = torch.cumsum(eligible, 0)[idx]
+    exited_early = (used < L).float()
+    overhead = decisions * table.decision_cost - (exited_early * table.decision_cost if table.reuses_logits else 0.0)
+    chosen_nll = table.nll[idx, cols]
+    row = {
+        "threshold": None if policy.threshold_free else (policy.threshold if threshold is None else threshold),
+        "ppl": math.exp(chosen_nll.mean().item()),
+        "full_ppl": math.exp(table.nll[-1].mean().item()),
+        "compute_pct": 100.0 * used.mean().item() / L,
+        "overhead_pct": 100.0 * overhead.mean().item() / L,
+        "agreement_pct": 100.0 * (table.top1[idx, cols] == table.top1[-1]).float().mean().item(),
+        "tokens": n,
+    }
+    row["total_pct"] = row["compute_pct"] + row["overhead_pct"]
+    for k, layer in enumerate(table.exit_layers):
+        row[f"exit@{layer}_pct"] = 100.0 * (idx == k).float().mean().item()
+    return row
+
+
+def per_exit_ppl(table: ExitTable) -> dict[int, float]:
+    """PPL if every token exited at the given exit (the static baselines)."""
+    return {layer: math.exp(table.nll[k].mean().item()) for k, layer in enumerate(table.exit_layers)}

@@ -1,0 +1,117 @@
+"""Recipes behind `eexit evaluate` and `eexit sweep-threshold` for language modelling:
+setup (model, data, policy) -> collect the exit table once -> one row per threshold -> save."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eexit import data as data_mod
+from eexit.evaluate import ExitTable, collect_exit_table, exit_metrics, per_exit_ppl
+from eexit.model import load_model
+from eexit.policies import ExitPolicy, make_policy
+from eexit.reporting import plot_tradeoff, prepare_dir, provenance, write_results
+
+
+@dataclass
+class EvalSetup:
+    model_spec: str
+    policy: str = "max-prob"
+    threshold: float = 0.9
+    min_exit_layer: int = 1
+    policy_params: dict | None = None
+    dataset: str | None = None  # default: the checkpoint's training corpus, else wiki-gensim
+    split: str = "test"
+    seq_len: int | None = None  # default: the checkpoint's training window, else 128
+    max_tokens: int | None = None  # bound the evaluated targets
+    batch_size: int = 8
+    exit_layers: str | None = None  # override the checkpoint's exits ("all" or "1,3")
+
+
+def setup(s: EvalSetup):
+    policy = make_policy(s.policy, s.threshold, s.min_exit_layer, **(s.policy_params or {}))
+    model, tokenizer, meta = load_model(s.model_spec, exit_layers=s.exit_layers)
+    train_cfg = meta.get("train_config", {})
+    dataset = s.dataset or train_cfg.get("data", {}).get("dataset", "wiki-gensim")
+    seq_len = s.seq_len or train_cfg.get("data", {}).get("seq_len", 128)
+    corpus = data_mod.load_corpus(dataset, train_cfg.get("data", {}).get("text_field", "text"))
+    docs = data_mod.corpus_split(corpus, s.split, dataset)
+    tokens = data_mod.encode_documents(tokenizer, docs, f"{dataset}:{s.split}")
+    x, y = data_mod.eval_windows(tokens, seq_len, s.max_tokens)
+    resolved = {"model": s.model_spec, "policy": s.policy, "threshold": s.threshold, "min_exit_layer": s.min_exit_layer,
+                "policy_params": s.policy_params or {}, "dataset": dataset, "split": s.split, "seq_len": seq_len,
+                "max_tokens": s.max_tokens, "exit_layers": model.exit_layers, "num_layers": model.num_layers}
+    return model, policy, x, y, resolved
+
+
+def collect(model, policy: ExitPolicy, x, y, batch_size: int) -> tuple[ExitTable, float]:
+    t0 = time.perf_counter()
+    table = collect_exit_table(model, x, y, policy, batch_size=batch_size)
+    return table, time.perf_counter() - t0
+
+
+def table_columns(exit_layers: list[int]) -> tuple[list[str], dict[str, str]]:
+    cols = ["threshold", "ppl", "compute_pct", "overhead_pct", "agreement_pct"] + [f"exit@{l}_pct" for l in exit_layers]
+    headers = {"threshold": "Threshold", "ppl": "PPL", "compute_pct": "Compute%", "overhead_pct": "Decision overhead%",
+               "agreement_pct": "Top-1 agreement%", **{f"exit@{l}_pct": f"Exit@{l}%" for l in exit_layers}}
+    return cols, headers
+
+
+def per_exit_notes(table: ExitTable) -> str:
+    ppl = per_exit_ppl(table)
+    rows = " | ".join(f"layer {l}: {p:.2f}" for l, p in ppl.items())
+    return f"Static exits (every token at one layer), PPL — {rows}. Full-model PPL: {ppl[table.num_layers]:.2f}. Tokens: {table.tokens}.\n\n"
+
+
+def run_evaluate(s: EvalSetup, out: str | None = None, overwrite: bool = False) -> dict:
+    if out:
+        prepare_dir(out, overwrite)
+    model, policy, x, y, resolved = setup(s)
+    table, seconds = collect(model, policy, x, y, s.batch_size)
+    row = exit_metrics(table, policy)
+    row["eval_tokens_per_s"] = table.tokens / seconds
+    if out:
+        cols, headers = table_columns(table.exit_layers)
+        write_results(out, "evaluate", f"Early-exit evaluation: {s.policy} on {resolved['dataset']}/{s.split}", [row],
+                      provenance(resolved), cols + ["full_ppl"], headers | {"full_ppl": "Full PPL"}, per_exit_notes(table))
+    return row
+
+
+def run_sweep(s: EvalSetup, thresholds: list[float], out: str, overwrite: bool = False) -> list[dict]:
+    prepare_dir(out, overwrite)
+    model, policy, x, y, resolved = setup(s)
+    resolved["thresholds"] = thresholds
+    table, _ = collect(model, policy, x, y, s.batch_size)
+    rows = [exit_metrics(table, policy, t) for t in thresholds]
+    cols, headers = table_columns(table.exit_layers)
+    title = f"Threshold sweep: {s.policy} on {resolved['dataset']}/{s.split} ({Path(s.model_spec).name})"
+    write_results(out, "sweep", title, rows, provenance(resolved), cols, headers, per_exit_notes(table))
+    L = table.num_layers
+    statics = {f"exit at layer {l}": (100.0 * l / L, p) for l, p in per_exit_ppl(table).items()}
+    plot_tradeoff(Path(out) / "sweep.png", {s.policy: [(r["compute_pct"], r["ppl"], r["threshold"]) for r in rows]},
+                  "compute % (layers used / layers)", "perplexity", title, statics)
+    return rows
+
+
+SHORT = {"threshold": "thr", "ppl": "PPL", "full_ppl": "full PPL", "compute_pct": "compute%", "overhead_pct": "overhead%",
+         "total_pct": "total%", "agreement_pct": "agree%", "eval_tokens_per_s": "tok/s"}
+
+
+def print_rows(rows: list[dict], title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = [k for k in rows[0] if k != "tokens"]
+    t = Table(title=title)
+    for k in keys:
+        t.add_column(SHORT.get(k, k.replace("_pct", "%")), justify="right")
+    for r in rows:
+        t.add_row(*[f"{r[k]:.2f}" if isinstance(r[k], float) else ("-" if r[k] is None else str(r[k])) for k in keys])
+    Console(width=200).print(t)
+
+
+def torch_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)

@@ -1,0 +1,183 @@
+"""Training objectives for early-exit models, registered by name (`--loss NAME`).
+
+Each loss is one decorated function `(batch: LossBatch) -> (loss, logs)`. Adding one:
+
+    @register_loss("my-loss")
+    def my_loss(b: LossBatch):
+        ce = b.exit_ce()                       # {layer: per-token CE}
+        return ce[b.last].mean(), {}
+
+Cost: the LM head is the expensive part of an exit (vocabulary x hidden). `exit_ce` scores
+the final layer on every position and the intermediate exits on a random share
+(`loss.exit_token_fraction`) of positions, all intermediate exits in one matmul; the mean CE
+over a uniform sample is an unbiased estimate of the full mean, so the objective is unchanged
+in expectation while the extra head cost shrinks by that share.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from eexit.errors import EexitError
+from eexit.registry import Registry
+
+LossFn = Callable[["LossBatch"], tuple[torch.Tensor, dict[str, float]]]
+LOSSES: Registry[LossFn] = Registry("loss")
+register_loss = LOSSES.register
+
+
+@dataclass
+class ExitCE:
+    per_layer: dict[int, torch.Tensor]  # layer -> per-position CE (intermediate: sampled positions; last: all)
+    sample: torch.Tensor | None  # flat indices of the sampled positions (None = all)
+    last: int
+
+    def at_sample(self, layer: int) -> torch.Tensor:
+        """CE of `layer` on the sampled positions (the last layer is gathered there too)."""
+        ce = self.per_layer[layer]
+        if layer == self.last and self.sample is not None:
+            return ce[self.sample]
+        return ce
+
+
+@dataclass
+class LossBatch:
+    model: "torch.nn.Module"  # EarlyExitModel
+    states: list[torch.Tensor]  # every block's output [B, T, d]
+    targets: torch.Tensor  # [B, T] next-token ids
+    cfg: "object"  # LossConfig
+
+    @property
+    def last(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def exits(self) -> list[int]:
+        return self.model.exit_layers
+
+    def exit_ce(self, layers: list[int] | None = None) -> ExitCE:
+        return self._exit_ce_all if layers is None else compute_exit_ce(self, layers)
+
+    @cached_property
+    def _exit_ce_all(self) -> ExitCE:
+        return compute_exit_ce(self, self.exits)
+
+
+def compute_exit_ce(b: LossBatch, layers: list[int]) -> ExitCE:
+    model, targets, last = b.model, b.targets.reshape(-1), b.last
+    n = targets.numel()
+    out: dict[int, torch.Tensor] = {}
+    if last in layers:
+        logits = model.exit_logits(b.states[last - 1], last).reshape(n, -1)
+        out[last] = F.cross_entropy(logits.float(), targets, reduction="none")
+    inter = [l for l in layers if l != last]
+    sample = None
+    if inter:
+        frac = b.cfg.exit_token_fraction
+        if frac < 1.0:
+            k = max(1, int(round(frac * n)))
+            sample = torch.randperm(n, device=targets.device)[:k]
+        pick = (lambda h: h.reshape(n, -1)[sample]) if sample is not None else (lambda h: h.reshape(n, -1))
+        tgt = targets[sample] if sample is not None else targets
+        shared = [l for l in inter if str(l) not in model.exit_heads]
+        if shared:  # one LM-head matmul for all shared-head exits
+            h = torch.cat([pick(b.states[l - 1]) for l in shared])
+            ce = F.cross_entropy(model.exit_logits(h, shared[0]).float(), tgt.repeat(len(shared)), reduction="none")
+            for l, part in zip(shared, ce.chunk(len(shared))):
+                out[l] = part
+        for l in inter:
+            if l not in out:
+                out[l] = F.cross_entropy(model.exit_logits(pick(b.states[l - 1]), l).float(), tgt, reduction="none")
+    return ExitCE(out, sample, last)
+
+
+def _logs(ce: ExitCE) -> dict[str, float]:
+    return {f"ce@{l}": v.mean().item() for l, v in sorted(ce.per_layer.items())}
+
+
+@register_loss("final")
+def final_loss(b: LossBatch):
+    """Cross-entropy at the last layer only (the standard baseline)."""
+    ce = b.exit_ce([b.last])
+    return ce.per_layer[b.last].mean(), _logs(ce)
+
+
+@register_loss("weighted-ce")
+def weighted_ce(b: LossBatch):
+    """CALM: sum_i alpha_i * CE_i with alpha_i = i / sum_j j over the exit layers."""
+    ce = b.exit_ce()
+    total = float(sum(b.exits))
+    loss = sum((l / total) * ce.per_layer[l].mean() for l in b.exits)
+    return loss, _logs(ce)
+
+
+@register_loss("aux")
+def aux_loss(b: LossBatch):
+    """Seed 002, experiment 3: 0.5 * CE(shallow exit) + 0.5 * CE(deep exit)."""
+    if len(b.exits) < 2:
+        raise EexitError("--loss aux needs at least two exit layers (e.g. model.exit_layers=[1,3])")
+    shallow = b.exits[0]
+    ce = b.exit_ce([shallow, b.last])
+    return 0.5 * ce.per_layer[shallow].mean() + 0.5 * ce.per_layer[b.last].mean(), _logs(ce)
+
+
+@register_loss("deep-supervision")
+def deep_supervision(b: LossBatch):
+    """Seed 002, experiment 4 (Lee et al. 2015): the mean of CE over all exits."""
+    ce = b.exit_ce()
+    return sum(ce.per_layer[l].mean() for l in b.exits) / len(b.exits), _logs(ce)
+
+
+def kd_targets(b: LossBatch, shallow: int) -> list[int]:
+    """FREE's mapping m(i) from shallow layers 1..s to deep layers s+1..L."""
+    s, L, mode = shallow, b.last, b.cfg.kd_mapping
+    deep = list(range(s + 1, L + 1))
+    if mode == "last":
+        return [L] * s
+    if mode == "uniform":  # spread the shallow layers evenly over the deep module: m(i) = s + ceil(i (L-s) / s)
+        return [s + -(-i * (L - s) // s) for i in range(1, s + 1)]
+    with torch.no_grad():  # closest: argmin_j MSE(H_S^i, H_D^j)
+        return [deep[int(torch.stack([F.mse_loss(b.states[i - 1], b.states[j - 1]) for j in deep]).argmin())] for i in range(1, s + 1)]
+
+
+@register_loss("free-kd")
+def free_kd(b: LossBatch):
+    """FREE: weighted CE + kd_weight * 1/|L_S| sum_i MSE(H_S^i, H_D^m(i)) (deep states are the teacher)."""
+    shallow = b.cfg.shallow_layer or (b.exits[0] if len(b.exits) > 1 else None)
+    if shallow is None or not 1 <= shallow < b.last:
+        raise EexitError(f"--loss free-kd needs a shallow exit below layer {b.last} (set loss.shallow_layer or model.exit_layers)")
+    loss, logs = weighted_ce(b)
+    mapping = kd_targets(b, shallow)
+    kd = sum(F.mse_loss(b.states[i - 1].float(), b.states[m - 1].detach().float()) for i, m in zip(range(1, shallow + 1), mapping)) / shallow
+    logs["kd"] = kd.item()
+    return loss + b.cfg.kd_weight * kd, logs
+
+
+def halting_distribution(halting_logits: torch.Tensor) -> torch.Tensor:
+    """Per-exit halting probabilities p_n = lambda_n * prod_{j<n} (1 - lambda_j); the last exit takes the rest."""
+    lam = torch.sigmoid(halting_logits.float())
+    lam = torch.cat([lam[:-1], torch.ones_like(lam[-1:])])
+    survive = torch.cumprod(torch.cat([torch.ones_like(lam[:1]), 1 - lam[:-1]]), dim=0)
+    return lam * survive
+
+
+@register_loss("ponder")
+def ponder(b: LossBatch):
+    """Seed 000: expected task loss sum_n p_n * L_n minus beta * H(p), p from the learned exit gate."""
+    model = b.model
+    ce = b.exit_ce()
+    n = b.targets.numel()
+    gate = model.halting_logits(b.states).reshape(len(b.exits), n)
+    if ce.sample is not None:
+        gate = gate[:, ce.sample]
+    p = halting_distribution(gate)  # [n_exits, positions]
+    losses = torch.stack([ce.at_sample(l) for l in b.exits])
+    expected = (p * losses).sum(0).mean()
+    entropy = -(p * torch.log(p.clamp_min(1e-9))).sum(0).mean()
+    logs = _logs(ce)
+    logs.update({"entropy": entropy.item(), "mean_exit": (p * torch.tensor(b.exits, dtype=p.dtype, device=p.device)[:, None]).sum(0).mean().item()})
+    return expected - b.cfg.ponder_beta * entropy, logs

@@ -1,0 +1,155 @@
+"""Results folders: tables as Markdown / CSV / JSON, PNG plots, and the provenance of each run
+(command, commit, resolved config, environment) so every table says what made it."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from eexit.errors import EexitError
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if dirty else "")
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def command_line() -> str:
+    argv = list(sys.argv)
+    argv[0] = Path(argv[0]).name if argv else "eexit"
+    if argv and argv[0] in ("__main__.py", "-c"):
+        argv[0] = "eexit"
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def provenance(config: dict) -> dict:
+    return {
+        "command": command_line(),
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "config": config,
+        "environment": environment(),
+    }
+
+
+def prepare_dir(path: str | Path, overwrite: bool) -> Path:
+    """Check a results folder can be written (before any work is done)."""
+    p = Path(path)
+    if p.exists() and any(p.iterdir()) and not overwrite:
+        raise EexitError(f"results folder {p} already exists and is not empty; pass --overwrite or choose another --out")
+    if p.exists() and not p.is_dir():
+        raise EexitError(f"{p} exists and is not a folder")
+    return p
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, headers: dict[str, str] | None = None) -> str:
+    columns = columns or list(rows[0])
+    headers = headers or {}
+    out = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def csv_text(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def provenance_block(prov: dict) -> str:
+    cfg = json.dumps(prov["config"], sort_keys=True)
+    return (
+        f"- command: `{prov['command']}`\n- commit: `{prov['commit']}`\n- date: {prov['date']}\n"
+        f"- environment: {prov['environment']['platform']}, torch {prov['environment']['torch']}, "
+        f"transformers {prov['environment']['transformers']}, {prov['environment']['cpu_threads']} threads\n"
+        f"- config: `{cfg}`\n"
+    )
+
+
+def write_results(out_dir: str | Path, name: str, title: str, rows: list[dict], prov: dict,
+                  columns: list[str] | None = None, headers: dict[str, str] | None = None, notes: str = "",
+                  overwrite: bool = True) -> Path:
+    """Write <name>.md/.csv/.json plus provenance.json into out_dir (staged, then moved in)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = f"# {title}\n\n{markdown_table(rows, columns, headers)}\n\n{notes}{chr(10) if notes else ''}## Provenance\n\n{provenance_block(prov)}"
+    files = {
+        f"{name}.md": md,
+        f"{name}.csv": csv_text(rows),
+        f"{name}.json": json.dumps({"title": title, "rows": rows, **prov}, indent=2, default=str),
+        "provenance.json": json.dumps(prov, indent=2, default=str),
+    }
+    for fname, text in files.items():
+        tmp = out / (fname + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / fname)
+    return out
+
+
+def plot_tradeoff(path: str | Path, series: dict[str, list[tuple[float, float, object]]], xlabel: str, ylabel: str, title: str,
+                  baselines: dict[str, tuple[float, float]] | None = None) -> None:
+    """Line plot of (x, y, label) points per series, e.g. PPL against compute %."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, pts in series.items():
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker="o", label=name)
+        for x, y, lab in pts:
+            if lab is not None:
+                ax.annotate(f"{lab:.2f}" if isinstance(lab, float) else str(lab), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for name, (x, y) in (baselines or {}).items():
+        ax.scatter([x], [y], marker="*", s=120, zorder=5, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def copy_into(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)

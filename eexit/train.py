@@ -1,0 +1,258 @@
+"""`eexit train`: setup -> run -> save, on `accelerate` (one process, or many via
+`accelerate launch` / `torchrun --nproc_per_node N`).
+
+Batches are a pure function of (seed, step): the global batch of step s is drawn by a generator
+seeded with (seed, s) and each process takes its share, so a resumed run sees exactly the
+batches an uninterrupted run would, and N processes see the same global batch as one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eexit import data as data_mod
+from eexit.config import RunConfig, to_dict
+from eexit.errors import EexitError, TrainingDiverged
+from eexit.losses import LOSSES, LossBatch
+from eexit.model import EarlyExitModel, build_lm, load_model
+
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainingModule(nn.Module):
+    """Model + loss in one forward, so data-parallel wrappers see every parameter use."""
+
+    def __init__(self, model: EarlyExitModel, loss_cfg):
+        super().__init__()
+        self.model = model
+        self.loss_cfg = loss_cfg
+        self.loss_fn = LOSSES.get(loss_cfg.name)
+
+    def forward(self, inputs, targets):
+        states = self.model(inputs)
+        return self.loss_fn(LossBatch(self.model, states, targets, self.loss_cfg))
+
+
+def lr_lambda(cfg) -> callable:
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+
+
+def checkpoints(out: Path) -> list[Path]:
+    found = [p for p in out.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    out = cfg.output_dir
+    if resume:
+        if not checkpoints(out):
+            raise EexitError(f"--resume: no checkpoint found in {out}")
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise EexitError(f"output folder {out} already exists; pass --resume to continue it or --overwrite to start again")
+
+
+def prepare_data(cfg: RunConfig, tokenizer=None):
+    corpus = data_mod.load_corpus(cfg.data.dataset, cfg.data.text_field)
+    train_docs = data_mod.corpus_split(corpus, "train", cfg.data.dataset)
+    val_docs = data_mod.corpus_split(corpus, "validation", cfg.data.dataset)
+    if tokenizer is None:
+        tokenizer = data_mod.train_tokenizer(train_docs, cfg.model.vocab_size)
+    key = f"{cfg.data.dataset}"
+    train = data_mod.encode_documents(tokenizer, train_docs, key + ":train")
+    val = data_mod.encode_documents(tokenizer, val_docs, key + ":validation")
+    return tokenizer, train, val
+
+
+def build_model(cfg: RunConfig, tokenizer) -> EarlyExitModel:
+    ponder = cfg.loss.name == "ponder"
+    if cfg.model.pretrained:
+        model, tok, _ = load_model(cfg.model.pretrained, exit_layers=cfg.model.exit_layers)
+        from eexit.model import resolve_exit_layers
+
+        layers = resolve_exit_layers(cfg.model.exit_layers, model.num_layers, cfg.model.min_exit_layer)
+        return EarlyExitModel(model.lm, layers, cfg.model.exit_heads, ponder)
+    from eexit.model import resolve_exit_layers
+
+    lm = build_lm(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    layers = resolve_exit_layers(cfg.model.exit_layers, cfg.model.n_layers, cfg.model.min_exit_layer)
+    return EarlyExitModel(lm, layers, cfg.model.exit_heads, ponder)
+
+
+@torch.no_grad()
+def validation_losses(model: EarlyExitModel, val: torch.Tensor, cfg: RunConfig) -> dict[str, float]:
+    model.eval()
+    x, y = data_mod.eval_windows(val, cfg.data.seq_len, max_tokens=cfg.train.eval_batches * cfg.train.batch_size * cfg.data.seq_len)
+    sums = {l: 0.0 for l in model.exit_layers}
+    for i in range(0, len(x), cfg.train.batch_size):
+        xb, yb = x[i : i + cfg.train.batch_size].to(model.device), y[i : i + cfg.train.batch_size].to(model.device)
+        states = model(xb)
+        for l in model.exit_layers:
+            logits = model.exit_logits(states[l - 1], l).float()
+            sums[l] += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="sum").item()
+    model.train()
+    n = y.numel()
+    return {f"val_ce@{l}": s / n for l, s in sums.items()} | {f"val_ppl@{l}": math.exp(s / n) for l, s in sums.items()}
+
+
+def save_checkpoint(acc, module: TrainingModule, optimizer, step: int, tokenizer, cfg: RunConfig) -> None:
+    out = cfg.output_dir / f"checkpoint-{step}"
+    if acc.is_main_process:
+        tmp = cfg.output_dir / f".tmp-checkpoint-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.model.save(tmp, tokenizer, {"train_config": to_dict(cfg), "step": step})
+        torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / STATE_FILE)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    acc.wait_for_everyone()
+    torch.save({"torch": torch.get_rng_state()}, out / f"rng-{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        for old in checkpoints(cfg.output_dir)[: -cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
+                 show_progress: bool = True) -> dict:
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    # ---- setup
+    check_output_dir(cfg, resume, overwrite)
+    if cfg.loss.name not in LOSSES:
+        LOSSES.get(cfg.loss.name)  # raises the "did you mean" error before any work
+    acc = Accelerator()
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.train.batch_size % world:
+        raise EexitError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes ({world})")
+    torch.manual_seed(cfg.seed)
+    pretrained_tok = None
+    if cfg.model.pretrained:
+        _, pretrained_tok, _ = load_model(cfg.model.pretrained)
+    tokenizer, train_tokens, val_tokens = prepare_data(cfg, pretrained_tok)
+    model = build_model(cfg, tokenizer)
+    out = cfg.output_dir
+    if overwrite and not resume and acc.is_main_process and out.exists():
+        for p in checkpoints(out):
+            shutil.rmtree(p)
+    out.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    module = TrainingModule(model, cfg.loss)
+    optimizer = make_optimizer(module, cfg)
+    start = 0
+    if resume:
+        ck = checkpoints(out)[-1]
+        lm_state = type(model.lm).from_pretrained(ck).state_dict()
+        model.lm.load_state_dict(lm_state)
+        if (ck / "exit_modules.safetensors").is_file():
+            model.load_state_dict(load_file(str(ck / "exit_modules.safetensors")), strict=False)
+        state = torch.load(ck / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg), last_epoch=start - 1) if start else torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    torch.manual_seed(cfg.seed * 1000 + rank)  # loss-side sampling (exit_token_fraction) per process
+    if resume and (checkpoints(out)[-1] / f"rng-{rank}.pt").is_file():
+        torch.set_rng_state(torch.load(checkpoints(out)[-1] / f"rng-{rank}.pt")["torch"])
+    wrapped, optimizer = acc.prepare(module, optimizer)
+    wrapped.train()
+
+    # ---- run
+    per_rank = cfg.train.batch_size // world
+    log_path = out / "train_log.jsonl"
+    history: list[dict] = []
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    progress = _progress(show_progress and acc.is_main_process)
+    task = progress.add_task("train", total=cfg.train.steps, completed=start, info="") if progress else None
+    t0, last_logs = time.perf_counter(), {}
+    with progress if progress else _null():
+        for step in range(start, end):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            x, y = data_mod.random_windows(train_tokens, cfg.data.seq_len, cfg.train.batch_size, g)
+            x, y = x[rank * per_rank : (rank + 1) * per_rank].to(acc.device), y[rank * per_rank : (rank + 1) * per_rank].to(acc.device)
+            loss, logs = wrapped(x, y)
+            bad = acc.reduce(torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0, device=acc.device), "sum").item()
+            if bad:
+                good = checkpoints(out)
+                where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint had been written yet"
+                raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; training stopped ({where}); lower train.lr or raise warmup")
+            acc.backward(loss)
+            if cfg.train.grad_clip > 0:
+                acc.clip_grad_norm_(wrapped.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            mean_loss = acc.reduce(loss.detach(), "mean").item()
+            tps = (done - start) * tokens_per_step / (time.perf_counter() - t0)
+            last_logs = {"step": done, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps, **logs}
+            if progress:
+                progress.update(task, completed=done, info=f"loss {mean_loss:.3f}  {tps:,.0f} tok/s")
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                history.append(last_logs)
+                if acc.is_main_process:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(last_logs) + "\n")
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                val = validation_losses(acc.unwrap_model(wrapped).model, val_tokens, cfg)
+                last_logs.update(val)
+                if acc.is_main_process:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps({"step": done, **val}) + "\n")
+                    if not progress:
+                        print(f"step {done}: loss {mean_loss:.4f} " + " ".join(f"{k}={v:.2f}" for k, v in val.items() if "ppl" in k), flush=True)
+            if done % cfg.train.save_every == 0 and done < cfg.train.steps:
+                save_checkpoint(acc, acc.unwrap_model(wrapped), optimizer, done, tokenizer, cfg)
+
+    # ---- save
+    result = {"step": end, "finished": end == cfg.train.steps, **last_logs}
+    if end == cfg.train.steps:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model.save(out, tokenizer, {"train_config": to_dict(cfg), "step": end, "final": last_logs})
+            (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    import sys
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if not sys.stderr.isatty():
+        return None
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
