@@ -52,7 +52,9 @@ def train(
     cfg = load_config(config, overrides)
     LOSSES.get(cfg.loss.name)
     result = run_training(cfg, resume=resume, overwrite=overwrite, stop_after=stop_after)
-    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k == "step" or k.startswith(("loss", "val_ppl"))}
+    if not result["main_process"]:
+        return
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k in ("step", "processes") or k.startswith(("loss", "val_ppl"))}
     typer.echo(f"{'finished' if result['finished'] else 'stopped'}: {cfg.output_dir}  {shown}")
 
 

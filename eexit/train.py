@@ -143,7 +143,11 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     check_output_dir(cfg, resume, overwrite)
     if cfg.loss.name not in LOSSES:
         LOSSES.get(cfg.loss.name)  # raises the "did you mean" error before any work
-    acc = Accelerator()
+    # torchrun / accelerate launch without GPUs: accelerate takes the multi-process run only with cpu=True
+    import os
+
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    acc = Accelerator(cpu=multi_cpu)
     world, rank = acc.num_processes, acc.process_index
     if cfg.train.batch_size % world:
         raise EexitError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes ({world})")
@@ -227,7 +231,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
                 save_checkpoint(acc, acc.unwrap_model(wrapped), optimizer, done, tokenizer, cfg)
 
     # ---- save
-    result = {"step": end, "finished": end == cfg.train.steps, **last_logs}
+    result = {"step": end, "finished": end == cfg.train.steps, "processes": world, "main_process": acc.is_main_process, **last_logs}
     if end == cfg.train.steps:
         acc.wait_for_everyone()
         if acc.is_main_process:
