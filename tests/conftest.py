@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny early-exit LM trained for a few steps on the packaged Wikipedia text."""
+from __future__ import annotations
+
+import io
+import os
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "model.n_layers=3", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.max_len=32",
+    "model.vocab_size=256", "data.seq_len=32", "train.batch_size=4", "train.steps=6", "train.eval_every=3",
+    "train.save_every=3", "train.eval_batches=2", "train.warmup_steps=2", "train.log_every=1",
+]
+
+
+def tiny_overrides(*extra: str) -> list[str]:
+    return [a for kv in TINY + list(extra) for a in ("--set", kv)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ["EEXIT_CACHE"] = str(tmp_path_factory.mktemp("eexit-cache"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run `eexit ARGS` in this process; return (exit code, stdout, stderr)."""
+    from eexit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.argv
+    sys.argv = ["eexit", *args]
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 3-layer weighted-CE model with exits after every layer."""
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    code, _, err = run_cli("train", "--loss", "weighted-ce", *tiny_overrides(), "--out", str(out))
+    assert code == 0, err
+    return out

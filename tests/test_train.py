@@ -1,0 +1,90 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli, tiny_overrides
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_train_writes_a_loadable_checkpoint(tiny_checkpoint):
+    meta = json.loads((tiny_checkpoint / "eexit.json").read_text())
+    assert meta["exit_layers"] == [1, 2, 3] and meta["train_config"]["loss"]["name"] == "weighted-ce"
+    metrics = json.loads((tiny_checkpoint / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["step"] == 6
+    log = [json.loads(l) for l in (tiny_checkpoint / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]  # it learns
+    assert {"ce@1", "ce@2", "ce@3", "tokens_per_s"} <= set(log[0])
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    args = tiny_overrides("loss.exit_token_fraction=0.5")  # loss-side sampling RNG must resume too
+    code, _, err = run_cli("train", *args, "--out", str(tmp_path / "full"))
+    assert code == 0, err
+    code, out, err = run_cli("train", *args, "--out", str(tmp_path / "cut"), "--stop-after", "3")
+    assert code == 0, err
+    assert "stopped" in out and not (tmp_path / "cut" / "model.safetensors").exists()
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir()
+    code, _, err = run_cli("train", *args, "--out", str(tmp_path / "cut"), "--resume")
+    assert code == 0, err
+    assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "cut")) == 0.0
+    m_full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    m_cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    for k in ("loss", "val_ppl@1", "val_ppl@3"):
+        assert m_full[k] == m_cut[k]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    code, _, err = run_cli("train", *tiny_overrides("train.lr=1e30", "train.warmup_steps=1", "train.save_every=1",
+                                                   "train.grad_clip=0", "train.steps=20"), "--out", str(out))
+    assert code == 2
+    line = err.strip().splitlines()
+    assert len(line) == 1 and "loss became" in line[0] and "last good checkpoint" in line[0]
+    assert "Traceback" not in err
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert kept, "the checkpoint written before the NaN must survive"
+    assert not (out / "model.safetensors").exists()
+
+
+def test_existing_output_folder_is_not_overwritten(tmp_path, tiny_checkpoint):
+    target = tmp_path / "exists"
+    shutil.copytree(tiny_checkpoint, target)
+    before = (target / "model.safetensors").read_bytes()
+    code, _, err = run_cli("train", *tiny_overrides(), "--out", str(target))
+    assert code == 2 and "already exists" in err and "--resume" in err
+    assert (target / "model.safetensors").read_bytes() == before
+    code, _, err = run_cli("train", *tiny_overrides(), "--out", str(tmp_path / "nothing"), "--resume")
+    assert code == 2 and "no checkpoint found" in err
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU): each process takes half of the global batch,
+    gradients are averaged, so the weights equal a 1-process run up to float rounding."""
+    args = tiny_overrides("train.batch_size=4")
+    code, _, err = run_cli("train", *args, "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "eexit.cli", "train", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'processes': 2" in proc.stdout
+    diff = max_diff(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    assert diff < 1e-5
+    # and it is not trivially equal to a run with a different batch
+    code, _, err = run_cli("train", *tiny_overrides("train.batch_size=2"), "--out", str(tmp_path / "half"))
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "half")) > 1e-3
