@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eexit.policies import ExitPolicy, ExitView
+from eexit.policies import ExitPolicy, ExitView, decayed_threshold
 
 
 @dataclass
@@ -29,6 +29,8 @@ class ExitTable:
     score: torch.Tensor  # [K, N] policy confidence at each exit
     decision_cost: float  # one decision, in layer-equivalents
     reuses_logits: bool  # an exit's decision logits are also its output (no extra head at the exit)
+    positions: torch.Tensor | None = None  # [N] position of each token in its window (decaying threshold)
+    max_steps: int | None = None  # window length
 
     @property
     def tokens(self) -> int:
@@ -55,11 +57,13 @@ def collect_exit_table(model, inputs: torch.Tensor, targets: torch.Tensor, polic
         y = targets[start : start + batch_size].to(dev).reshape(-1)
         states = model(x)
         n, d = y.numel(), model.hidden_size
+        flat = [embed(x).reshape(n, d)] + [s.reshape(n, d) for s in states]
+        positions = torch.arange(x.shape[1], device=dev).repeat(x.shape[0])
         state: dict = {}
         for k, layer in enumerate(exits):
-            h = states[layer - 1].reshape(n, d)
-            prev = (states[layer - 2] if layer > 1 else embed(x)).reshape(n, d)
-            view = ExitView(layer, model.num_layers, h, prev, lambda h=h, layer=layer: model.exit_logits(h, layer), model, state)
+            h = flat[layer]
+            view = ExitView(layer, model.num_layers, flat[: layer + 1], lambda h=h, layer=layer: model.exit_logits(h, layer),
+                            model, state, positions, x.shape[1])
             logp = torch.log_softmax(view.logits, -1)
             nll[k].append(-logp.gather(1, y[:, None]).squeeze(1).cpu())
             top1[k].append(logp.argmax(-1).cpu())
@@ -71,7 +75,9 @@ def collect_exit_table(model, inputs: torch.Tensor, targets: torch.Tensor, polic
     score_t = policy.scores_from_top1(top1_t) if policy.needs_future else torch.stack([torch.cat(s) for s in score])
     ctx = (inputs.shape[1] + 1) / 2.0
     cost = policy.decision_macs(model.hidden_size, model.vocab_size) / layer_macs(model, ctx)
-    return ExitTable(exits, model.num_layers, torch.stack([torch.cat(v) for v in nll]), top1_t, score_t, cost, policy.needs_logits)
+    positions = torch.arange(inputs.shape[1]).repeat(inputs.shape[0])
+    return ExitTable(exits, model.num_layers, torch.stack([torch.cat(v) for v in nll]), top1_t, score_t, cost,
+                     policy.needs_logits, positions, inputs.shape[1])
 
 
 def exit_indices(table: ExitTable, policy: ExitPolicy, threshold: float | None = None) -> torch.Tensor:
@@ -81,7 +87,7 @@ def exit_indices(table: ExitTable, policy: ExitPolicy, threshold: float | None =
     if policy.threshold_free:
         ok = table.score > 0
     else:
-        ok = table.score > thr
+        ok = table.score > decayed_threshold(thr, policy.decay_tau, table.positions, table.max_steps)
     ok = ok & (layers >= policy.min_exit_layer)
     ok[-1] = True
     return ok.int().argmax(0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,20 @@ class ExitView:
 
     layer: int  # 1-based layer just computed
     num_layers: int  # depth of the model
-    hidden: torch.Tensor  # [N, d] output of this layer's block
-    prev_hidden: torch.Tensor  # [N, d] output of the previous block (embeddings for layer 1)
+    states: Sequence[torch.Tensor]  # [embeddings, h_1, ..., h_layer], each [N, d]: the token's layers so far
     logits_fn: Callable[[], torch.Tensor]  # -> [N, V] exit logits (computed at most once)
     model: object = None  # the EarlyExitModel (for learned gates / classifiers)
     state: dict = field(default_factory=dict)  # the policy's per-token state, carried across exits
+    positions: torch.Tensor | None = None  # [N] decoding step / position of each row (decaying threshold)
+    max_steps: int | None = None  # N of CALM's decay: the longest sequence
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.states[self.layer]
+
+    @property
+    def prev_hidden(self) -> torch.Tensor:
+        return self.states[self.layer - 1]
 
     @cached_property
     def logits(self) -> torch.Tensor:
@@ -50,24 +59,33 @@ class ExitView:
         return torch.softmax(self.logits, dim=-1)
 
 
+def decayed_threshold(threshold: float, tau: float, positions: torch.Tensor | None, max_steps: int | None):
+    """CALM's decaying threshold: clip(0.9 * lambda + 0.1 * exp(-tau * t / N), 0, 1) per row (tau = 0: off)."""
+    if tau <= 0 or positions is None or not max_steps:
+        return threshold
+    return (0.9 * threshold + 0.1 * torch.exp(-tau * positions.float() / max_steps)).clamp(0.0, 1.0)
+
+
 class ExitPolicy:
     """Base class: subclasses implement `score`; `decide` applies threshold and min exit layer."""
 
     needs_logits = True  # the score needs the exit's vocabulary logits (an LM-head matmul)
     needs_future = False  # the score needs all layers (oracle): offline evaluation only
-    threshold_free = False  # the threshold plays no role (static, oracle)
+    threshold_free = False  # the threshold plays no role (static, oracle, patience)
+    registered_name = "?"
 
-    def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, **params):
+    def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, decay_tau: float = 0.0, **params):
         if params:
             raise EexitError(f"policy {self.registered_name!r} takes no parameter(s) {sorted(params)}")
         if not 0.0 <= float(threshold) <= 1.0:
             raise EexitError(f"threshold must be in [0, 1], got {threshold}")
         if int(min_exit_layer) < 1:
             raise EexitError(f"min_exit_layer must be >= 1, got {min_exit_layer}")
+        if float(decay_tau) < 0:
+            raise EexitError(f"decay_tau must be >= 0 (0 = constant threshold), got {decay_tau}")
         self.threshold = float(threshold)
         self.min_exit_layer = int(min_exit_layer)
-
-    registered_name = "?"
+        self.decay_tau = float(decay_tau)
 
     def score(self, view: ExitView) -> torch.Tensor:
         raise NotImplementedError
@@ -75,7 +93,10 @@ class ExitPolicy:
     def decide(self, view: ExitView) -> torch.Tensor:
         """One bool per row: exit now?"""
         s = self.score(view)
-        return (s > self.threshold) & (view.layer >= self.min_exit_layer)
+        thr = decayed_threshold(self.threshold, self.decay_tau, view.positions, view.max_steps)
+        if self.threshold_free:
+            return (s > 0) & (view.layer >= self.min_exit_layer)
+        return (s > thr) & (view.layer >= self.min_exit_layer)
 
     def decision_macs(self, hidden_size: int, vocab_size: int) -> float:
         """Multiply-accumulates one decision costs for one token."""
@@ -83,7 +104,11 @@ class ExitPolicy:
 
 
 def make_policy(name: str, threshold: float = 0.9, min_exit_layer: int = 1, **params) -> ExitPolicy:
-    return POLICIES.get(name)(threshold=threshold, min_exit_layer=min_exit_layer, **params)
+    cls = POLICIES.get(name)
+    try:
+        return cls(threshold=threshold, min_exit_layer=min_exit_layer, **params)
+    except TypeError as e:  # an unknown keyword for a policy with its own parameters
+        raise EexitError(f"policy {name!r}: {e}") from None
 
 
 @register_policy("max-prob")
@@ -133,16 +158,13 @@ class Static(ExitPolicy):
     needs_logits = False
     threshold_free = True
 
-    def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, layer: int | None = None):
-        super().__init__(threshold, min_exit_layer)
+    def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, decay_tau: float = 0.0, layer: int | None = None):
+        super().__init__(threshold, min_exit_layer, decay_tau)
         self.layer = int(layer) if layer is not None else None
 
     def score(self, view):
         target = self.layer if self.layer is not None else view.num_layers
         return torch.full((view.hidden.shape[0],), float(view.layer >= target), device=view.hidden.device)
-
-    def decide(self, view):
-        return self.score(view) > 0
 
     def decision_macs(self, hidden_size, vocab_size):
         return 0.0
@@ -190,3 +212,63 @@ class HaltingCDF(ExitPolicy):
 
     def decision_macs(self, hidden_size, vocab_size):
         return float(hidden_size)
+
+
+@register_policy("heuristic")
+class MonotonicHeuristic(ExitPolicy):
+    """Monotonic early exiting (seed 001): exit iff the top-1 softmax scores of the last three exits
+    are strictly increasing and all above the threshold (the paper uses 0.9 and min exit layer 4).
+    Score = the smallest of the three when they increase strictly, else 0."""
+
+    def score(self, view):
+        top = view.probs.max(-1).values
+        hist = view.state.get("top1_probs", [])[-2:] + [top]
+        view.state["top1_probs"] = hist
+        if len(hist) < 3:
+            return torch.zeros_like(top)
+        a, b, c = hist
+        increasing = (a < b) & (b < c)
+        return torch.where(increasing, a, torch.zeros_like(a))  # a is the smallest when increasing
+
+
+@register_policy("patience")
+class Patience(ExitPolicy):
+    """PABEE: exit once the top-1 prediction has stayed the same for `patience` consecutive exits."""
+
+    threshold_free = True
+
+    def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, decay_tau: float = 0.0, patience: int = 2):
+        super().__init__(threshold, min_exit_layer, decay_tau)
+        if int(patience) < 1:
+            raise EexitError(f"patience must be >= 1, got {patience}")
+        self.patience = int(patience)
+
+    def score(self, view):
+        top1 = view.logits.argmax(-1)
+        prev = view.state.get("top1")
+        count = view.state.get("count", torch.zeros_like(top1))
+        count = torch.where(prev == top1, count + 1, torch.zeros_like(count)) if prev is not None else count
+        view.state["top1"], view.state["count"] = top1, count
+        return (count >= self.patience).float()
+
+
+@register_policy("topk-saturation")
+class TopKSaturation(ExitPolicy):
+    """Seed 003 (top-k tokens saturate in rank order): the share of the top-k ranks whose token is
+    unchanged since the previous exit. With the default threshold 0.99 a token exits once its
+    whole ordered top-k list stopped changing between two consecutive exits; because ranks
+    saturate in order (top-1 first), a fixed top-k implies a settled top-1."""
+
+    def __init__(self, threshold: float = 0.99, min_exit_layer: int = 1, decay_tau: float = 0.0, k: int = 3):
+        super().__init__(threshold, min_exit_layer, decay_tau)
+        if int(k) < 1:
+            raise EexitError(f"k must be >= 1, got {k}")
+        self.k = int(k)
+
+    def score(self, view):
+        top = view.logits.topk(self.k, dim=-1).indices
+        prev = view.state.get("topk")
+        view.state["topk"] = top
+        if prev is None:
+            return torch.zeros(top.shape[0], device=top.device)
+        return (top == prev).float().mean(-1)

@@ -7,11 +7,12 @@ from eexit.errors import EexitError
 from eexit.policies import ExitView, Oracle, make_policy
 
 
-def view(logits=None, hidden=None, prev=None, layer=2, num_layers=4, model=None, state=None):
+def view(logits=None, hidden=None, prev=None, layer=2, num_layers=4, model=None, state=None, positions=None, max_steps=None):
     n = (logits if logits is not None else hidden).shape[0]
     hidden = hidden if hidden is not None else torch.zeros(n, 4)
     prev = prev if prev is not None else torch.zeros(n, 4)
-    return ExitView(layer, num_layers, hidden, prev, lambda: logits, model, state if state is not None else {})
+    states = [torch.zeros(n, 4)] * (layer - 1) + [prev, hidden]
+    return ExitView(layer, num_layers, states, lambda: logits, model, state if state is not None else {}, positions, max_steps)
 
 
 def probs_logits(rows):
@@ -106,3 +107,54 @@ def test_policy_argument_errors():
         make_policy("margin", window=3)
     with pytest.raises(EexitError, match="did you mean 'margin'"):
         make_policy("margn")
+
+
+def test_decaying_threshold_follows_calm():
+    lg = probs_logits([[0.93, 0.04, 0.03]] * 3)
+    p = make_policy("max-prob", threshold=0.9, decay_tau=4.0)
+    pos = torch.tensor([0, 5, 10])
+    # lambda'(t) = 0.9 * 0.9 + 0.1 * exp(-4 t / 10): 0.91, 0.8235, 0.8283 -> 0.93 passes all but... check each
+    thr = [0.81 + 0.1 * math.exp(-4 * t / 10) for t in (0, 5, 10)]
+    assert p.decide(view(lg, positions=pos, max_steps=10)).tolist() == [0.93 > t for t in thr]
+    lg2 = probs_logits([[0.88, 0.06, 0.06]] * 3)  # below the constant threshold, above the decayed one late
+    assert make_policy("max-prob", threshold=0.9).decide(view(lg2, positions=pos, max_steps=10)).tolist() == [False] * 3
+    assert p.decide(view(lg2, positions=pos, max_steps=10)).tolist() == [False, True, True]
+
+
+def test_monotonic_heuristic_needs_three_increasing_scores_above_threshold():
+    p = make_policy("heuristic", threshold=0.9)
+    st: dict = {}
+    seq = [[0.91, 0.95], [0.93, 0.94], [0.97, 0.99]]  # row 0 increases, row 1 does not (0.95 -> 0.94)
+    out = []
+    for layer, tops in enumerate(seq, start=1):
+        lg = probs_logits([[t, 1 - t] for t in tops])
+        out.append(p.decide(view(lg, layer=layer, state=st)).tolist())
+    assert out == [[False, False], [False, False], [True, False]]
+    st2: dict = {}
+    for layer, t in enumerate([0.85, 0.92, 0.97], start=1):  # increasing but the first is below 0.9
+        d = p.decide(view(probs_logits([[t, 1 - t]]), layer=layer, state=st2))
+    assert d.tolist() == [False]
+
+
+def test_patience_counts_unchanged_predictions():
+    p = make_policy("patience", patience=2)
+    st: dict = {}
+    tops = [[0, 1], [0, 2], [0, 2], [1, 2]]  # row 0: 0,0,0 -> exits at exit 3; row 1: 1,2,2,2 -> exits at exit 4
+    res = []
+    for layer, t in enumerate(tops, start=1):
+        lg = torch.full((2, 3), -5.0)
+        lg[0, t[0]] = 5.0
+        lg[1, t[1]] = 5.0
+        res.append(p.decide(view(lg, layer=layer, num_layers=6, state=st)).tolist())
+    assert [r[0] for r in res] == [False, False, True, False]
+    assert [r[1] for r in res] == [False, False, False, True]
+
+
+def test_topk_saturation_scores_the_unchanged_share_of_the_ranking():
+    p = make_policy("topk-saturation", k=3)
+    st: dict = {}
+    a = torch.tensor([[5.0, 4.0, 3.0, 0.0]])
+    b = torch.tensor([[5.0, 3.0, 4.0, 0.0]])  # top-1 same, ranks 2 and 3 swapped
+    assert p.score(view(a, layer=1, state=st)).tolist() == [0.0]
+    assert p.score(view(b, layer=2, state=st)).tolist() == pytest.approx([1 / 3])
+    assert p.decide(view(b, layer=3, state=st)).tolist() == [True]  # unchanged ranking -> 1.0 > 0.99

@@ -1,0 +1,124 @@
+"""`make bench`: ratios measured side by side in one run, written to results/bench/.
+
+1. Training step time of each early-exit loss over `final` on the same model and batch
+   (interleaved repetitions, median step time), with the intermediate-exit token share
+   `loss.exit_token_fraction` at 1.0 (exact, naive: LM head at every exit) and lower.
+2. Evaluation throughput (tokens/s): the early-exit LM evaluation (every exit's head, loss and
+   policy score) against a plain full-model evaluation, on the same windows.
+
+    python -m eexit.bench --out results/bench
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from eexit import data as data_mod
+from eexit.config import LossConfig, RunConfig
+from eexit.evaluate import collect_exit_table
+from eexit.losses import LOSSES, LossBatch
+from eexit.model import EarlyExitModel, build_lm, resolve_exit_layers
+from eexit.policies import make_policy
+from eexit.reporting import provenance, write_results
+
+
+def bench_model(n_layers: int, d_model: int, vocab: int, seq_len: int) -> tuple[EarlyExitModel, RunConfig]:
+    cfg = RunConfig()
+    cfg.model.n_layers, cfg.model.d_model, cfg.model.d_ff, cfg.model.vocab_size = n_layers, d_model, 4 * d_model, vocab
+    cfg.model.n_heads = max(1, d_model // 32)
+    cfg.model.max_len = cfg.data.seq_len = seq_len
+    torch.manual_seed(0)
+    lm = build_lm(cfg.model, vocab, 0, 0)
+    return EarlyExitModel(lm, resolve_exit_layers("all", n_layers)), cfg
+
+
+def step_time(model, opt, loss_cfg, x, y) -> float:
+    t0 = time.perf_counter()
+    states = model(x)
+    loss, _ = LOSSES.get(loss_cfg.name)(LossBatch(model, states, y, loss_cfg))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def training_bench(n_layers=4, d_model=128, vocab=4096, seq_len=128, batch=16, reps=12) -> list[dict]:
+    model, cfg = bench_model(n_layers, d_model, vocab, seq_len)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    y = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    variants = [("final", 1.0), ("weighted-ce", 1.0), ("weighted-ce", 0.25), ("weighted-ce", 0.1),
+                ("deep-supervision", 1.0), ("free-kd", 0.25)]
+    times: dict[tuple, list[float]] = {v: [] for v in variants}
+    for v in variants:  # warm-up
+        step_time(model, opt, LossConfig(name=v[0], exit_token_fraction=v[1]), x, y)
+    for _ in range(reps):  # interleaved, so drift in machine load hits every variant alike
+        for v in variants:
+            times[v].append(step_time(model, opt, LossConfig(name=v[0], exit_token_fraction=v[1]), x, y))
+    base = statistics.median(times[("final", 1.0)])
+    rows = []
+    for (name, frac), ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"loss": name, "exit_token_fraction": frac, "step_ms": 1000 * med, "ratio_vs_final": med / base,
+                     "tokens_per_s": batch * seq_len / med})
+    return rows
+
+
+@torch.no_grad()
+def eval_bench(n_layers=4, d_model=128, vocab=4096, seq_len=128, batch=8, windows=48, reps=3) -> list[dict]:
+    model, _ = bench_model(n_layers, d_model, vocab, seq_len)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    stream = torch.randint(0, vocab, (windows * seq_len + 1,), generator=g)
+    x, y = data_mod.eval_windows(stream, seq_len)
+    pol = make_policy("max-prob", 0.9)
+
+    def full():
+        for i in range(0, len(x), batch):
+            logits = model.lm(x[i : i + batch]).logits
+            torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), y[i : i + batch].reshape(-1))
+
+    def early():
+        collect_exit_table(model, x, y, pol, batch_size=batch)
+
+    runs = {"full-model evaluation": [], "early-exit evaluation (all exits, max-prob)": []}
+    full(), early()
+    for _ in range(reps):
+        for name, fn in zip(runs, (full, early)):
+            t0 = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - t0)
+    base = statistics.median(runs["full-model evaluation"])
+    return [{"mode": k, "tokens_per_s": y.numel() / statistics.median(v), "time_ratio_vs_full": statistics.median(v) / base}
+            for k, v in runs.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=4096)
+    a = ap.parse_args()
+    shape = {"n_layers": a.layers, "d_model": a.d_model, "vocab": a.vocab, "seq_len": 128}
+    print("training step bench ...", flush=True)
+    train_rows = training_bench(a.layers, a.d_model, a.vocab)
+    write_results(a.out, "training_step", f"Training step time over `final` ({a.layers} layers, d={a.d_model}, V={a.vocab}, batch 16x128, exits at every layer)",
+                  train_rows, provenance({"bench": "training_step", **shape, "batch": 16}),
+                  notes="Median of 12 interleaved steps (forward + backward + AdamW) per variant. Target: weighted-ce <= 1.15x final.\n\n")
+    print("evaluation throughput bench ...", flush=True)
+    eval_rows = eval_bench(a.layers, a.d_model, a.vocab)
+    write_results(a.out, "evaluation", f"LM evaluation throughput ({a.layers} layers, d={a.d_model}, V={a.vocab}, 48 windows of 128)",
+                  eval_rows, provenance({"bench": "evaluation", **shape, "batch": 8}),
+                  notes="Median of 3 interleaved runs.\n\n")
+    for r in train_rows + eval_rows:
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
+
+
+if __name__ == "__main__":
+    main()
