@@ -84,12 +84,19 @@ def evaluate(
     seq_len: Optional[int] = _SEQ, max_tokens: Optional[int] = _MAXTOK, batch_size: int = _BS, exit_layers: Optional[str] = _EXITS,
     out: Optional[str] = typer.Option(None, help="Write the table to this results folder."),
     overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
+    calibrated: Optional[str] = typer.Option(None, help="Use the policy and threshold chosen by `eexit calibrate --out DIR`."),
 ):
     """Perplexity, compute % and exit shares of one policy at one threshold."""
     _quiet()
     from eexit.lm_eval import print_rows, run_evaluate
 
     s = _setup(model, policy, threshold, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
+    if calibrated:
+        from eexit.calibrate import read_calibrated
+
+        c = read_calibrated(calibrated)
+        s.policy, s.threshold, s.min_exit_layer, s.policy_params = c["policy"], c["threshold"], c["min_exit_layer"], c["policy_params"]
+        policy, threshold = s.policy, s.threshold
     row = run_evaluate(s, out, overwrite)
     print_rows([row], title=f"{policy} @ {threshold}")
 
@@ -117,6 +124,60 @@ def sweep_threshold(
 
 
 app.command("sweep-threshold")(sweep_threshold)
+
+
+@app.command()
+def calibrate(
+    model: str = _MODEL,
+    fit: Optional[str] = typer.Option(None, help="Fit exit classifiers first: comma list of meta, lstm, mlp3."),
+    label: str = typer.Option("consistent", help="Classifier label: consistent (top-1 = final) or stable (... and never changes)."),
+    policy: Optional[str] = typer.Option(None, help="Policy whose threshold to calibrate (Learn-then-Test)."),
+    epsilon: float = typer.Option(0.05, help="Tolerated risk."),
+    delta: float = typer.Option(0.1, help="Allowed failure probability (confidence 1 - delta)."),
+    risk: str = typer.Option("consistency", help="consistency (top-1 differs from the full model) or loss (relative drop of p(correct))."),
+    grid: str = typer.Option("0:1:0.01", help="Thresholds to test (tested from the largest down)."),
+    min_exit_layer: int = _MIN, param: List[str] = _PARAM, dataset: Optional[str] = _DATASET,
+    split: str = typer.Option("validation", help="Calibration split."),
+    test_split: str = typer.Option("test", help="Split on which the chosen threshold's risk is reported."),
+    seq_len: Optional[int] = _SEQ, max_tokens: Optional[int] = _MAXTOK, batch_size: int = _BS, exit_layers: Optional[str] = _EXITS,
+    out: Optional[str] = typer.Option(None, help="Results folder (default results/calibrate-<model>-<policy>)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
+):
+    """Fit learned exit classifiers and/or pick a threshold with a Learn-then-Test guarantee."""
+    _quiet()
+    from pathlib import Path
+
+    from eexit.calibrate import CalibrateOptions, calibrate as run_ltt, fit as run_fit, write_calibration
+    from eexit.learned import CLASSIFIERS
+    from eexit.policies import POLICIES
+    from eexit.reporting import prepare_dir
+    from eexit.thresholds import parse_thresholds
+
+    names = [n.strip() for n in fit.split(",") if n.strip()] if fit else []
+    for n in names:
+        CLASSIFIERS.get(n)
+    if not names and not policy:
+        raise EexitError("nothing to do: give --fit meta,lstm,mlp3 and/or --policy NAME")
+    if policy:
+        POLICIES.get(policy)
+    values = parse_thresholds(grid)
+    out = out or f"results/calibrate-{Path(model).name}-{policy or 'fit'}"
+    prepare_dir(out, overwrite)
+    s = _setup(model, policy or "max-prob", 0.5, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
+    fit_rows = run_fit(model, names, label, s, out) if names else []
+    if policy:
+        opts = CalibrateOptions(epsilon, delta, risk, values, test_split)
+        summary, tested = run_ltt(s, opts, slice(1, None, 2) if names else slice(None))
+        write_calibration(out, summary, tested, fit_rows)
+        msg = summary.get("message") or (f"threshold {summary['threshold']:.2f}: test risk {summary['test_risk']:.4f} "
+                                         f"(epsilon {epsilon}), compute {summary['test_compute_pct']:.1f}%, PPL {summary['test_ppl']:.2f}")
+        typer.echo(f"{policy}: {msg} -> {out}")
+    else:
+        from eexit.reporting import provenance, write_results
+
+        write_results(out, "classifiers", f"Exit classifiers fitted on {split}", fit_rows, provenance({"model": model, "fit": names, "label": label}))
+        for r in fit_rows:
+            typer.echo(f"{r['classifier']}: held-out accuracy {r['heldout_accuracy']:.3f}, saved {r['saved']}")
 app.command("sweep", help="Alias of sweep-threshold.")(sweep_threshold)
 
 

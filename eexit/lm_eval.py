@@ -30,9 +30,25 @@ class EvalSetup:
     exit_layers: str | None = None  # override the checkpoint's exits ("all" or "1,3")
 
 
-def setup(s: EvalSetup):
+def bind_policy(policy: ExitPolicy, model, model_spec: str) -> None:
+    """Learned policies load their fitted classifier (from beside the checkpoint by default)."""
+    if getattr(policy, "needs_classifier", False):
+        folder = Path(model_spec) if Path(model_spec).is_dir() else None
+        policy.bind(model, folder)
+
+
+def setup(s: EvalSetup, bind: bool = True, model=None):
+    """Policy, model, evaluation windows and the resolved settings, validated before any output is written."""
+    import eexit.learned  # noqa: F401  (registers the learned policies)
+
     policy = make_policy(s.policy, s.threshold, s.min_exit_layer, **(s.policy_params or {}))
-    model, tokenizer, meta = load_model(s.model_spec, exit_layers=s.exit_layers)
+    if model is None:
+        model, tokenizer, meta = load_model(s.model_spec, exit_layers=s.exit_layers)
+    else:
+        model, tokenizer, meta = model, getattr(model, "tokenizer", None), getattr(model, "meta", {})
+    model.tokenizer, model.meta = tokenizer, meta
+    if bind:
+        bind_policy(policy, model, s.model_spec)
     train_cfg = meta.get("train_config", {})
     dataset = s.dataset or train_cfg.get("data", {}).get("dataset", "wiki-gensim")
     seq_len = s.seq_len or train_cfg.get("data", {}).get("seq_len", 128)

@@ -25,6 +25,7 @@ Binomial CDFs are summed in log space (``lgamma`` + ``logsumexp``), so n up to 1
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -38,19 +39,19 @@ _ROUND_SLACK = 1e-9  # n * risk_hat is an integer up to float error for binary l
 
 
 def _check_eps(eps: float) -> None:
-    if not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
+    if not (isinstance(eps, numbers.Real) and 0.0 < eps < 1.0):
         raise EexitError(f"bad risk tolerance epsilon {eps!r}; it must be a number with 0 < epsilon < 1")
 
 
 def _check_delta(delta: float) -> None:
-    if not (isinstance(delta, (int, float)) and 0.0 < delta < 1.0):
+    if not (isinstance(delta, numbers.Real) and 0.0 < delta < 1.0):
         raise EexitError(f"bad delta {delta!r}; it must be a number with 0 < delta < 1 (confidence = 1 - delta)")
 
 
 def _check_common(risk_hat: float, n: int, eps: float) -> None:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise EexitError(f"bad number of calibration examples {n!r}; it must be an integer >= 1")
-    if not (isinstance(risk_hat, (int, float)) and 0.0 <= risk_hat <= 1.0):
+    if not (isinstance(risk_hat, numbers.Real) and 0.0 <= risk_hat <= 1.0):
         raise EexitError(f"bad empirical risk {risk_hat!r}; it must be a number in [0, 1]")
     _check_eps(eps)
 
@@ -160,9 +161,10 @@ def fixed_sequence_test(thresholds: list[float], risks: torch.Tensor | np.ndarra
     r = r.detach().to("cpu", torch.float64)
     if r.dim() != 2 or r.shape[0] != len(thr) or r.shape[1] < 1:
         raise EexitError(f"risks must have shape [n_thresholds={len(thr)}, n_examples>=1]; got {list(r.shape)}")
-    if not torch.isfinite(r).all() or (r < 0).any() or (r > 1).any():
+    lo, hi = torch.aminmax(r)
+    if not (float(lo) >= 0.0 and float(hi) <= 1.0):  # also false for NaN
         raise EexitError("risks must lie in [0, 1] (bounded per-example losses)")
-    if method == "binomial" and not ((r == 0) | (r == 1)).all():
+    if method == "binomial" and not torch.equal(r, r.round()):
         raise EexitError("method 'binomial' needs binary (0/1) risks; use 'hoeffding-bentkus' for losses in [0, 1]")
 
     n = int(r.shape[1])
