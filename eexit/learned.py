@@ -91,7 +91,7 @@ def exit_labels(top1: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def fit_classifier(name: str, feats: torch.Tensor, labels: torch.Tensor, layers: list[int], seed: int = 0,
-                   max_epochs: int = 40, patience: int = 4, lr: float = 2e-3, batch: int = 256) -> tuple[nn.Module, dict]:
+                   max_epochs: int = 40, patience: int = 5, lr: float = 3e-3, batch: int = 128) -> tuple[nn.Module, dict]:
     """feats [N, L, d] normed states of every layer; labels [L, N]; trained on the given exit layers."""
     torch.manual_seed(seed)
     n, L, d = feats.shape
