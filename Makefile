@@ -10,7 +10,7 @@ DATA_PACKAGES ?= gensim
 STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
-.PHONY: install test test-fast demo reproduce seed002 bench clean
+.PHONY: install test test-fast demo reproduce seed002 calm-vs-monotonic bench clean
 
 install: $(STAMP)
 
@@ -36,8 +36,13 @@ demo: install
 	$(EEXIT) train --config experiments/demo.yaml --overwrite
 	$(EEXIT) sweep --model checkpoints/demo --policy max-prob --thresholds 0.5:0.95 --out results/demo --overwrite
 
+# Seed 001's comparison: CALM's vs the monotonic confidence measures at LTT-calibrated thresholds.
+calm-vs-monotonic: install
+	$(EEXIT) train --config experiments/monotonicity/weighted_ce_8l.yaml --overwrite
+	$(BIN)/python experiments/calm_vs_monotonic/run.py --overwrite
+
 # Seed 002, experiments 3 and 4 (aux loss, deep supervision, 3L and 1L baselines).
-reproduce: seed002
+reproduce: seed002 calm-vs-monotonic
 
 seed002: install
 	for run in aux deep_supervision standard_3l standard_1l; do \

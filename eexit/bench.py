@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from eexit import data as data_mod
+from eexit import data as data_mod, quiet
 from eexit.config import LossConfig, RunConfig
 from eexit.evaluate import collect_exit_table
 from eexit.losses import LOSSES, LossBatch
@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=4096)
     a = ap.parse_args()
+    quiet()
     shape = {"n_layers": a.layers, "d_model": a.d_model, "vocab": a.vocab, "seq_len": 128}
     print("training step bench ...", flush=True)
     train_rows = training_bench(a.layers, a.d_model, a.vocab)

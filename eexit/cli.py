@@ -1,7 +1,6 @@
 """The `eexit` command line: thin wrappers over the recipes in `eexit.train` and `eexit.lm_eval`."""
 from __future__ import annotations
 
-import os
 import sys
 from typing import List, Optional
 
@@ -14,11 +13,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _quiet() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    from eexit import quiet
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet()
 
 
 def _params(items: List[str]) -> dict:
