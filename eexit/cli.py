@@ -123,6 +123,33 @@ def sweep_threshold(
 app.command("sweep-threshold")(sweep_threshold)
 
 
+@app.command("analyze-monotonicity")
+def analyze_monotonicity(
+    model: List[str] = typer.Option(..., "--model", "-m", help="Model(s) to analyse; repeat to overlay several."),
+    label: List[str] = typer.Option([], "--label", help="Legend name per --model."),
+    dataset: Optional[str] = _DATASET, split: str = _SPLIT, seq_len: Optional[int] = _SEQ,
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Analyse at most this many tokens per model."),
+    batch_size: int = _BS,
+    top_k: int = typer.Option(5, "--top-k", help="Ranks followed for top-k saturation."),
+    examples: int = typer.Option(3, help="Example tokens for figure 3."),
+    sublayers: bool = typer.Option(True, help="Also read the residual stream after attention (sub-layer exits)."),
+    out: Optional[str] = typer.Option(None, help="Results folder (default results/monotonicity-<first model>)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
+):
+    """Seed 001 figures 1-3, top-k saturation order (seed 003), sub-word / sub-layer exits (seed 004)."""
+    _quiet()
+    from pathlib import Path
+
+    from eexit.analyze import AnalyzeSetup, run_analysis
+    from eexit.lm_eval import print_rows
+
+    out = out or f"results/monotonicity-{Path(model[0]).stem}"
+    s = AnalyzeSetup(list(model), list(label) or None, dataset, split, seq_len, max_tokens, batch_size, top_k, examples, sublayers)
+    res = run_analysis(s, out, overwrite)
+    keep = ("model", "peak_before_last_pct", "monotone_everywhere_pct", "topk_ordered_all_ranks_pct", "word_start_mean_exit", "continuation_mean_exit")
+    print_rows([{k: r[k] for k in keep if k in r} for r in res["summary"]], title=f"monotonicity -> {out}")
+
+
 @app.command()
 def calibrate(
     model: str = _MODEL,
