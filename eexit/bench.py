@@ -98,6 +98,38 @@ def eval_bench(n_layers=4, d_model=128, vocab=4096, seq_len=128, batch=8, window
             for k, v in runs.items()]
 
 
+@torch.no_grad()
+def analysis_bench(n_layers=8, d_model=128, vocab=4096, seq_len=128, batch=8, windows=32, reps=3) -> list[dict]:
+    """analyze-monotonicity's per-batch work against a plain forward with hidden states (same tokens)."""
+    from eexit.monotonicity import forward_records
+
+    model, _ = bench_model(n_layers, d_model, vocab, seq_len)
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, vocab, (windows, seq_len), generator=g)
+
+    def plain():
+        for i in range(0, windows, batch):
+            model.lm(x[i : i + batch], output_hidden_states=True)
+
+    def analysis(sub):
+        return lambda: [forward_records(model, x[i : i + batch], x[i : i + batch], 5, sub) for i in range(0, windows, batch)]
+
+    fns = {"plain forward, output_hidden_states": plain, "analysis (top-5, no sub-layers)": analysis(False),
+           "analysis (top-5 + sub-layers)": analysis(True)}
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["plain forward, output_hidden_states"])
+    return [{"mode": k, "tokens_per_s": windows * seq_len / statistics.median(v), "time_ratio_vs_plain": statistics.median(v) / base}
+            for k, v in times.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/bench")
@@ -117,7 +149,13 @@ def main() -> None:
     write_results(a.out, "evaluation", f"LM evaluation throughput ({a.layers} layers, d={a.d_model}, V={a.vocab}, 48 windows of 128)",
                   eval_rows, provenance({"bench": "evaluation", **shape, "batch": 8}),
                   notes="Median of 3 interleaved runs.\n\n")
-    for r in train_rows + eval_rows:
+    print("analysis throughput bench ...", flush=True)
+    ana_rows = analysis_bench(8, a.d_model, a.vocab)
+    write_results(a.out, "analysis", f"analyze-monotonicity throughput (8 layers, d={a.d_model}, V={a.vocab}, 32 windows of 128)",
+                  ana_rows, provenance({"bench": "analysis", **shape, "n_layers": 8, "batch": 8}),
+                  notes="Median of 3 interleaved runs; the plain forward computes the LM head once (all positions), "
+                        "the analysis once per layer. Target: <= 1.2x.\n\n")
+    for r in train_rows + eval_rows + ana_rows:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
 
 
