@@ -69,7 +69,7 @@ _DATASET = typer.Option(None, help="Dataset (default: the checkpoint's training 
 _SPLIT = typer.Option("test", help="train, validation or test.")
 _SEQ = typer.Option(None, "--seq-len", help="Window length (default: the training one).")
 _MAXTOK = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens.")
-_BS = typer.Option(8, "--batch-size")
+_BS = typer.Option(8, "--batch-size", help="Windows (or, with --generate, prompts) per batch.")
 _EXITS = typer.Option(None, "--exit-layers", help="Override the exits: all, or e.g. 1,3.")
 
 
@@ -82,8 +82,13 @@ def evaluate(
     out: Optional[str] = typer.Option(None, help="Write the table to this results folder."),
     overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
     calibrated: Optional[str] = typer.Option(None, help="Use the policy and threshold chosen by `eexit calibrate --out DIR`."),
+    generate: bool = typer.Option(False, "--generate", help="Evaluate early-exit decoding against full-depth decoding instead of LM perplexity."),
+    kv: str = typer.Option("propagate", "--kv", help="KV of skipped layers when decoding: propagate, recompute or full."),
+    prompts: int = typer.Option(8, help="--generate: number of prompts."),
+    prompt_len: int = typer.Option(32, help="--generate: tokens per prompt."),
+    max_new_tokens: int = typer.Option(32, help="--generate: tokens generated per prompt."),
 ):
-    """Perplexity, compute % and exit shares of one policy at one threshold."""
+    """Perplexity, compute % and exit shares of one policy at one threshold (or, with --generate, decoding speed and agreement)."""
     _quiet()
     from eexit.lm_eval import print_rows, run_evaluate
 
@@ -94,6 +99,14 @@ def evaluate(
         c = read_calibrated(calibrated)
         s.policy, s.threshold, s.min_exit_layer, s.policy_params = c["policy"], c["threshold"], c["min_exit_layer"], c["policy_params"]
         policy, threshold = s.policy, s.threshold
+    if generate:
+        from eexit.gen_eval import GenSetup
+        from eexit.lm_eval import run_generation
+
+        rows, total = run_generation(s, GenSetup(prompts, prompt_len, max_new_tokens, batch_size, kv), out, overwrite)
+        print_rows(rows, title=f"{policy} @ {threshold}, kv {kv}: per sample")
+        print_rows([total], title="total")
+        return
     row = run_evaluate(s, out, overwrite)
     print_rows([row], title=f"{policy} @ {threshold}")
 

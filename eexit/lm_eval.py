@@ -95,6 +95,26 @@ def run_evaluate(s: EvalSetup, out: str | None = None, overwrite: bool = False) 
     return row
 
 
+def run_generation(s: EvalSetup, g, out: str | None = None, overwrite: bool = False) -> tuple[list[dict], dict]:
+    """`evaluate --generate`: early-exit decoding vs full-depth decoding on prompts from the split."""
+    from eexit.decoding import EarlyExitDecoder
+    from eexit.gen_eval import compare, prompts_from
+
+    if out:
+        prepare_dir(out, overwrite)
+    model, policy, _, _, resolved = setup(s)
+    decoder = EarlyExitDecoder(model, policy, g.kv_mode)
+    reference = EarlyExitDecoder(model, None, "full")
+    x = prompts_from(model.tokenizer, resolved["dataset"], s.split, g.prompts, g.prompt_len)
+    # fixed-length generation (no stop at EOS): both decoders produce the same number of tokens
+    rows, total = compare(model, decoder, reference, x, g, None, model.tokenizer.pad_token_id)
+    if out:
+        resolved.update(g.__dict__)
+        write_results(out, "generation", f"Early-exit decoding: {s.policy} @ {s.threshold}, kv {g.kv_mode}", rows + [{"sample": "total", **total}],
+                      provenance(resolved))
+    return rows, total
+
+
 def run_sweep(s: EvalSetup, thresholds: list[float], out: str, overwrite: bool = False) -> list[dict]:
     prepare_dir(out, overwrite)
     model, policy, x, y, resolved = setup(s)

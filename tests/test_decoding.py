@@ -123,3 +123,21 @@ def test_decoder_errors(gpt2):
         EarlyExitDecoder(model, never(), "copy")
     with pytest.raises(EexitError, match="cannot decide during decoding"):
         EarlyExitDecoder(model, make_policy("oracle"), "full")
+
+
+def test_evaluate_generate_reports_speed_compute_and_agreement(tiny_checkpoint, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    code, out, err = run_cli("evaluate", "--model", str(tiny_checkpoint), "--generate", "--policy", "max-prob", "--threshold", "1.0",
+                             "--kv", "recompute", "--prompts", "2", "--prompt-len", "6", "--max-new-tokens", "8", "--batch-size", "1",
+                             "--out", str(tmp_path / "g"))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "g" / "generation.json").read_text())["rows"]
+    total = rows[-1]
+    assert total["sample"] == "total" and total["agreement_pct"] == 100.0  # never exits -> identical output
+    assert total["mean_exit_layer"] == 3.0 and total["tokens_per_s"] > 0
+    assert all(r["agreement_pct"] == 100.0 and r["identical_prefix"] == 8 for r in rows[:-1])
+    code, _, err = run_cli("evaluate", "--model", str(tiny_checkpoint), "--generate", "--kv", "copy", "--prompts", "1")
+    assert code == 2 and "unknown KV mode" in err
