@@ -73,7 +73,8 @@ class EarlyExitDecoder:
         self.model, self.policy, self.kv_mode = model, policy, kv_mode
         self.blocks = block_adapter(model)
         self.L = self.blocks.num_layers
-        self.exits = {l for l in model.exit_layers if l < self.L and (policy is None or l >= policy.min_exit_layer)}
+        # stateful policies (patience, heuristic, LSTM, ...) see every exit, below min_exit_layer too
+        self.exits = {l for l in model.exit_layers if l < self.L and (policy is None or policy.stateful or l >= policy.min_exit_layer)}
 
     # ------------------------------------------------------------------ attention over our cache
     def _attend(self, l, q, k_new, v_new, rows, slots, qvalid=None):

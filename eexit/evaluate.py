@@ -51,13 +51,12 @@ def collect_exit_table(model, inputs: torch.Tensor, targets: torch.Tensor, polic
     dev = model.device
     exits = model.exit_layers
     nll, top1, score = [[] for _ in exits], [[] for _ in exits], [[] for _ in exits]
-    embed = model.parts.base.get_input_embeddings()
     for start in range(0, len(inputs), batch_size):
         x = inputs[start : start + batch_size].to(dev)
         y = targets[start : start + batch_size].to(dev).reshape(-1)
-        states = model(x)
+        states = model(x, with_inputs=True)  # [input of block 1, output of block 1, ...]
         n, d = y.numel(), model.hidden_size
-        flat = [embed(x).reshape(n, d)] + [s.reshape(n, d) for s in states]
+        flat = [s.reshape(n, d) for s in states]
         positions = torch.arange(x.shape[1], device=dev).repeat(x.shape[0])
         state: dict = {}
         for k, layer in enumerate(exits):
@@ -100,8 +99,9 @@ def exit_metrics(table: ExitTable, policy: ExitPolicy, threshold: float | None =
     layers = torch.tensor(table.exit_layers, dtype=torch.float)
     L = table.num_layers
     used = layers[idx]
-    # decisions are taken at exits >= min_exit_layer below the last layer, up to the exit taken
-    eligible = torch.tensor([1.0 if (l >= policy.min_exit_layer and l < L) else 0.0 for l in table.exit_layers])
+    # decisions are taken below the last layer up to the exit taken: at exits >= min_exit_layer, or at every
+    # exit for stateful policies (their score needs the earlier exits), as in decoding
+    eligible = torch.tensor([1.0 if ((l >= policy.min_exit_layer or policy.stateful) and l < L) else 0.0 for l in table.exit_layers])
     decisions = torch.cumsum(eligible, 0)[idx]
     exited_early = (used < L).float()
     overhead = decisions * table.decision_cost - (exited_early * table.decision_cost if table.reuses_logits else 0.0)

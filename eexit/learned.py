@@ -206,6 +206,7 @@ class LSTMPolicy(LearnedPolicy):
     """Seed 001: a two-layer LSTM over the token's hidden states so far (state carried across exits)."""
 
     kind = "lstm"
+    stateful = True
 
     def logit(self, view):
         fed = view.state.get("lstm_fed", 0)

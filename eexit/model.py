@@ -93,14 +93,20 @@ class EarlyExitModel(nn.Module):
     def device(self) -> torch.device:
         return self.parts.lm_head.weight.device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Run the whole stack once; return every block's output hidden state (before the final norm)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, with_inputs: bool = False) -> list[torch.Tensor]:
+        """Run the whole stack once; return every block's output hidden state (before the final norm),
+        preceded by the input of block 1 (embeddings, positions included) when `with_inputs`."""
         states: list[torch.Tensor] = []
 
         def grab(_mod, _inp, out):
             states.append(out[0] if isinstance(out, tuple) else out)
 
+        def grab_input(_mod, args, kwargs):
+            states.append(args[0] if args else kwargs["hidden_states"])
+
         hooks = [layer.register_forward_hook(grab) for layer in self.parts.layers]
+        if with_inputs:
+            hooks.append(self.parts.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True))
         try:
             self.parts.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:

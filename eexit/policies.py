@@ -72,6 +72,7 @@ class ExitPolicy:
     needs_logits = True  # the score needs the exit's vocabulary logits (an LM-head matmul)
     needs_future = False  # the score needs all layers (oracle): offline evaluation only
     threshold_free = False  # the threshold plays no role (static, oracle, patience)
+    stateful = False  # the score depends on earlier exits, so it is computed at every exit, below min_exit_layer too
     registered_name = "?"
 
     def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, decay_tau: float = 0.0, **params):
@@ -196,6 +197,8 @@ class Oracle(ExitPolicy):
 class HaltingCDF(ExitPolicy):
     """Seed 000: exit once the learned gate's cumulative halting probability CDF_n exceeds the threshold."""
 
+    stateful = True
+
     needs_logits = False
 
     def score(self, view):
@@ -220,6 +223,8 @@ class MonotonicHeuristic(ExitPolicy):
     are strictly increasing and all above the threshold (the paper uses 0.9 and min exit layer 4).
     Score = the smallest of the three when they increase strictly, else 0."""
 
+    stateful = True
+
     def score(self, view):
         top = view.probs.max(-1).values
         hist = view.state.get("top1_probs", [])[-2:] + [top]
@@ -234,6 +239,8 @@ class MonotonicHeuristic(ExitPolicy):
 @register_policy("patience")
 class Patience(ExitPolicy):
     """PABEE: exit once the top-1 prediction has stayed the same for `patience` consecutive exits."""
+
+    stateful = True
 
     threshold_free = True
 
@@ -258,6 +265,8 @@ class TopKSaturation(ExitPolicy):
     unchanged since the previous exit. With the default threshold 0.99 a token exits once its
     whole ordered top-k list stopped changing between two consecutive exits; because ranks
     saturate in order (top-1 first), a fixed top-k implies a settled top-1."""
+
+    stateful = True
 
     def __init__(self, threshold: float = 0.99, min_exit_layer: int = 1, decay_tau: float = 0.0, k: int = 3):
         super().__init__(threshold, min_exit_layer, decay_tau)

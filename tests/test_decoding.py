@@ -141,3 +141,32 @@ def test_evaluate_generate_reports_speed_compute_and_agreement(tiny_checkpoint, 
     assert all(r["agreement_pct"] == 100.0 and r["identical_prefix"] == 8 for r in rows[:-1])
     code, _, err = run_cli("evaluate", "--model", str(tiny_checkpoint), "--generate", "--kv", "copy", "--prompts", "1")
     assert code == 2 and "unknown KV mode" in err
+
+
+@pytest.mark.parametrize("name,params,min_exit", [("max-prob", {}, 1), ("saturation", {}, 1), ("saturation", {}, 3),
+                                                  ("patience", {"patience": 1}, 3), ("heuristic", {}, 4),
+                                                  ("topk-saturation", {"k": 1}, 3), ("margin", {}, 2)])
+def test_decoding_with_full_kv_takes_the_exits_evaluate_predicts(name, params, min_exit):
+    """Decoding (full KV) and the teacher-forced evaluation table agree on every exit, for stateless and
+    stateful policies, with and without a minimum exit layer."""
+    from eexit.evaluate import collect_exit_table, exit_indices
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = EarlyExitModel(LlamaForCausalLM(cfg).eval(), "all").eval()
+    prompt = torch.randint(0, 50, (1, 5))
+    probe = make_policy(name, 0.5, min_exit, **params)
+    seq = EarlyExitDecoder(model, None, "full").generate(prompt, None, 24).sequences
+    table = collect_exit_table(model, seq[:, :-1], seq[:, 1:], probe)
+    med = float(table.score[:-1].median())
+    thr = med if 0.0 < med < 1.0 else 0.5  # exits for about half of the scores
+    pol = make_policy(name, thr, min_exit, **params)
+    out = EarlyExitDecoder(model, pol, "full").generate(prompt, None, 24)
+    # with full KV every token's states equal a teacher-forced forward over the decoded sequence
+    x = out.sequences[:, :-1]
+    table = collect_exit_table(model, x, out.sequences[:, 1:], make_policy(name, thr, min_exit, **params))
+    predicted = torch.tensor(table.exit_layers)[exit_indices(table, pol)]
+    decoded = out.exit_layers[0, 1:]  # new token t+1 comes from position prompt_len - 1 + t
+    assert torch.equal(predicted[prompt.shape[1]:], decoded)
+    assert 0 < (decoded < 6).sum() or pol.threshold_free
