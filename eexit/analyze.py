@@ -43,7 +43,10 @@ def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object
     model, tokenizer, meta = load_model(spec)
     cfg = meta.get("train_config", {}).get("data", {})
     dataset = s.dataset or cfg.get("dataset", "wiki-gensim")
-    seq_len = s.seq_len or cfg.get("seq_len", 128)
+    seq_len = s.seq_len if s.seq_len is not None else cfg.get("seq_len", 128)
+    from eexit.lm_eval import check_lengths
+
+    check_lengths(model, seq_len, s.batch_size, s.max_tokens)
     docs = data_mod.corpus_split(data_mod.load_corpus(dataset, cfg.get("text_field", "text")), s.split, dataset)
     x, y = data_mod.eval_windows(data_mod.encode_documents(tokenizer, docs, f"{dataset}:{s.split}"), seq_len, s.max_tokens)
     records = []

@@ -123,7 +123,8 @@ def write_calibration(out: str, summary: dict, tested: list[dict], fit_rows: lis
                   f"{summary['epsilon']} with probability >= {1 - summary['delta']:.2f}", [summary], prov, notes=notes)
     if summary["threshold"] is not None:
         keep = {k: summary[k] for k in ("policy", "policy_params", "min_exit_layer", "threshold", "risk", "epsilon", "delta")}
-        (Path(out) / CALIBRATED_FILE).write_text(json.dumps({**keep, "model": resolved.get("model")}, indent=2))
+        keep.update({k: resolved.get(k) for k in ("model", "exit_layers", "seq_len", "dataset")})
+        (Path(out) / CALIBRATED_FILE).write_text(json.dumps(keep, indent=2))
 
 
 def read_calibrated(folder: str) -> dict:

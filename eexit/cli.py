@@ -90,6 +90,8 @@ def evaluate(
 ):
     """Perplexity, compute % and exit shares of one policy at one threshold (or, with --generate, decoding speed and agreement)."""
     _quiet()
+    from pathlib import Path
+
     from eexit.lm_eval import print_rows, run_evaluate
 
     s = _setup(model, policy, threshold, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
@@ -97,7 +99,10 @@ def evaluate(
         from eexit.calibrate import read_calibrated
 
         c = read_calibrated(calibrated)
+        if c.get("model") and Path(c["model"]).resolve() != Path(model).resolve():
+            raise EexitError(f"{calibrated} was calibrated for model {c['model']}, not {model}")
         s.policy, s.threshold, s.min_exit_layer, s.policy_params = c["policy"], c["threshold"], c["min_exit_layer"], c["policy_params"]
+        s.exit_layers = s.exit_layers or ",".join(str(l) for l in c.get("exit_layers", [])) or None
         policy, threshold = s.policy, s.threshold
     if generate:
         from eexit.gen_eval import GenSetup
@@ -195,8 +200,14 @@ def calibrate(
         CLASSIFIERS.get(n)
     if not names and not policy:
         raise EexitError("nothing to do: give --fit meta,lstm,mlp3 and/or --policy NAME")
-    if policy:
-        POLICIES.get(policy)
+    if policy and POLICIES.get(policy).threshold_free:
+        raise EexitError(f"policy {policy!r} has no threshold to calibrate")
+    from eexit.calibrate import RISKS
+
+    if risk not in RISKS:
+        raise EexitError(f"unknown risk {risk!r}; valid: {', '.join(RISKS)}")
+    if not 0 < epsilon < 1 or not 0 < delta < 1:
+        raise EexitError(f"epsilon and delta must lie in (0, 1); got {epsilon}, {delta}")
     values = parse_thresholds(grid)
     out = out or f"results/calibrate-{Path(model).name}-{policy or 'fit'}"
     prepare_dir(out, overwrite)

@@ -180,6 +180,9 @@ def validate(cfg: RunConfig) -> None:
         raise EexitError(f"data.seq_len must be in 2..model.max_len ({m.max_len}); got {cfg.data.seq_len}")
     if t.steps <= 0 or t.batch_size <= 0 or t.lr <= 0:
         raise EexitError("train.steps, train.batch_size and train.lr must be positive")
+    for name in ("save_every", "eval_every", "log_every", "keep_checkpoints", "eval_batches", "warmup_steps"):
+        if getattr(t, name) < (0 if name == "warmup_steps" else 1):
+            raise EexitError(f"train.{name} must be >= {0 if name == 'warmup_steps' else 1}; got {getattr(t, name)}")
     if not 0 < lo.exit_token_fraction <= 1:
         raise EexitError(f"loss.exit_token_fraction must be in (0, 1]; got {lo.exit_token_fraction}")
     if lo.kd_mapping not in ("last", "uniform", "closest"):

@@ -109,6 +109,8 @@ class EarlyExitDecoder:
                  eos_token_id: int | None = None, pad_token_id: int | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> GenerationResult:
         model, blocks, L = self.model, self.blocks, self.L
+        if max_new_tokens < 1 or input_ids.shape[1] < 1:
+            raise EexitError("generation needs a non-empty prompt and max_new_tokens >= 1")
         dev = model.device
         ids = input_ids.to(dev)
         B, T0 = ids.shape

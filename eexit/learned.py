@@ -99,7 +99,9 @@ def fit_classifier(name: str, feats: torch.Tensor, labels: torch.Tensor, layers:
     idx = torch.randperm(n)
     n_val = max(1, n // 10)
     val, tr = idx[:n_val], idx[n_val:]
-    cols = torch.tensor([l - 1 for l in layers if l < L])
+    cols = torch.tensor([l - 1 for l in layers if l < L], dtype=torch.long)
+    if len(cols) == 0:
+        raise EexitError("fitting exit classifiers needs an exit below the last layer (see --exit-layers)")
     y = labels.T  # [N, L]
     pos = y[tr][:, cols].mean().item()
     if pos in (0.0, 1.0):
@@ -144,13 +146,20 @@ def save_classifier(model_dir: str | Path, name: str, clf: nn.Module, meta: dict
     return path
 
 
-def load_classifier(path: str | Path, hidden_size: int) -> tuple[nn.Module, dict]:
+def load_classifier(path: str | Path, hidden_size: int, kind: str | None = None) -> tuple[nn.Module, dict]:
     p = Path(path)
     if not p.is_file():
         raise EexitError(f"no fitted exit classifier at {p}; fit one with: eexit calibrate --model <checkpoint> --fit {p.stem}")
-    blob = torch.load(p, weights_only=False)
-    clf = CLASSIFIERS.get(blob["kind"])(hidden_size)
-    clf.load_state_dict(blob["state_dict"])
+    try:
+        blob = torch.load(p, weights_only=False)
+        clf = CLASSIFIERS.get(blob["kind"])(hidden_size)
+        clf.load_state_dict(blob["state_dict"])
+    except EexitError:
+        raise
+    except Exception as e:  # corrupt file, or fit on a model with another hidden size
+        raise EexitError(f"cannot load exit classifier {p}: {str(e).splitlines()[0][:200]}") from None
+    if kind is not None and blob["kind"] != kind:
+        raise EexitError(f"{p} holds a {blob['kind']!r} classifier, not {kind!r}")
     return clf.eval(), blob
 
 
@@ -171,7 +180,7 @@ class LearnedPolicy(ExitPolicy):
         path = self.classifier_path or (Path(model_dir) / CLASSIFIER_DIR / f"{self.kind}.pt" if model_dir else None)
         if path is None:
             raise EexitError(f"policy {self.kind!r} needs a fitted classifier: --param classifier=PATH")
-        self.clf, _ = load_classifier(path, model.hidden_size)
+        self.clf, _ = load_classifier(path, model.hidden_size, self.kind)
         self.clf.to(model.device)
         self.norm = model.parts.final_norm
         self.hidden_size = model.hidden_size

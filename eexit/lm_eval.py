@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from eexit import data as data_mod
+from eexit.errors import EexitError
 from eexit.evaluate import ExitTable, collect_exit_table, exit_metrics, per_exit_ppl
 from eexit.model import load_model
 from eexit.policies import ExitPolicy, make_policy
@@ -28,6 +29,21 @@ class EvalSetup:
     max_tokens: int | None = None  # bound the evaluated targets
     batch_size: int = 8
     exit_layers: str | None = None  # override the checkpoint's exits ("all" or "1,3")
+
+
+def max_positions(model) -> int | None:
+    cfg = model.lm.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def check_lengths(model, seq_len: int, batch_size: int, max_tokens: int | None = None) -> None:
+    limit = max_positions(model)
+    if seq_len < 1 or (limit and seq_len > limit):
+        raise EexitError(f"--seq-len must be in 1..{limit or 'inf'} (the model's positions); got {seq_len}")
+    if batch_size < 1:
+        raise EexitError(f"--batch-size must be >= 1; got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise EexitError(f"--max-tokens must be >= 1; got {max_tokens}")
 
 
 def bind_policy(policy: ExitPolicy, model, model_spec: str) -> None:
@@ -51,7 +67,8 @@ def setup(s: EvalSetup, bind: bool = True, model=None):
         bind_policy(policy, model, s.model_spec)
     train_cfg = meta.get("train_config", {})
     dataset = s.dataset or train_cfg.get("data", {}).get("dataset", "wiki-gensim")
-    seq_len = s.seq_len or train_cfg.get("data", {}).get("seq_len", 128)
+    seq_len = s.seq_len if s.seq_len is not None else train_cfg.get("data", {}).get("seq_len", 128)
+    check_lengths(model, seq_len, s.batch_size, s.max_tokens)
     corpus = data_mod.load_corpus(dataset, train_cfg.get("data", {}).get("text_field", "text"))
     docs = data_mod.corpus_split(corpus, s.split, dataset)
     tokens = data_mod.encode_documents(tokenizer, docs, f"{dataset}:{s.split}")
@@ -102,7 +119,12 @@ def run_generation(s: EvalSetup, g, out: str | None = None, overwrite: bool = Fa
 
     if out:
         prepare_dir(out, overwrite)
+    if g.prompts < 1 or g.prompt_len < 1 or g.max_new_tokens < 2:
+        raise EexitError("--prompts and --prompt-len must be >= 1 and --max-new-tokens >= 2")
     model, policy, _, _, resolved = setup(s)
+    limit = max_positions(model)
+    if limit and g.prompt_len + g.max_new_tokens > limit:
+        raise EexitError(f"--prompt-len + --max-new-tokens must be <= {limit} (the model's positions); got {g.prompt_len + g.max_new_tokens}")
     decoder = EarlyExitDecoder(model, policy, g.kv_mode)
     reference = EarlyExitDecoder(model, None, "full")
     x = prompts_from(model.tokenizer, resolved["dataset"], s.split, g.prompts, g.prompt_len)

@@ -108,8 +108,8 @@ def make_policy(name: str, threshold: float = 0.9, min_exit_layer: int = 1, **pa
     cls = POLICIES.get(name)
     try:
         return cls(threshold=threshold, min_exit_layer=min_exit_layer, **params)
-    except TypeError as e:  # an unknown keyword for a policy with its own parameters
-        raise EexitError(f"policy {name!r}: {e}") from None
+    except (TypeError, ValueError) as e:  # an unknown keyword, or a value of the wrong type
+        raise EexitError(f"policy {name!r}: bad parameter ({e})") from None
 
 
 @register_policy("max-prob")

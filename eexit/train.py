@@ -65,6 +65,25 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+RUN_FILES = ("train_log.jsonl", "metrics.json", "eexit.json", "exit_modules.safetensors", "model.safetensors", "config.json",
+             "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: remove what an earlier run wrote here (checkpoints, final model, logs, classifiers)."""
+    for p in checkpoints(out) + [out / "exit_classifiers"]:
+        shutil.rmtree(p, ignore_errors=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """--resume: drop log lines past the checkpoint (they are written again)."""
+    if path.is_file():
+        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        path.write_text("".join(l + "\n" for l in keep))
+
+
 def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     out = cfg.output_dir
     if resume:
@@ -127,7 +146,8 @@ def save_checkpoint(acc, module: TrainingModule, optimizer, step: int, tokenizer
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     acc.wait_for_everyone()
-    torch.save({"torch": torch.get_rng_state()}, out / f"rng-{acc.process_index}.pt")
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, out / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
         for old in checkpoints(cfg.output_dir)[: -cfg.train.keep_checkpoints]:
@@ -147,7 +167,10 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     import os
 
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    acc = Accelerator(cpu=multi_cpu)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # exits / heads a loss does not use get no gradient: let DDP tolerate that
+    acc = Accelerator(cpu=multi_cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     world, rank = acc.num_processes, acc.process_index
     if cfg.train.batch_size % world:
         raise EexitError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes ({world})")
@@ -159,8 +182,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     model = build_model(cfg, tokenizer)
     out = cfg.output_dir
     if overwrite and not resume and acc.is_main_process and out.exists():
-        for p in checkpoints(out):
-            shutil.rmtree(p)
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     module = TrainingModule(model, cfg.loss)
@@ -175,10 +197,15 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         state = torch.load(ck / STATE_FILE, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
+        if acc.is_main_process:
+            trim_log(out / "train_log.jsonl", start)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg), last_epoch=start - 1) if start else torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     torch.manual_seed(cfg.seed * 1000 + rank)  # loss-side sampling (exit_token_fraction) per process
     if resume and (checkpoints(out)[-1] / f"rng-{rank}.pt").is_file():
-        torch.set_rng_state(torch.load(checkpoints(out)[-1] / f"rng-{rank}.pt")["torch"])
+        rng = torch.load(checkpoints(out)[-1] / f"rng-{rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     wrapped, optimizer = acc.prepare(module, optimizer)
     wrapped.train()
 

@@ -118,6 +118,9 @@ def test_calibrate_impossible_epsilon_says_so(tiny_checkpoint, tmp_path):
 def test_calibrate_bad_input(tiny_checkpoint, tmp_path):
     for args, msg in [(["--policy", "margn"], "did you mean 'margin'"), (["--fit", "lstmm"], "unknown exit classifier"),
                       ([], "nothing to do"), (["--policy", "margin", "--risk", "bleu"], "unknown risk"),
-                      (["--policy", "margin", "--epsilon", "2"], "epsilon and delta")]:
+                      (["--policy", "margin", "--epsilon", "2"], "epsilon and delta"),
+                      (["--fit", "meta", "--policy", "static"], "no threshold to calibrate"),
+                      (["--fit", "meta", "--policy", "meta", "--epsilon", "2"], "epsilon and delta")]:
         code, _, err = run_cli("calibrate", "--model", str(tiny_checkpoint), *args, "--max-tokens", "512", "--out", str(tmp_path / "x"))
         assert code == 2 and msg in err, (args, err)
+    assert not (tiny_checkpoint / "exit_classifiers" / "meta.pt").exists()  # nothing was fitted before the error

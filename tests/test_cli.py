@@ -92,3 +92,22 @@ def test_sweep_alias_and_evaluate_output(tiny_checkpoint, tmp_path):
     assert code == 0, err
     row = json.loads((tmp_path / "e" / "evaluate.json").read_text())["rows"][0]
     assert row["exit@2_pct"] == 100.0 and row["compute_pct"] == pytest.approx(200 / 3)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--policy", "topk-saturation", "--param", "k=abc"], "bad parameter"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--seq-len", "500"], "--seq-len must be in 1..32"),
+    (["--generate", "--prompt-len", "30", "--max-new-tokens", "8"], "must be <= 32"),
+    (["--generate", "--max-new-tokens", "1"], "--max-new-tokens >= 2"),
+    (["--calibrated", "nowhere"], "holds no calibrated.json"),
+])
+def test_evaluate_bad_numbers_and_params(tiny_checkpoint, args, expect):
+    code, _, err = run_cli("evaluate", "--model", str(tiny_checkpoint), *args)
+    assert expect in one_line_error(code, err)
+
+
+def test_bad_training_numbers():
+    for kv, msg in [("train.save_every=0", "train.save_every must be >= 1"), ("train.keep_checkpoints=0", "keep_checkpoints must be >= 1")]:
+        code, _, err = run_cli("train", "--set", kv)
+        assert msg in one_line_error(code, err)

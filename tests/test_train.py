@@ -40,6 +40,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     code, _, err = run_cli("train", *args, "--out", str(tmp_path / "cut"), "--resume")
     assert code == 0, err
     assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "cut")) == 0.0
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines() if "loss" in json.loads(l)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the log of a resumed run has each step once
     m_full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     m_cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     for k in ("loss", "val_ppl@1", "val_ppl@3"):
@@ -68,6 +70,10 @@ def test_existing_output_folder_is_not_overwritten(tmp_path, tiny_checkpoint):
     assert (target / "model.safetensors").read_bytes() == before
     code, _, err = run_cli("train", *tiny_overrides(), "--out", str(tmp_path / "nothing"), "--resume")
     assert code == 2 and "no checkpoint found" in err
+    code, _, err = run_cli("train", *tiny_overrides(), "--out", str(target), "--overwrite", "--stop-after", "2")
+    assert code == 0, err
+    assert not (target / "model.safetensors").exists() and not (target / "metrics.json").exists()  # the old run is gone
+    assert len((target / "train_log.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.slow
