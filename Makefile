@@ -62,7 +62,7 @@ seed002: install
 	for run in aux deep_supervision standard_3l standard_1l; do \
 	  $(EEXIT) train --config experiments/seed002/$$run.yaml --overwrite || exit 1; done
 	for run in aux deep_supervision; do \
-	  $(EEXIT) sweep --model checkpoints/seed002-$$run --policy max-prob --thresholds 0.5:0.95 --exit-layers 1,3 \
+	  $(EEXIT) sweep --model checkpoints/seed002-$$run --policy max-prob --thresholds 0.05:0.95 --exit-layers 1,3 \
 	    --out results/seed002/$$run --overwrite || exit 1; done
 	for run in standard_3l standard_1l; do \
 	  $(EEXIT) evaluate --model checkpoints/seed002-$$run --policy static \
