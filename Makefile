@@ -36,10 +36,10 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The main job: train a 4-layer weighted-CE early-exit LM on the packaged Wikipedia text,
-# then sweep max-prob thresholds 0.5..0.95 (~10 min on 2 CPU cores).
+# then sweep max-prob thresholds 0.05..0.95 (~10 min on 2 CPU cores).
 demo: install
 	$(EEXIT) train --config experiments/demo.yaml --overwrite
-	$(EEXIT) sweep --model checkpoints/demo --policy max-prob --thresholds 0.5:0.95 --out results/demo --overwrite
+	$(EEXIT) sweep --model checkpoints/demo --policy max-prob --thresholds 0.05:0.95 --out results/demo --overwrite
 
 # Seed 001's comparison: CALM's vs the monotonic confidence measures at LTT-calibrated thresholds.
 calm-vs-monotonic: install
