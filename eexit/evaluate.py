@@ -63,9 +63,9 @@ def collect_exit_table(model, inputs: torch.Tensor, targets: torch.Tensor, polic
             h = flat[layer]
             view = ExitView(layer, model.num_layers, flat[: layer + 1], lambda h=h, layer=layer: model.exit_logits(h, layer),
                             model, state, positions, x.shape[1])
-            logp = torch.log_softmax(view.logits, -1)
-            nll[k].append(-logp.gather(1, y[:, None]).squeeze(1).cpu())
-            top1[k].append(logp.argmax(-1).cpu())
+            logits = view.logits
+            nll[k].append((torch.logsumexp(logits, -1) - logits.gather(1, y[:, None]).squeeze(1)).cpu())
+            top1[k].append(logits.argmax(-1).cpu())
             if not policy.needs_future:
                 score[k].append(policy.score(view).float().cpu())
         if progress is not None:

@@ -68,19 +68,20 @@ def forward_records(model, x: torch.Tensor, y: torch.Tensor, k: int, sublayers: 
     L = len(states)
     final = model.exit_logits(states[-1], L).reshape(n, -1).argmax(-1)
     ids, probs, pf = [], [], []
-    for layer, h in enumerate(states, start=1):
-        logp = torch.log_softmax(model.exit_logits(h, layer).reshape(n, -1).float(), -1)
-        top = logp.topk(k, dim=-1)
+    for layer, h in enumerate(states, start=1):  # log-sum-exp once; no full log-softmax tensor
+        logits = model.exit_logits(h, layer).reshape(n, -1).float()
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        top = logits.topk(k, dim=-1)
         ids.append(top.indices)
-        probs.append(top.values.exp())
-        pf.append(logp.gather(1, final[:, None]).squeeze(1).exp())
+        probs.append((top.values - lse).exp())
+        pf.append((logits.gather(1, final[:, None]) - lse).squeeze(1).exp())
     rec = LayerRecords(torch.stack(ids), torch.stack(probs), torch.stack(pf), y.reshape(-1))
     if can_split and len(mids) == L:
         st, sp = [], []
         for layer, h in enumerate(mids, start=1):
-            logp = torch.log_softmax(model.exit_logits(h, layer).reshape(n, -1).float(), -1)
-            st.append(logp.argmax(-1))
-            sp.append(logp.gather(1, final[:, None]).squeeze(1).exp())
+            logits = model.exit_logits(h, layer).reshape(n, -1).float()
+            st.append(logits.argmax(-1))
+            sp.append((logits.gather(1, final[:, None]).squeeze(1) - torch.logsumexp(logits, -1)).exp())
         rec.sub_top1, rec.sub_p_final = torch.stack(st), torch.stack(sp)
     return rec
 
