@@ -119,6 +119,10 @@ def run_generation(s: EvalSetup, g, out: str | None = None, overwrite: bool = Fa
 
     if out:
         prepare_dir(out, overwrite)
+    from eexit.decoding import KV_MODES
+
+    if g.kv_mode not in KV_MODES:
+        raise EexitError(f"unknown KV mode {g.kv_mode!r}; valid: {', '.join(KV_MODES)}")
     if g.prompts < 1 or g.prompt_len < 1 or g.max_new_tokens < 2:
         raise EexitError("--prompts and --prompt-len must be >= 1 and --max-new-tokens >= 2")
     model, policy, _, _, resolved = setup(s)
