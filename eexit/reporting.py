@@ -71,7 +71,7 @@ def _fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.2f}"
+        return f"{v:.3g}" if 0 < abs(v) < 1 else f"{v:.2f}"  # small values keep 3 significant digits
     return str(v)
 
 
