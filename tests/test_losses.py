@@ -81,7 +81,8 @@ def test_free_kd_mappings_and_loss():
     b.cfg.kd_mapping = "last"
     loss, logs = LOSSES.get("free-kd")(b)
     wce = LOSSES.get("weighted-ce")(b)[0]
-    kd = (F.mse_loss(b.states[0], b.states[5]) + F.mse_loss(b.states[1], b.states[5])) / 2
+    n = m.parts.final_norm  # the distilled states are the normed ones the LM head reads
+    kd = (F.mse_loss(n(b.states[0]), n(b.states[5])) + F.mse_loss(n(b.states[1]), n(b.states[5]))) / 2
     assert loss.item() == pytest.approx((wce + kd).item(), rel=1e-5)
     assert logs["kd"] == pytest.approx(kd.item(), rel=1e-5)
 
