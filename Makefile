@@ -75,7 +75,7 @@ bench: install-smollm2
 	$(BIN)/python -m eexit.bench --out results/bench
 	test -f checkpoints/demo/model.safetensors || $(MAKE) demo
 	$(BIN)/python -m eexit.bench_generation --model checkpoints/demo --label demo-4L --model "$(SMOLLM2)" --label SmolLM2-135M \
-	  --prompts 4 --prompt-len 32 --new 32 --reps 2 --out results/bench
+	  --prompts 4 --prompt-len 32 --new 32 --reps 2 --profile --out results/bench
 
 clean:
 	rm -rf checkpoints .pytest_cache

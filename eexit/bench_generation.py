@@ -107,6 +107,28 @@ def bench(spec: str, label: str, n_prompts: int, prompt_len: int, new: int, reps
     return rows
 
 
+def profile(spec: str, label: str, policy: str, threshold: float, exits: str | None, min_exit: int, prompt_len: int, new: int, out: Path) -> None:
+    """Where one early-exit generation spends its time (torch.profiler, operator and Python-function view)."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    model, tok, _ = load_model(spec)
+    L = model.num_layers
+    if exits:
+        model.exit_layers = sorted({int(e) for e in exits.split(",")} | {L})
+    x = prompts_from(tok, "wiki-gensim", "test", 1, prompt_len)
+    dec = EarlyExitDecoder(model, make_policy(policy, threshold, min_exit), "propagate")
+    full = EarlyExitDecoder(model, None, "full")
+    dec.generate(x, None, 4, pad_token_id=0)
+    lines = []
+    for name, d in (("full depth", full), (f"{policy} {threshold}", dec)):
+        with tprofile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
+            r = d.generate(x, None, new, pad_token_id=0)
+        mean_exit = r.exit_layers[0, 1:].float().mean().item()
+        lines += [f"## {label}: {name} (mean exit layer {mean_exit:.2f} of {L}, {new} tokens)", "",
+                  prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), ""]
+    (out / f"generation_profile_{label}.txt").write_text("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", required=True)
@@ -116,6 +138,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--profile", action="store_true", help="also profile one early-exit configuration per model")
     a = ap.parse_args()
     quiet()
     labels = a.label or [Path(m).stem for m in a.model]
@@ -139,6 +162,10 @@ def main() -> None:
                   "Early-exit decoding: speed vs quality")
     for r in rows:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
+    if a.profile:
+        for spec, label in zip(a.model, labels):
+            L = load_model(spec)[0].num_layers
+            profile(spec, label, "saturation", 0.95, None, max(1, L // 3), a.prompt_len, a.new, Path(a.out))
 
 
 if __name__ == "__main__":
