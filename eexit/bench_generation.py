@@ -35,7 +35,13 @@ def hf_greedy(model, x, new, **kw):
 
     gc = copy.deepcopy(model.lm.generation_config)
     gc.eos_token_id, gc.pad_token_id, gc.do_sample = None, 0, False
-    return model.lm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, generation_config=gc, **kw)
+    saved = model.lm.config.eos_token_id, model.lm.generation_config.eos_token_id
+    # generate falls back to the model's own EOS settings when the passed config leaves it unset
+    model.lm.config.eos_token_id = model.lm.generation_config.eos_token_id = None
+    try:
+        return model.lm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, generation_config=gc, **kw)
+    finally:
+        model.lm.config.eos_token_id, model.lm.generation_config.eos_token_id = saved
 
 
 def configs_for(L: int) -> list[tuple[str, float, str | None, int]]:
