@@ -80,6 +80,17 @@ class EarlyExitDecoder:
     def _attend(self, l, q, k_new, v_new, rows, slots, qvalid=None):
         """Write k/v of (rows, slots) into layer l's cache, then attend q over the valid slots <= each query's slot."""
         c = self.cache
+        gqa = self.blocks.n_heads != self.blocks.n_kv_heads
+        if qvalid is None and slots.shape[1] == 1 and rows.numel() == c["k"][l].shape[0]:
+            # every row, one new token at one slot (the common decode step): views, no gathers
+            s0 = int(slots[0, 0])
+            c["k"][l][:, :, s0] = k_new[:, :, 0]
+            c["v"][l][:, :, s0] = v_new[:, :, 0]
+            c["valid"][l][:, s0] = True
+            valid = c["valid"][l][:, : s0 + 1]
+            mask = None if bool(valid.all()) else valid[:, None, None, :]
+            return F.scaled_dot_product_attention(q, c["k"][l][:, :, : s0 + 1], c["v"][l][:, :, : s0 + 1], attn_mask=mask,
+                                                  scale=self.blocks.scaling, enable_gqa=gqa)
         if qvalid is None:
             c["k"][l][rows[:, None], :, slots] = k_new.transpose(1, 2)
             c["v"][l][rows[:, None], :, slots] = v_new.transpose(1, 2)
@@ -94,10 +105,7 @@ class EarlyExitDecoder:
         ar = torch.arange(S, device=q.device)
         mask = c["valid"][l][rows, None, None, :S] & (ar[None, None, None, :] <= slots[:, None, :, None])
         mask = mask | (ar[None, None, None, :] == slots[:, None, :, None])  # a query always sees itself
-        rep = self.blocks.n_heads // self.blocks.n_kv_heads
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.blocks.scaling)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.blocks.scaling, enable_gqa=gqa)
 
     def _layer(self, l, h, rows, slots, positions, qvalid=None):
         q, k, v = self.blocks.qkv(l, h, positions)
