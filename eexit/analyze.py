@@ -12,7 +12,7 @@ from eexit import data as data_mod
 from eexit import monotonicity as mono
 from eexit.errors import EexitError
 from eexit.model import load_model
-from eexit.reporting import markdown_table, prepare_dir, provenance, write_results
+from eexit.reporting import prepare_dir, provenance, write_results
 
 
 @dataclass

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 
-from eexit import data as data_mod
 from eexit.errors import EexitError
 from eexit.evaluate import ExitTable, collect_exit_table, exit_indices, exit_metrics
 from eexit.learned import LABELS, exit_labels, fit_classifier, save_classifier
-from eexit.lm_eval import EvalSetup, bind_policy, setup
+from eexit.lm_eval import EvalSetup, setup
 from eexit.ltt import fixed_sequence_test, no_threshold_message
-from eexit.reporting import markdown_table, prepare_dir, provenance, write_results
+from eexit.reporting import markdown_table, provenance, write_results
 
 RISKS = {"consistency": "binomial", "loss": "hoeffding-bentkus"}
 CALIBRATED_FILE = "calibrated.json"

@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from eexit import data as data_mod
 from eexit.errors import EexitError
@@ -172,8 +171,3 @@ def print_rows(rows: list[dict], title: str = "") -> None:
     for r in rows:
         t.add_row(*[f"{r[k]:.2f}" if isinstance(r[k], float) else ("-" if r[k] is None else str(r[k])) for k in keys])
     Console(width=200).print(t)
-
-
-def torch_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)

@@ -7,7 +7,6 @@ import io
 import json
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -148,8 +147,3 @@ def plot_tradeoff(path: str | Path, series: dict[str, list[tuple[float, float, o
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def copy_into(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dst)

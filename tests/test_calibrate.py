@@ -6,7 +6,7 @@ import torch
 from eexit.calibrate import token_risks
 from eexit.errors import EexitError
 from eexit.evaluate import ExitTable
-from eexit.learned import CLASSIFIERS, LSTMPolicy, MLP3Policy, exit_labels, fit_classifier
+from eexit.learned import CLASSIFIERS, LSTMPolicy, exit_labels, fit_classifier
 from eexit.policies import ExitView, make_policy
 from tests.conftest import run_cli
 
