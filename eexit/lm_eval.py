@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from eexit import data as data_mod
 from eexit.errors import EexitError
 from eexit.evaluate import ExitTable, collect_exit_table, exit_metrics, per_exit_ppl
@@ -113,13 +112,11 @@ def run_evaluate(s: EvalSetup, out: str | None = None, overwrite: bool = False) 
 
 def run_generation(s: EvalSetup, g, out: str | None = None, overwrite: bool = False) -> tuple[list[dict], dict]:
     """`evaluate --generate`: early-exit decoding vs full-depth decoding on prompts from the split."""
-    from eexit.decoding import EarlyExitDecoder
+    from eexit.decoding import KV_MODES, EarlyExitDecoder
     from eexit.gen_eval import compare, prompts_from
 
     if out:
         prepare_dir(out, overwrite)
-    from eexit.decoding import KV_MODES
-
     if g.kv_mode not in KV_MODES:
         raise EexitError(f"unknown KV mode {g.kv_mode!r}; valid: {', '.join(KV_MODES)}")
     if g.prompts < 1 or g.prompt_len < 1 or g.max_new_tokens < 2:

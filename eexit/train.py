@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from eexit import data as data_mod
 from eexit.config import RunConfig, to_dict
 from eexit.errors import EexitError, TrainingDiverged
 from eexit.losses import LOSSES, LossBatch
-from eexit.model import EarlyExitModel, build_lm, load_model
+from eexit.model import EarlyExitModel, build_lm, load_model, resolve_exit_layers
 
 STATE_FILE = "trainer_state.pt"
 
@@ -99,25 +100,19 @@ def prepare_data(cfg: RunConfig, tokenizer=None):
     val_docs = data_mod.corpus_split(corpus, "validation", cfg.data.dataset)
     if tokenizer is None:
         tokenizer = data_mod.train_tokenizer(train_docs, cfg.model.vocab_size)
-    key = f"{cfg.data.dataset}"
-    train = data_mod.encode_documents(tokenizer, train_docs, key + ":train")
-    val = data_mod.encode_documents(tokenizer, val_docs, key + ":validation")
+    train = data_mod.encode_documents(tokenizer, train_docs, f"{cfg.data.dataset}:train")
+    val = data_mod.encode_documents(tokenizer, val_docs, f"{cfg.data.dataset}:validation")
     return tokenizer, train, val
 
 
-def build_model(cfg: RunConfig, tokenizer) -> EarlyExitModel:
-    ponder = cfg.loss.name == "ponder"
-    if cfg.model.pretrained:
-        model, tok, _ = load_model(cfg.model.pretrained, exit_layers=cfg.model.exit_layers)
-        from eexit.model import resolve_exit_layers
-
-        layers = resolve_exit_layers(cfg.model.exit_layers, model.num_layers, cfg.model.min_exit_layer)
-        return EarlyExitModel(model.lm, layers, cfg.model.exit_heads, ponder)
-    from eexit.model import resolve_exit_layers
-
-    lm = build_lm(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    layers = resolve_exit_layers(cfg.model.exit_layers, cfg.model.n_layers, cfg.model.min_exit_layer)
-    return EarlyExitModel(lm, layers, cfg.model.exit_heads, ponder)
+def build_model(cfg: RunConfig, tokenizer, pretrained: EarlyExitModel | None = None) -> EarlyExitModel:
+    """The model to train: the pretrained backbone when given, else a fresh one from the config."""
+    if pretrained is not None:
+        lm, depth = pretrained.lm, pretrained.num_layers
+    else:
+        lm, depth = build_lm(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id), cfg.model.n_layers
+    layers = resolve_exit_layers(cfg.model.exit_layers, depth, cfg.model.min_exit_layer)
+    return EarlyExitModel(lm, layers, cfg.model.exit_heads, halting_gate=cfg.loss.name == "ponder")
 
 
 @torch.no_grad()
@@ -161,11 +156,8 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
 
     # ---- setup
     check_output_dir(cfg, resume, overwrite)
-    if cfg.loss.name not in LOSSES:
-        LOSSES.get(cfg.loss.name)  # raises the "did you mean" error before any work
+    LOSSES.get(cfg.loss.name)  # the "did you mean" error before any work
     # torchrun / accelerate launch without GPUs: accelerate takes the multi-process run only with cpu=True
-    import os
-
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -175,11 +167,9 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     if cfg.train.batch_size % world:
         raise EexitError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes ({world})")
     torch.manual_seed(cfg.seed)
-    pretrained_tok = None
-    if cfg.model.pretrained:
-        _, pretrained_tok, _ = load_model(cfg.model.pretrained)
+    pretrained, pretrained_tok = load_model(cfg.model.pretrained)[:2] if cfg.model.pretrained else (None, None)
     tokenizer, train_tokens, val_tokens = prepare_data(cfg, pretrained_tok)
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer, pretrained)
     out = cfg.output_dir
     if overwrite and not resume and acc.is_main_process and out.exists():
         clear_run(out)
@@ -187,9 +177,8 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     acc.wait_for_everyone()
     module = TrainingModule(model, cfg.loss)
     optimizer = make_optimizer(module, cfg)
-    start = 0
+    start, ck = 0, checkpoints(out)[-1] if resume else None
     if resume:
-        ck = checkpoints(out)[-1]
         lm_state = type(model.lm).from_pretrained(ck).state_dict()
         model.lm.load_state_dict(lm_state)
         if (ck / "exit_modules.safetensors").is_file():
@@ -199,10 +188,10 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         start = state["step"]
         if acc.is_main_process:
             trim_log(out / "train_log.jsonl", start)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg), last_epoch=start - 1) if start else torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg), last_epoch=start - 1)
     torch.manual_seed(cfg.seed * 1000 + rank)  # loss-side sampling (exit_token_fraction) per process
-    if resume and (checkpoints(out)[-1] / f"rng-{rank}.pt").is_file():
-        rng = torch.load(checkpoints(out)[-1] / f"rng-{rank}.pt", weights_only=False)
+    if resume and (ck / f"rng-{rank}.pt").is_file():
+        rng = torch.load(ck / f"rng-{rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
