@@ -104,6 +104,12 @@ class ExitPolicy:
         return hidden_size * vocab_size + 4.0 * vocab_size if self.needs_logits else 0.0
 
 
+def positive_int(name: str, value) -> int:
+    if int(value) < 1:
+        raise EexitError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
 def make_policy(name: str, threshold: float = 0.9, min_exit_layer: int = 1, **params) -> ExitPolicy:
     cls = POLICIES.get(name)
     try:
@@ -241,14 +247,11 @@ class Patience(ExitPolicy):
     """PABEE: exit once the top-1 prediction has stayed the same for `patience` consecutive exits."""
 
     stateful = True
-
     threshold_free = True
 
     def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, decay_tau: float = 0.0, patience: int = 2):
         super().__init__(threshold, min_exit_layer, decay_tau)
-        if int(patience) < 1:
-            raise EexitError(f"patience must be >= 1, got {patience}")
-        self.patience = int(patience)
+        self.patience = positive_int("patience", patience)
 
     def score(self, view):
         top1 = view.logits.argmax(-1)
@@ -270,9 +273,7 @@ class TopKSaturation(ExitPolicy):
 
     def __init__(self, threshold: float = 0.99, min_exit_layer: int = 1, decay_tau: float = 0.0, k: int = 3):
         super().__init__(threshold, min_exit_layer, decay_tau)
-        if int(k) < 1:
-            raise EexitError(f"k must be >= 1, got {k}")
-        self.k = int(k)
+        self.k = positive_int("k", k)
 
     def score(self, view):
         top = view.logits.topk(self.k, dim=-1).indices
