@@ -15,7 +15,7 @@ The prompt (prefill) and the first generated token use the full depth. Positions
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,6 @@ class GenerationResult:
     decisions: torch.Tensor  # [B, new] exit decisions taken for the token
     seconds: float  # wall-clock time of the whole generation
     num_layers: int
-    stats: dict = field(default_factory=dict)
 
 
 class _Rows:

@@ -9,6 +9,7 @@ import torch
 
 from eexit import data as data_mod
 from eexit.decoding import EarlyExitDecoder, GenerationResult
+from eexit.errors import EexitError
 from eexit.evaluate import layer_macs
 
 
@@ -31,8 +32,6 @@ def prompts_from(tokenizer, dataset: str, split: str, n: int, length: int) -> to
         if len(out) == n:
             break
     if not out:
-        from eexit.errors import EexitError
-
         raise EexitError(f"no document of {dataset}/{split} has {length} tokens for a prompt")
     return torch.tensor(out)
 
@@ -46,9 +45,7 @@ def token_costs(model, decoder: EarlyExitDecoder, res: GenerationResult, context
     dec_cost = policy.decision_macs(model.hidden_size, model.vocab_size) / lm if policy is not None else 0.0
     reuse = dec_cost if (policy is not None and policy.needs_logits) else 0.0
     overhead = res.decisions[:, 1:].float() * dec_cost - (exit_l < L).float() * reuse
-    if decoder.kv_mode == "full":
-        layers = torch.full_like(exit_l, float(L))
-    elif decoder.kv_mode == "recompute":  # the skipped layers run later for the pending positions
+    if decoder.kv_mode in ("full", "recompute"):  # recompute runs the skipped layers later, for the pending positions
         layers = torch.full_like(exit_l, float(L))
     else:  # propagate: skipped layers cost their key/value projections only
         kv = 2 * model.hidden_size * decoder.blocks.n_kv_heads * decoder.blocks.head_dim / lm
