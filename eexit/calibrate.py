@@ -65,7 +65,7 @@ def layer_features(model, x: torch.Tensor, batch_size: int = 8) -> tuple[torch.T
     return torch.cat(feats), torch.cat(tops, 1)
 
 
-def fit(model_spec: str, names: list[str], label: str, s: EvalSetup, out: str) -> list[dict]:
+def fit(model_spec: str, names: list[str], label: str, s: EvalSetup) -> list[dict]:
     if label not in LABELS:
         raise EexitError(f"unknown label {label!r}; valid: {', '.join(LABELS)}")
     model_dir = Path(model_spec)
@@ -83,15 +83,22 @@ def fit(model_spec: str, names: list[str], label: str, s: EvalSetup, out: str) -
     return rows
 
 
-def calibrate(s: EvalSetup, opts: CalibrateOptions, calibration_windows: slice = slice(None)) -> tuple[dict, list[dict]]:
+def check_options(opts: CalibrateOptions, policy: str) -> None:
+    """Validate before any work (the CLI calls it before fitting classifiers)."""
+    from eexit.policies import POLICIES
+
+    if POLICIES.get(policy).threshold_free:
+        raise EexitError(f"policy {policy!r} has no threshold to calibrate")
     if opts.risk not in RISKS:
         raise EexitError(f"unknown risk {opts.risk!r}; valid: {', '.join(RISKS)}")
     if not 0 < opts.epsilon < 1 or not 0 < opts.delta < 1:
         raise EexitError(f"epsilon and delta must lie in (0, 1); got {opts.epsilon}, {opts.delta}")
+
+
+def calibrate(s: EvalSetup, opts: CalibrateOptions, calibration_windows: slice = slice(None)) -> tuple[dict, list[dict]]:
+    check_options(opts, s.policy)
     grid = sorted(opts.grid or [round(1 - i / 100, 2) for i in range(101)], reverse=True)
     model, policy, x, y, resolved = setup(s)
-    if policy.threshold_free:
-        raise EexitError(f"policy {s.policy!r} has no threshold to calibrate")
     cal = collect_exit_table(model, x[calibration_windows], y[calibration_windows], policy, s.batch_size)
     result = fixed_sequence_test(grid, token_risks(cal, policy, grid, opts.risk).numpy(), opts.epsilon, opts.delta, RISKS[opts.risk])
     test_setup = EvalSetup(**{**s.__dict__, "split": opts.test_split})

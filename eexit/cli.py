@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -90,8 +91,6 @@ def evaluate(
 ):
     """Perplexity, compute % and exit shares of one policy at one threshold (or, with --generate, decoding speed and agreement)."""
     _quiet()
-    from pathlib import Path
-
     from eexit.lm_eval import print_rows, run_evaluate
 
     s = _setup(model, policy, threshold, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
@@ -126,8 +125,6 @@ def sweep_threshold(
 ):
     """One row per threshold: PPL, compute %, exit shares; Markdown/CSV/JSON + PNG in results/."""
     _quiet()
-    from pathlib import Path
-
     from eexit.lm_eval import print_rows, run_sweep
     from eexit.thresholds import parse_thresholds
 
@@ -156,8 +153,6 @@ def analyze_monotonicity(
 ):
     """Seed 001 figures 1-3, top-k saturation order (seed 003), sub-word / sub-layer exits (seed 004)."""
     _quiet()
-    from pathlib import Path
-
     from eexit.analyze import AnalyzeSetup, run_analysis
     from eexit.lm_eval import print_rows
 
@@ -187,11 +182,8 @@ def calibrate(
 ):
     """Fit learned exit classifiers and/or pick a threshold with a Learn-then-Test guarantee."""
     _quiet()
-    from pathlib import Path
-
-    from eexit.calibrate import CalibrateOptions, calibrate as run_ltt, fit as run_fit, write_calibration
+    from eexit.calibrate import CalibrateOptions, calibrate as run_ltt, check_options, fit as run_fit, write_calibration
     from eexit.learned import CLASSIFIERS
-    from eexit.policies import POLICIES
     from eexit.reporting import prepare_dir
     from eexit.thresholds import parse_thresholds
 
@@ -200,21 +192,15 @@ def calibrate(
         CLASSIFIERS.get(n)
     if not names and not policy:
         raise EexitError("nothing to do: give --fit meta,lstm,mlp3 and/or --policy NAME")
-    if policy and POLICIES.get(policy).threshold_free:
-        raise EexitError(f"policy {policy!r} has no threshold to calibrate")
-    from eexit.calibrate import RISKS
-
-    if risk not in RISKS:
-        raise EexitError(f"unknown risk {risk!r}; valid: {', '.join(RISKS)}")
-    if not 0 < epsilon < 1 or not 0 < delta < 1:
-        raise EexitError(f"epsilon and delta must lie in (0, 1); got {epsilon}, {delta}")
     values = parse_thresholds(grid)
+    opts = CalibrateOptions(epsilon, delta, risk, values, test_split)
+    if policy:
+        check_options(opts, policy)
     out = out or f"results/calibrate-{Path(model).name}-{policy or 'fit'}"
     prepare_dir(out, overwrite)
     s = _setup(model, policy or "max-prob", 0.5, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
-    fit_rows = run_fit(model, names, label, s, out) if names else []
+    fit_rows = run_fit(model, names, label, s) if names else []
     if policy:
-        opts = CalibrateOptions(epsilon, delta, risk, values, test_split)
         summary, tested = run_ltt(s, opts, slice(1, None, 2) if names else slice(None))
         write_calibration(out, summary, tested, fit_rows)
         msg = summary.get("message") or (f"threshold {summary['threshold']:.2f}: test risk {summary['test_risk']:.4f} "

@@ -34,7 +34,7 @@ def main() -> None:
     quiet()
     prepare_dir(a.out, a.overwrite)
     base = dict(model_spec=a.model, min_exit_layer=a.min_exit_layer, split="validation", max_tokens=a.max_tokens)
-    fit_rows = fit(a.model, ["meta", "lstm", "mlp3"], "consistent", EvalSetup(**base), a.out)
+    fit_rows = fit(a.model, ["meta", "lstm", "mlp3"], "consistent", EvalSetup(**base))
     rows = []
     opts = CalibrateOptions(a.epsilon, a.delta, "consistency", GRID, "test")
     for policy, group in GROUPS.items():
