@@ -60,7 +60,7 @@ def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object
                 bar.update(task, advance=len(x[i : i + s.batch_size]))
     info = {"model": spec, "dataset": dataset, "split": s.split, "seq_len": seq_len, "tokens": y.numel(),
             "num_layers": model.num_layers, "vocab_size": model.vocab_size}
-    return mono.concat([r for r in records]), tokenizer, info
+    return mono.concat(records), tokenizer, info
 
 
 def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
@@ -72,7 +72,7 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
     if s.top_k < 1 or s.examples < 0 or s.max_tokens < 1:
         raise EexitError("--top-k and --max-tokens must be >= 1 and --examples >= 0")
     prepare_dir(out, overwrite)
-    results, layer_rows, sat_rows, summary_rows, ex_all, sub_all, subword_all = {}, [], [], [], {}, {}, {}
+    layer_rows, sat_rows, summary_rows, ex_all, sub_all, subword_all = [], [], [], {}, {}, {}
     infos = []
     for spec, label in zip(s.models, labels):
         rec, tok, info = analyze_model(spec, s)
@@ -92,7 +92,6 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
         sub = mono.sublayer_stats(rec)
         if sub is not None:
             sub_all[label] = sub
-        results[label] = {"layers": layers, "ranks": ranks}
     prov = provenance({"models": s.models, "labels": labels, **{k: v for k, v in s.__dict__.items() if k not in ("models", "labels")}, "data": infos})
     write_results(out, "per_layer", "Per-layer monotonicity statistics", layer_rows, prov,
                   notes="top1_equals_final / top1_never_changes_after: % of tokens (seed 001 figure 1); p_final: probability each layer gives the final prediction (figure 2); monotone_from_here: % of tokens whose p_final never drops by more than 0.001 from this layer on.\n\n")
