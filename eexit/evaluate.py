@@ -46,7 +46,7 @@ def layer_macs(model, context: float) -> float:
 
 @torch.no_grad()
 def collect_exit_table(model, inputs: torch.Tensor, targets: torch.Tensor, policy: ExitPolicy,
-                       batch_size: int = 8, progress=None) -> ExitTable:
+                       batch_size: int = 8) -> ExitTable:
     model.eval()
     dev = model.device
     exits = model.exit_layers
@@ -68,8 +68,6 @@ def collect_exit_table(model, inputs: torch.Tensor, targets: torch.Tensor, polic
             top1[k].append(logits.argmax(-1).cpu())
             if not policy.needs_future:
                 score[k].append(policy.score(view).float().cpu())
-        if progress is not None:
-            progress(len(x) * x.shape[1])
     top1_t = torch.stack([torch.cat(t) for t in top1])
     score_t = policy.scores_from_top1(top1_t) if policy.needs_future else torch.stack([torch.cat(s) for s in score])
     ctx = (inputs.shape[1] + 1) / 2.0
