@@ -35,6 +35,20 @@ def bench_model(n_layers: int, d_model: int, vocab: int, seq_len: int) -> tuple[
     return EarlyExitModel(lm, resolve_exit_layers("all", n_layers)), cfg
 
 
+def interleaved_medians(fns: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each callable over `reps` interleaved rounds (after one warm-up each),
+    so drift in machine load hits every variant alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def step_time(model, opt, loss_cfg, x, y) -> float:
     t0 = time.perf_counter()
     states = model(x)
@@ -86,16 +100,9 @@ def eval_bench(n_layers=4, d_model=128, vocab=4096, seq_len=128, batch=8, window
     def early():
         collect_exit_table(model, x, y, pol, batch_size=batch)
 
-    runs = {"full-model evaluation": [], "early-exit evaluation (all exits, max-prob)": []}
-    full(), early()
-    for _ in range(reps):
-        for name, fn in zip(runs, (full, early)):
-            t0 = time.perf_counter()
-            fn()
-            runs[name].append(time.perf_counter() - t0)
-    base = statistics.median(runs["full-model evaluation"])
-    return [{"mode": k, "tokens_per_s": y.numel() / statistics.median(v), "time_ratio_vs_full": statistics.median(v) / base}
-            for k, v in runs.items()]
+    med = interleaved_medians({"full-model evaluation": full, "early-exit evaluation (all exits, max-prob)": early}, reps)
+    base = med["full-model evaluation"]
+    return [{"mode": k, "tokens_per_s": y.numel() / t, "time_ratio_vs_full": t / base} for k, t in med.items()]
 
 
 @torch.no_grad()
@@ -117,17 +124,9 @@ def analysis_bench(n_layers=8, d_model=128, vocab=4096, seq_len=128, batch=8, wi
 
     fns = {"plain forward, output_hidden_states": plain, "analysis (top-5, no sub-layers)": analysis(False),
            "analysis (top-5 + sub-layers)": analysis(True)}
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    base = statistics.median(times["plain forward, output_hidden_states"])
-    return [{"mode": k, "tokens_per_s": windows * seq_len / statistics.median(v), "time_ratio_vs_plain": statistics.median(v) / base}
-            for k, v in times.items()]
+    med = interleaved_medians(fns, reps)
+    base = med["plain forward, output_hidden_states"]
+    return [{"mode": k, "tokens_per_s": windows * seq_len / t, "time_ratio_vs_plain": t / base} for k, t in med.items()]
 
 
 def main() -> None:
