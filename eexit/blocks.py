@@ -4,11 +4,13 @@ An adapter exposes, per architecture family, the parts of block l the decoder ne
 `qkv` (projections, rotary embedding applied), `attend` (output projection + residual),
 `mlp` (the MLP half with its residual) and `embed`. The weights are the model's own modules;
 nothing is re-implemented except the glue. Supported: GPT-2 and Llama-family blocks
-(Llama, Mistral, Qwen2, SmolLM2 GGUF ...).
+(Llama, Mistral, Qwen2, SmolLM2 GGUF ...), and T5 decoder blocks (self-attention with the
+relative position bias of block 1, cross-attention over the encoder output, feed-forward).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from eexit.errors import EexitError
 
@@ -34,9 +36,19 @@ class BlockAdapter:
         """Only the keys and values of block l for hidden h (CALM's state propagation)."""
         raise NotImplementedError
 
-    def finish(self, l: int, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """Attention output ctx [B, H, t, dh] -> block output (output projection, residuals, MLP)."""
+    def finish(self, l: int, h: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Attention output ctx [B, H, t, dh] -> block output (output projection, residuals, MLP).
+        `rows`: the batch rows of h (encoder-decoder models attend to those rows' encoder output)."""
         raise NotImplementedError
+
+    def attn_bias(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor | None:
+        """Additive attention bias [B, H, t, S] for query positions [B, t] and key positions [S] (None: no bias)."""
+        return None
+
+    def begin(self, source_ids: torch.Tensor | None, source_mask: torch.Tensor | None) -> None:
+        """Start a generation (encoder-decoder models: encode the source, cache cross-attention K/V)."""
+        if source_ids is not None:
+            raise EexitError("source_ids are for encoder-decoder models only")
 
     @property
     def scaling(self) -> float:
@@ -79,7 +91,7 @@ class GPT2Blocks(BlockAdapter):
         k, v = kv.split(self.split, dim=-1)
         return self._split(k), self._split(v)
 
-    def finish(self, l, h, ctx):
+    def finish(self, l, h, ctx, rows):
         blk = self.layers[l]
         b, _, t, _ = ctx.shape
         h = h + blk.attn.c_proj(ctx.transpose(1, 2).reshape(b, t, -1))
@@ -132,17 +144,84 @@ class LlamaBlocks(BlockAdapter):
         _, k = self.apply_rope(k, k, cos, sin)
         return k, v
 
-    def finish(self, l, h, ctx):
+    def finish(self, l, h, ctx, rows):
         blk = self.layers[l]
         b, _, t, _ = ctx.shape
         h = h + blk.self_attn.o_proj(ctx.transpose(1, 2).reshape(b, t, -1))
         return h + blk.mlp(blk.post_attention_layernorm(h))
 
 
+class T5Blocks(BlockAdapter):
+    """T5 decoder blocks: layer[0] self-attention, layer[1] cross-attention, layer[2] feed-forward.
+    T5 does not scale q.k (scaling 1); block 1's relative position bias is shared by every block."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        attn = self.layers[0].layer[0].SelfAttention
+        self.n_heads = self.n_kv_heads = attn.n_heads
+        self.head_dim = attn.key_value_proj_dim
+        self.rel = attn
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.source_mask = None
+
+    @property
+    def scaling(self):
+        return 1.0
+
+    def begin(self, source_ids, source_mask):
+        if source_ids is None:
+            raise EexitError("an encoder-decoder model generates from source_ids (the encoder input)")
+        if source_mask is None:
+            source_mask = torch.ones_like(source_ids)
+        enc = self.model.encode(source_ids, source_mask)
+        self.source_mask = source_mask.bool()
+        self.cross = []
+        for blk in self.layers:  # the cross-attention cache: per layer, computed once
+            a = blk.layer[1].EncDecAttention
+            self.cross.append((self._split(a.k(enc)), self._split(a.v(enc))))
+
+    def embed(self, ids, positions):
+        return self.model.parts.base.embed_tokens(ids)
+
+    def _split(self, x):
+        b, t, _ = x.shape
+        return x.view(b, t, -1, self.head_dim).transpose(1, 2)
+
+    def qkv(self, l, h, positions):
+        sub = self.layers[l].layer[0]
+        x, a = sub.layer_norm(h), sub.SelfAttention
+        return self._split(a.q(x)), self._split(a.k(x)), self._split(a.v(x))
+
+    def kv(self, l, h, positions):
+        sub = self.layers[l].layer[0]
+        x, a = sub.layer_norm(h), sub.SelfAttention
+        return self._split(a.k(x)), self._split(a.v(x))
+
+    def attn_bias(self, qpos, kpos):
+        a = self.rel
+        bucket = a._relative_position_bucket(kpos[None, None, :] - qpos[:, :, None], bidirectional=False,
+                                             num_buckets=a.relative_attention_num_buckets, max_distance=a.relative_attention_max_distance)
+        return a.relative_attention_bias(bucket).permute(0, 3, 1, 2)  # [B, t, S, H] -> [B, H, t, S]
+
+    def finish(self, l, h, ctx, rows):
+        blk = self.layers[l]
+        b, _, t, _ = ctx.shape
+        h = h + blk.layer[0].SelfAttention.o(ctx.transpose(1, 2).reshape(b, t, -1))
+        cross = blk.layer[1]
+        x = cross.layer_norm(h)
+        k, v = self.cross[l]
+        q = self._split(cross.EncDecAttention.q(x))
+        c = F.scaled_dot_product_attention(q, k[rows], v[rows], attn_mask=self.source_mask[rows, None, None, :], scale=1.0)
+        h = h + cross.EncDecAttention.o(c.transpose(1, 2).reshape(b, t, -1))
+        return blk.layer[2](h)
+
+
 def block_adapter(model) -> BlockAdapter:
     first = model.parts.layers[0]
+    if getattr(model, "is_seq2seq", False) and hasattr(first, "layer") and hasattr(first.layer[0], "SelfAttention"):
+        return T5Blocks(model)
     if hasattr(first, "attn") and hasattr(first.attn, "c_attn"):
         return GPT2Blocks(model)
     if hasattr(first, "self_attn") and hasattr(first.self_attn, "q_proj") and hasattr(model.parts.base, "rotary_emb"):
         return LlamaBlocks(model)
-    raise EexitError(f"early-exit decoding supports GPT-2 and Llama-family blocks; got {type(first).__name__}")
+    raise EexitError(f"early-exit decoding supports GPT-2, Llama-family and T5 blocks; got {type(first).__name__}")

@@ -72,6 +72,16 @@ _SEQ = typer.Option(None, "--seq-len", help="Window length (default: the trainin
 _MAXTOK = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens.")
 _BS = typer.Option(8, "--batch-size", help="Windows (or, with --generate, prompts) per batch.")
 _EXITS = typer.Option(None, "--exit-layers", help="Override the exits: all, or e.g. 1,3.")
+_EXAMPLES = typer.Option(32, "--examples", help="Task datasets: test examples decoded per threshold.")
+
+
+def _task_rows(s, examples, max_new_tokens, kv, batch_size, thresholds, out, overwrite):
+    from eexit.reporting import prepare_dir
+    from eexit.task_eval import TaskOptions, run_task_sweep
+
+    if out:
+        prepare_dir(out, overwrite)
+    return run_task_sweep(s, TaskOptions(examples, max_new_tokens, None, kv, batch_size), thresholds, out)
 
 
 @app.command()
@@ -87,11 +97,13 @@ def evaluate(
     kv: str = typer.Option("propagate", "--kv", help="KV of skipped layers when decoding: propagate, recompute or full."),
     prompts: int = typer.Option(8, help="--generate: number of prompts."),
     prompt_len: int = typer.Option(32, help="--generate: tokens per prompt."),
-    max_new_tokens: int = typer.Option(32, help="--generate: tokens generated per prompt."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="--generate: tokens per prompt (32); task datasets: longest answer (the training max_target_len)."),
+    examples: int = _EXAMPLES,
 ):
-    """Perplexity, compute % and exit shares of one policy at one threshold (or, with --generate, decoding speed and agreement)."""
+    """Perplexity, compute % and exit shares of one policy at one threshold (or, with --generate, decoding speed and agreement).
+    On a task dataset (bible-en-fr, aclsum, wiki-cloze-qa, wmt15, cnn_dailymail, squad): the task metric of early-exit decoding."""
     _quiet()
-    from eexit.lm_eval import print_rows, run_evaluate
+    from eexit.lm_eval import is_task, print_rows, run_evaluate
 
     s = _setup(model, policy, threshold, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
     if calibrated:
@@ -103,11 +115,15 @@ def evaluate(
         s.policy, s.threshold, s.min_exit_layer, s.policy_params = c["policy"], c["threshold"], c["min_exit_layer"], c["policy_params"]
         s.exit_layers = s.exit_layers or ",".join(str(l) for l in c.get("exit_layers", [])) or None
         policy, threshold = s.policy, s.threshold
+    if is_task(s) and not generate:
+        rows = _task_rows(s, examples, max_new_tokens, kv, batch_size, [s.threshold], out, overwrite)
+        print_rows(rows, title=f"{s.dataset}: full depth vs {policy} @ {threshold}, kv {kv}")
+        return
     if generate:
         from eexit.gen_eval import GenSetup
         from eexit.lm_eval import run_generation
 
-        rows, total = run_generation(s, GenSetup(prompts, prompt_len, max_new_tokens, batch_size, kv), out, overwrite)
+        rows, total = run_generation(s, GenSetup(prompts, prompt_len, max_new_tokens or 32, batch_size, kv), out, overwrite)
         print_rows(rows, title=f"{policy} @ {threshold}, kv {kv}: per sample")
         print_rows([total], title="total")
         return
@@ -122,15 +138,23 @@ def sweep_threshold(
     seq_len: Optional[int] = _SEQ, max_tokens: Optional[int] = _MAXTOK, batch_size: int = _BS, exit_layers: Optional[str] = _EXITS,
     out: Optional[str] = typer.Option(None, help="Results folder (default results/sweep-<model>-<policy>)."),
     overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
+    kv: str = typer.Option("propagate", "--kv", help="Task datasets: KV of skipped layers when decoding (propagate, recompute, full)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Task datasets: longest answer (default: the training max_target_len)."),
+    examples: int = _EXAMPLES,
 ):
-    """One row per threshold: PPL, compute %, exit shares; Markdown/CSV/JSON + PNG in results/."""
+    """One row per threshold: PPL (or, on a task dataset, the task metric of early-exit decoding), compute %, exit shares;
+    Markdown/CSV/JSON + PNG in results/."""
     _quiet()
-    from eexit.lm_eval import print_rows, run_sweep
+    from eexit.lm_eval import is_task, print_rows, run_sweep
     from eexit.thresholds import parse_thresholds
 
     values = parse_thresholds(thresholds)
     out = out or f"results/sweep-{Path(model).name}-{policy}"
     s = _setup(model, policy, values[0], min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
+    if is_task(s):
+        rows = _task_rows(s, examples, max_new_tokens, kv, batch_size, values, out, overwrite)
+        print_rows(rows, title=f"{policy} sweep on {s.dataset} -> {out}")
+        return
     rows = run_sweep(s, values, out, overwrite)
     print_rows(rows, title=f"{policy} sweep -> {out}")
 

@@ -18,9 +18,10 @@ from eexit.registry import unknown_name_error
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt2"  # architecture built from scratch: gpt2 | llama
+    arch: str = "gpt2"  # architecture built from scratch: gpt2 | llama | t5 (encoder-decoder; exits on decoder blocks)
     pretrained: str | None = None  # hub name, local HF folder or .gguf file (then the size fields are ignored)
-    n_layers: int = 4  # transformer blocks
+    n_layers: int = 4  # transformer blocks (t5: decoder blocks, the ones with exits)
+    n_encoder_layers: int = 0  # t5: encoder blocks (0 = n_layers)
     d_model: int = 128  # hidden size
     n_heads: int = 4  # attention heads
     d_ff: int = 512  # MLP inner size
@@ -34,9 +35,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "wiki-gensim"  # corpus name (see `eexit.data`), a hub dataset, or a .txt/.jsonl file
+    dataset: str = "wiki-gensim"  # LM corpus (see `eexit.data`), a hub dataset, a .txt/.jsonl file, or a task dataset (see `eexit.task_data`)
     seq_len: int = 128  # tokens per training / evaluation window
     text_field: str = "text"  # field holding the text in .jsonl files and hub datasets
+    max_source_len: int = 192  # task datasets: source tokens kept (encoder input / the text inside the prompt)
+    max_target_len: int = 64  # task datasets: target tokens kept (training) / new tokens generated (evaluation)
 
 
 @dataclass
@@ -167,8 +170,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: RunConfig) -> None:
     m, t, lo = cfg.model, cfg.train, cfg.loss
-    if m.arch not in ("gpt2", "llama"):
-        raise EexitError(f"model.arch must be one of gpt2, llama; got {m.arch!r}")
+    if m.arch not in ("gpt2", "llama", "t5"):
+        raise EexitError(f"model.arch must be one of gpt2, llama, t5; got {m.arch!r}")
+    if m.n_encoder_layers < 0:
+        raise EexitError(f"model.n_encoder_layers must be >= 0 (0 = n_layers); got {m.n_encoder_layers}")
+    if cfg.data.max_source_len < 1 or cfg.data.max_target_len < 1:
+        raise EexitError("data.max_source_len and data.max_target_len must be positive")
     if m.exit_heads not in ("shared", "separate"):
         raise EexitError(f"model.exit_heads must be shared or separate; got {m.exit_heads!r}")
     for name in ("n_layers", "d_model", "n_heads", "d_ff", "max_len", "vocab_size"):

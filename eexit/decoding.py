@@ -87,7 +87,7 @@ class EarlyExitDecoder:
             c["v"][l][:, :, s0] = v_new[:, :, 0]
             c["valid"][l][:, s0] = True
             valid = c["valid"][l][:, : s0 + 1]
-            mask = None if bool(valid.all()) else valid[:, None, None, :]
+            mask = self._with_bias(None if bool(valid.all()) else valid[:, None, None, :], slots, s0 + 1)
             return F.scaled_dot_product_attention(q, c["k"][l][:, :, : s0 + 1], c["v"][l][:, :, : s0 + 1], attn_mask=mask,
                                                   scale=self.blocks.scaling, enable_gqa=gqa)
         if qvalid is None:
@@ -104,17 +104,28 @@ class EarlyExitDecoder:
         ar = torch.arange(S, device=q.device)
         mask = c["valid"][l][rows, None, None, :S] & (ar[None, None, None, :] <= slots[:, None, :, None])
         mask = mask | (ar[None, None, None, :] == slots[:, None, :, None])  # a query always sees itself
+        mask = self._with_bias(mask, slots, S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.blocks.scaling, enable_gqa=gqa)
+
+    def _with_bias(self, mask, slots, S):
+        """Fold the block's additive position bias (T5) into the attention mask."""
+        if self.bias_cache is None:
+            return mask
+        bias = self.bias_cache[slots][:, :, :S].permute(0, 3, 1, 2)  # [B, H, t, S]
+        return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
 
     def _layer(self, l, h, rows, slots, positions, qvalid=None):
         q, k, v = self.blocks.qkv(l, h, positions)
-        return self.blocks.finish(l, h, self._attend(l, q, k, v, rows, slots, qvalid))
+        return self.blocks.finish(l, h, self._attend(l, q, k, v, rows, slots, qvalid), rows)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  eos_token_id: int | None = None, pad_token_id: int | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> GenerationResult:
+                 temperature: float = 1.0, top_k: int = 0, seed: int = 0, source_ids: torch.Tensor | None = None,
+                 source_mask: torch.Tensor | None = None) -> GenerationResult:
+        """Encoder-decoder models: `source_ids` / `source_mask` are the encoder input and
+        `input_ids` the decoder's start ([B, 1] decoder start token)."""
         model, blocks, L = self.model, self.blocks, self.L
         if max_new_tokens < 1 or input_ids.shape[1] < 1:
             raise EexitError("generation needs a non-empty prompt and max_new_tokens >= 1")
@@ -138,6 +149,10 @@ class EarlyExitDecoder:
         gen = torch.Generator(device=dev).manual_seed(seed) if do_sample else None
         self.max_steps = max_new_tokens
         t0 = time.perf_counter()
+        blocks.begin(None if source_ids is None else source_ids.to(dev), None if source_mask is None else source_mask.to(dev))
+        # relative position bias (T5) of every (query slot, key slot) pair, looked up per layer
+        bias = blocks.attn_bias(torch.arange(Tmax, device=dev)[None], torch.arange(Tmax, device=dev))
+        self.bias_cache = None if bias is None else bias[0].permute(1, 2, 0).to(dtype)  # [Tmax, Tmax, H]
 
         # prefill: the whole prompt through every layer; pad slots are never valid keys
         all_rows = torch.arange(B, device=dev)

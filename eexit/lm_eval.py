@@ -51,8 +51,8 @@ def bind_policy(policy: ExitPolicy, model, model_spec: str) -> None:
         policy.bind(model, folder)
 
 
-def setup(s: EvalSetup, bind: bool = True, model=None):
-    """Policy, model, evaluation windows and the resolved settings, validated before any output is written."""
+def setup_model(s: EvalSetup, bind: bool = True, model=None):
+    """(model, tokenizer, meta, policy); fills in s.dataset from the checkpoint's training data when not given."""
     import eexit.learned  # noqa: F401  (registers the learned policies)
 
     policy = make_policy(s.policy, s.threshold, s.min_exit_layer, **(s.policy_params or {}))
@@ -63,8 +63,30 @@ def setup(s: EvalSetup, bind: bool = True, model=None):
     model.tokenizer, model.meta = tokenizer, meta
     if bind:
         bind_policy(policy, model, s.model_spec)
+    s.dataset = s.dataset or meta.get("train_config", {}).get("data", {}).get("dataset", "wiki-gensim")
+    return model, tokenizer, meta, policy
+
+
+def is_task(s: EvalSetup) -> bool:
+    """Does this evaluation run on a task dataset (generation + task metric) rather than LM text?"""
+    from eexit.task_eval import is_task_dataset
+
+    if s.dataset is None and Path(s.model_spec, "eexit.json").is_file():
+        import json
+
+        s.dataset = json.loads(Path(s.model_spec, "eexit.json").read_text()).get("train_config", {}).get("data", {}).get("dataset")
+    return s.dataset is not None and is_task_dataset(s.dataset)
+
+
+def setup(s: EvalSetup, bind: bool = True, model=None):
+    """Policy, model, evaluation windows and the resolved settings, validated before any output is written."""
+    model, tokenizer, meta, policy = setup_model(s, bind, model)
+    if is_task(s):
+        raise EexitError(f"{s.dataset!r} is a task dataset: this command reads LM text (use evaluate / sweep-threshold for tasks)")
+    if model.is_seq2seq:
+        raise EexitError("an encoder-decoder model is evaluated on a task dataset (--dataset bible-en-fr, aclsum, wiki-cloze-qa, ...)")
     train_cfg = meta.get("train_config", {})
-    dataset = s.dataset or train_cfg.get("data", {}).get("dataset", "wiki-gensim")
+    dataset = s.dataset
     seq_len = s.seq_len if s.seq_len is not None else train_cfg.get("data", {}).get("seq_len", 128)
     check_lengths(model, seq_len, s.batch_size, s.max_tokens)
     corpus = data_mod.load_corpus(dataset, train_cfg.get("data", {}).get("text_field", "text"))

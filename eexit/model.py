@@ -4,6 +4,8 @@ The exit prediction at layer i is the model's own final norm + LM head applied t
 state that block i outputs (optionally a separate norm + head per exit). Works with any
 decoder-only `transformers` model whose blocks, final norm and LM head can be located (GPT-2,
 Llama, Mistral, Qwen, SmolLM2 GGUF, ...), built from a small config or loaded pretrained.
+Encoder-decoder models (T5): the exits are on the decoder blocks, through the decoder's final
+norm (and T5's d_model^-0.5 output scaling) + LM head; the encoder always runs in full.
 """
 from __future__ import annotations
 
@@ -27,9 +29,29 @@ class Parts:
     layers: nn.ModuleList  # transformer blocks in order
     final_norm: nn.Module  # norm applied before the LM head
     lm_head: nn.Module  # hidden -> vocabulary logits
+    encoder: nn.Module | None = None  # encoder-decoder models: the encoder stack
+
+
+class ScaledNorm(nn.Module):
+    """T5's final norm followed by the d_model^-0.5 scaling its LM head expects (tied embeddings)."""
+
+    def __init__(self, norm: nn.Module, scale: float):
+        super().__init__()
+        self.norm, self.scale = norm, scale
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h) * self.scale
 
 
 def locate_parts(lm: nn.Module) -> Parts:
+    if getattr(lm.config, "is_encoder_decoder", False):
+        dec, head = lm.get_decoder(), lm.get_output_embeddings()
+        layers, norm = getattr(dec, "block", None), getattr(dec, "final_layer_norm", None)
+        if layers is None or norm is None or head is None:
+            raise EexitError(f"cannot find decoder blocks / final norm / LM head in {type(lm).__name__}; supported encoder-decoder: T5")
+        if getattr(lm.config, "scale_decoder_outputs", False):
+            norm = ScaledNorm(norm, lm.config.d_model ** -0.5)
+        return Parts(dec, layers, norm, head, lm.get_encoder())
     base = lm.base_model
     layers = next((getattr(base, n) for n in ("layers", "h", "blocks") if isinstance(getattr(base, n, None), nn.ModuleList)), None)
     norm = next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm", "norm_f") if getattr(base, n, None) is not None), None)
@@ -82,6 +104,10 @@ class EarlyExitModel(nn.Module):
         self.halting_gate = nn.Linear(d, 1) if halting_gate else None
 
     @property
+    def is_seq2seq(self) -> bool:
+        return self.parts.encoder is not None
+
+    @property
     def hidden_size(self) -> int:
         return self.parts.lm_head.weight.shape[1]
 
@@ -93,9 +119,15 @@ class EarlyExitModel(nn.Module):
     def device(self) -> torch.device:
         return self.parts.lm_head.weight.device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, with_inputs: bool = False) -> list[torch.Tensor]:
+    def encode(self, source_ids: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder output of an encoder-decoder model."""
+        return self.parts.encoder(input_ids=source_ids, attention_mask=source_mask).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, with_inputs: bool = False,
+                source_ids: torch.Tensor | None = None, source_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Run the whole stack once; return every block's output hidden state (before the final norm),
-        preceded by the input of block 1 (embeddings, positions included) when `with_inputs`."""
+        preceded by the input of block 1 (embeddings, positions included) when `with_inputs`.
+        Encoder-decoder models: `input_ids` are the decoder inputs and `source_ids` the encoder's."""
         states: list[torch.Tensor] = []
 
         def grab(_mod, _inp, out):
@@ -107,8 +139,13 @@ class EarlyExitModel(nn.Module):
         hooks = [layer.register_forward_hook(grab) for layer in self.parts.layers]
         if with_inputs:
             hooks.append(self.parts.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True))
+        extra = {}
+        if self.is_seq2seq:
+            if source_ids is None:
+                raise EexitError("an encoder-decoder model needs source_ids (the encoder input)")
+            extra = {"encoder_hidden_states": self.encode(source_ids, source_mask), "encoder_attention_mask": source_mask}
         try:
-            self.parts.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            self.parts.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         finally:
             for h in hooks:
                 h.remove()
@@ -150,8 +187,15 @@ class EarlyExitModel(nn.Module):
 
 def build_lm(cfg, vocab_size: int, bos_id: int, eos_id: int) -> nn.Module:
     """A small causal LM from config (trained from scratch)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
+    if cfg.arch == "t5":  # encoder-decoder; the decoder starts from the EOS token (our BPE's only special token)
+        config = T5Config(
+            vocab_size=vocab_size, d_model=cfg.d_model, d_kv=cfg.d_model // cfg.n_heads, d_ff=cfg.d_ff, num_layers=cfg.n_encoder_layers or cfg.n_layers,
+            num_decoder_layers=cfg.n_layers, num_heads=cfg.n_heads, dropout_rate=cfg.dropout, feed_forward_proj="relu",
+            pad_token_id=eos_id, eos_token_id=eos_id, decoder_start_token_id=eos_id, bos_token_id=bos_id,
+        )
+        return T5ForConditionalGeneration(config)
     if cfg.arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
@@ -169,7 +213,7 @@ def build_lm(cfg, vocab_size: int, bos_id: int, eos_id: int) -> nn.Module:
 
 def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
     """Load (EarlyExitModel, tokenizer, meta) from an eexit checkpoint, an HF folder or hub name, or a .gguf file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = Path(spec)
     meta: dict = {}
@@ -189,7 +233,8 @@ def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
     else:
         src = spec  # a hub name
     try:
-        lm = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        seq2seq = getattr(AutoConfig.from_pretrained(src, **kwargs), "is_encoder_decoder", False)
+        lm = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(src, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

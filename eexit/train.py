@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from eexit import data as data_mod
+from eexit import pairs as pairs_mod
 from eexit.config import RunConfig, to_dict
 from eexit.errors import EexitError, TrainingDiverged
 from eexit.losses import LOSSES, LossBatch
@@ -36,7 +37,10 @@ class TrainingModule(nn.Module):
         self.loss_fn = LOSSES.get(loss_cfg.name)
 
     def forward(self, inputs, targets):
-        states = self.model(inputs)
+        if isinstance(inputs, dict):  # task pairs: padded, prompt positions ignored
+            states, targets = pairs_mod.keep_labelled(self.model(**inputs), targets)
+        else:
+            states = self.model(inputs)
         return self.loss_fn(LossBatch(self.model, states, targets, self.loss_cfg))
 
 
@@ -94,7 +98,14 @@ def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
         raise EexitError(f"output folder {out} already exists; pass --resume to continue it or --overwrite to start again")
 
 
-def prepare_data(cfg: RunConfig, tokenizer=None):
+def prepare_data(cfg: RunConfig, tokenizer=None, seq2seq: bool = False):
+    """(tokenizer, train, validation): token streams of an LM corpus, or `EncodedPairs` of a task dataset."""
+    from eexit.task_data import TASK_DATA, load_task_data
+
+    if cfg.data.dataset in TASK_DATA:
+        return prepare_task_data(cfg, tokenizer, seq2seq, *load_task_data(cfg.data.dataset))
+    if seq2seq:
+        raise EexitError(f"an encoder-decoder model trains on a task dataset (one of {', '.join(TASK_DATA.names())}); got {cfg.data.dataset!r}")
     corpus = data_mod.load_corpus(cfg.data.dataset, cfg.data.text_field)
     train_docs = data_mod.corpus_split(corpus, "train", cfg.data.dataset)
     val_docs = data_mod.corpus_split(corpus, "validation", cfg.data.dataset)
@@ -102,6 +113,25 @@ def prepare_data(cfg: RunConfig, tokenizer=None):
         tokenizer = data_mod.train_tokenizer(train_docs, cfg.model.vocab_size)
     train = data_mod.encode_documents(tokenizer, train_docs, f"{cfg.data.dataset}:train")
     val = data_mod.encode_documents(tokenizer, val_docs, f"{cfg.data.dataset}:validation")
+    return tokenizer, train, val
+
+
+def prepare_task_data(cfg: RunConfig, tokenizer, seq2seq: bool, task_name: str, splits: dict):
+    from eexit.tasks import get_task
+
+    task, d = get_task(task_name), cfg.data
+    train_ex, val_ex = splits.get("train") or [], splits.get("validation") or []
+    if not train_ex or not val_ex:
+        raise EexitError(f"task dataset {d.dataset!r} needs train and validation examples")
+    if tokenizer is None:  # BPE on both sides of the training pairs
+        texts = [task.source_text(e) for e in train_ex] + [e.target for e in train_ex]
+        tokenizer = data_mod.train_tokenizer(texts, cfg.model.vocab_size)
+    encode = lambda exs: pairs_mod.encode_pairs(tokenizer, task, exs, seq2seq, d.max_source_len, d.max_target_len)
+    train, val = encode(train_ex), encode(val_ex)
+    longest = max(len(s) + len(t) for s, t in zip(train.sources, train.targets))
+    if not seq2seq and cfg.model.arch == "gpt2" and not cfg.model.pretrained and longest > cfg.model.max_len:
+        raise EexitError(f"prompt + target reach {longest} tokens but model.max_len is {cfg.model.max_len}; "
+                         "raise model.max_len or lower data.max_source_len / data.max_target_len")
     return tokenizer, train, val
 
 
@@ -118,17 +148,28 @@ def build_model(cfg: RunConfig, tokenizer, pretrained: EarlyExitModel | None = N
 @torch.no_grad()
 def validation_losses(model: EarlyExitModel, val: torch.Tensor, cfg: RunConfig) -> dict[str, float]:
     model.eval()
-    x, y = data_mod.eval_windows(val, cfg.data.seq_len, max_tokens=cfg.train.eval_batches * cfg.train.batch_size * cfg.data.seq_len)
     sums = {l: 0.0 for l in model.exit_layers}
-    for i in range(0, len(x), cfg.train.batch_size):
-        xb, yb = x[i : i + cfg.train.batch_size].to(model.device), y[i : i + cfg.train.batch_size].to(model.device)
-        states = model(xb)
+    n = 0
+    for states, yb in _validation_batches(model, val, cfg):
+        n += yb.numel()
         for l in model.exit_layers:
             logits = model.exit_logits(states[l - 1], l).float()
             sums[l] += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="sum").item()
     model.train()
-    n = y.numel()
     return {f"val_ce@{l}": s / n for l, s in sums.items()} | {f"val_ppl@{l}": math.exp(s / n) for l, s in sums.items()}
+
+
+def _validation_batches(model, val, cfg: RunConfig):
+    """(states, labels) of the validation batches; task pairs keep their labelled positions only."""
+    bs, dev = cfg.train.batch_size, model.device
+    if isinstance(val, pairs_mod.EncodedPairs):
+        for i in range(0, min(len(val), cfg.train.eval_batches * bs), bs):
+            inputs, y = pairs_mod.collate(val, list(range(i, min(i + bs, len(val)))))
+            yield pairs_mod.keep_labelled(model(**{k: v.to(dev) for k, v in inputs.items()}), y.to(dev))
+        return
+    x, y = data_mod.eval_windows(val, cfg.data.seq_len, max_tokens=cfg.train.eval_batches * bs * cfg.data.seq_len)
+    for i in range(0, len(x), bs):
+        yield model(x[i : i + bs].to(dev)), y[i : i + bs].to(dev)
 
 
 def save_checkpoint(acc, module: TrainingModule, optimizer, step: int, tokenizer, cfg: RunConfig) -> None:
@@ -168,7 +209,8 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         raise EexitError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes ({world})")
     torch.manual_seed(cfg.seed)
     pretrained, pretrained_tok = load_model(cfg.model.pretrained)[:2] if cfg.model.pretrained else (None, None)
-    tokenizer, train_tokens, val_tokens = prepare_data(cfg, pretrained_tok)
+    seq2seq = pretrained.is_seq2seq if pretrained is not None else cfg.model.arch == "t5"
+    tokenizer, train_tokens, val_tokens = prepare_data(cfg, pretrained_tok, seq2seq)
     model = build_model(cfg, tokenizer, pretrained)
     out = cfg.output_dir
     if overwrite and not resume and acc.is_main_process and out.exists():
@@ -203,15 +245,21 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     log_path = out / "train_log.jsonl"
     history: list[dict] = []
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    seen = 0.0  # target tokens trained on in this run
     progress = _progress(show_progress and acc.is_main_process)
     task = progress.add_task("train", total=cfg.train.steps, completed=start, info="") if progress else None
     t0, last_logs = time.perf_counter(), {}
     with progress if progress else _null():
         for step in range(start, end):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            x, y = data_mod.random_windows(train_tokens, cfg.data.seq_len, cfg.train.batch_size, g)
-            x, y = x[rank * per_rank : (rank + 1) * per_rank].to(acc.device), y[rank * per_rank : (rank + 1) * per_rank].to(acc.device)
+            x, y = next_batch(train_tokens, cfg, g)
+            share = slice(rank * per_rank, (rank + 1) * per_rank)
+            if isinstance(x, dict):
+                x = {k: v[share].to(acc.device) for k, v in x.items()}
+            else:
+                x = x[share].to(acc.device)
+            y = y[share].to(acc.device)
+            seen += acc.reduce(torch.tensor(float((y != pairs_mod.IGNORE).sum()), device=acc.device), "sum").item()
             loss, logs = wrapped(x, y)
             bad = acc.reduce(torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0, device=acc.device), "sum").item()
             if bad:
@@ -226,7 +274,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             mean_loss = acc.reduce(loss.detach(), "mean").item()
-            tps = (done - start) * tokens_per_step / (time.perf_counter() - t0)
+            tps = seen / (time.perf_counter() - t0)
             last_logs = {"step": done, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps, **logs}
             if progress:
                 progress.update(task, completed=done, info=f"loss {mean_loss:.3f}  {tps:,.0f} tok/s")
@@ -256,6 +304,13 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def next_batch(train, cfg: RunConfig, g: torch.Generator):
+    """The global batch of a step: random windows of an LM stream, or random task examples."""
+    if isinstance(train, pairs_mod.EncodedPairs):
+        return pairs_mod.random_batch(train, cfg.train.batch_size, g)
+    return data_mod.random_windows(train, cfg.data.seq_len, cfg.train.batch_size, g)
 
 
 def _progress(enabled: bool):
