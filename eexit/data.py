@@ -133,7 +133,9 @@ def load_corpus(name: str, text_field: str = "text") -> dict[str, list[str]]:
         if path.suffix not in (".txt", ".jsonl"):
             raise EexitError(f"dataset file must be .txt or .jsonl: {path}")
         return file_corpus(path, text_field)
-    raise unknown_name_error("dataset", name, CORPORA.names() + ["hf:<hub name>[:<config>]", "<file>.txt", "<file>.jsonl"])
+    from eexit.task_data import TASK_DATA
+
+    raise unknown_name_error("dataset", name, CORPORA.names() + TASK_DATA.names() + ["hf:<hub name>[:<config>]", "<file>.txt", "<file>.jsonl"])
 
 
 def corpus_split(corpus: dict[str, list[str]], split: str, name: str) -> list[str]:
