@@ -55,13 +55,13 @@ def token_risks(table: ExitTable, policy, thresholds: list[float], risk: str) ->
 @torch.no_grad()
 def layer_features(model, x: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Normed hidden state of every layer [N, L, d] and top-1 per layer [L, N]."""
+    from eexit.evaluate import forward_batches
+
     feats, tops = [], []
     norm = model.parts.final_norm
-    for i in range(0, len(x), batch_size):
-        states = model(x[i : i + batch_size].to(model.device))
-        n = states[0].shape[0] * states[0].shape[1]
-        feats.append(torch.stack([norm(s).reshape(n, -1) for s in states], 1).float().cpu())
-        tops.append(torch.stack([model.exit_logits(s, l + 1).reshape(n, -1).argmax(-1) for l, s in enumerate(states)]).cpu())
+    for states, _, _ in forward_batches(model, x, None, batch_size, with_inputs=False):
+        feats.append(torch.stack([norm(s) for s in states], 1).float().cpu())
+        tops.append(torch.stack([model.exit_logits(s, l + 1).argmax(-1) for l, s in enumerate(states)]).cpu())
     return torch.cat(feats), torch.cat(tops, 1)
 
 
@@ -99,7 +99,7 @@ def calibrate(s: EvalSetup, opts: CalibrateOptions, calibration_windows: slice =
     check_options(opts, s.policy)
     grid = sorted(opts.grid or [round(1 - i / 100, 2) for i in range(101)], reverse=True)
     model, policy, x, y, resolved = setup(s)
-    cal = collect_exit_table(model, x[calibration_windows], y[calibration_windows], policy, s.batch_size)
+    cal = collect_exit_table(model, x[calibration_windows], None if y is None else y[calibration_windows], policy, s.batch_size)
     result = fixed_sequence_test(grid, token_risks(cal, policy, grid, opts.risk).numpy(), opts.epsilon, opts.delta, RISKS[opts.risk])
     test_setup = EvalSetup(**{**s.__dict__, "split": opts.test_split})
     _, _, xt, yt, _ = setup(test_setup, model=model)

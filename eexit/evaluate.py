@@ -44,25 +44,47 @@ def layer_macs(model, context: float) -> float:
     return params + 2.0 * context * model.hidden_size
 
 
+def forward_batches(model, inputs, targets: torch.Tensor | None, batch_size: int, with_inputs: bool = True):
+    """Teacher-forced passes: yield (states [each n x d], targets [n], positions [n]) per batch.
+    `inputs`: LM windows [N, T] with `targets`, or `EncodedPairs` of a task (labelled positions only)."""
+    from eexit.pairs import EncodedPairs, collate, keep_labelled
+
+    dev, d = model.device, model.hidden_size
+    for start in range(0, len(inputs), batch_size):
+        if isinstance(inputs, EncodedPairs):
+            batch, y = collate(inputs, list(range(start, min(start + batch_size, len(inputs)))))
+            states = model(**{k: v.to(dev) for k, v in batch.items()}, with_inputs=with_inputs)
+            pos = torch.arange(y.shape[1]).repeat(y.shape[0])[y.reshape(-1) != -100]
+            states, y = keep_labelled(states, y)
+        else:
+            x = inputs[start : start + batch_size].to(dev)
+            y = targets[start : start + batch_size] if targets is not None else x
+            states = model(x, with_inputs=with_inputs)
+            pos = torch.arange(x.shape[1]).repeat(x.shape[0])
+        y = y.to(dev).reshape(-1)
+        yield [s.reshape(-1, d) for s in states], y, pos.to(dev)
+
+
+def window_length(inputs) -> int:
+    from eexit.pairs import EncodedPairs
+
+    return inputs.longest_target if isinstance(inputs, EncodedPairs) else inputs.shape[1]
+
+
 @torch.no_grad()
-def collect_exit_table(model, inputs: torch.Tensor, targets: torch.Tensor, policy: ExitPolicy,
+def collect_exit_table(model, inputs, targets: torch.Tensor | None, policy: ExitPolicy,
                        batch_size: int = 8) -> ExitTable:
     model.eval()
-    dev = model.device
     exits = model.exit_layers
-    nll, top1, score = [[] for _ in exits], [[] for _ in exits], [[] for _ in exits]
-    for start in range(0, len(inputs), batch_size):
-        x = inputs[start : start + batch_size].to(dev)
-        y = targets[start : start + batch_size].to(dev).reshape(-1)
-        states = model(x, with_inputs=True)  # [input of block 1, output of block 1, ...]
-        n, d = y.numel(), model.hidden_size
-        flat = [s.reshape(n, d) for s in states]
-        positions = torch.arange(x.shape[1], device=dev).repeat(x.shape[0])
+    T = window_length(inputs)
+    nll, top1, score, all_pos = [[] for _ in exits], [[] for _ in exits], [[] for _ in exits], []
+    for flat, y, positions in forward_batches(model, inputs, targets, batch_size):  # flat: [input of block 1, output of block 1, ...]
+        all_pos.append(positions.cpu())
         state: dict = {}
         for k, layer in enumerate(exits):
             h = flat[layer]
             view = ExitView(layer, model.num_layers, flat[: layer + 1], lambda h=h, layer=layer: model.exit_logits(h, layer),
-                            model, state, positions, x.shape[1])
+                            model, state, positions, T)
             logits = view.logits
             nll[k].append((torch.logsumexp(logits, -1) - logits.gather(1, y[:, None]).squeeze(1)).cpu())
             top1[k].append(logits.argmax(-1).cpu())
@@ -70,11 +92,9 @@ def collect_exit_table(model, inputs: torch.Tensor, targets: torch.Tensor, polic
                 score[k].append(policy.score(view).float().cpu())
     top1_t = torch.stack([torch.cat(t) for t in top1])
     score_t = policy.scores_from_top1(top1_t) if policy.needs_future else torch.stack([torch.cat(s) for s in score])
-    ctx = (inputs.shape[1] + 1) / 2.0
-    cost = policy.decision_macs(model.hidden_size, model.vocab_size) / layer_macs(model, ctx)
-    positions = torch.arange(inputs.shape[1]).repeat(inputs.shape[0])
+    cost = policy.decision_macs(model.hidden_size, model.vocab_size) / layer_macs(model, (T + 1) / 2.0)
     return ExitTable(exits, model.num_layers, torch.stack([torch.cat(v) for v in nll]), top1_t, score_t, cost,
-                     policy.needs_logits, positions, inputs.shape[1])
+                     policy.needs_logits, torch.cat(all_pos), T)
 
 
 def exit_indices(table: ExitTable, policy: ExitPolicy, threshold: float | None = None) -> torch.Tensor:

@@ -82,7 +82,7 @@ def setup(s: EvalSetup, bind: bool = True, model=None):
     """Policy, model, evaluation windows and the resolved settings, validated before any output is written."""
     model, tokenizer, meta, policy = setup_model(s, bind, model)
     if is_task(s):
-        raise EexitError(f"{s.dataset!r} is a task dataset: this command reads LM text (use evaluate / sweep-threshold for tasks)")
+        return (model, policy, *task_pairs(s, model, tokenizer, meta))
     if model.is_seq2seq:
         raise EexitError("an encoder-decoder model is evaluated on a task dataset (--dataset bible-en-fr, aclsum, wiki-cloze-qa, ...)")
     train_cfg = meta.get("train_config", {})
@@ -97,6 +97,29 @@ def setup(s: EvalSetup, bind: bool = True, model=None):
                 "policy_params": s.policy_params or {}, "dataset": dataset, "split": s.split, "seq_len": seq_len,
                 "max_tokens": s.max_tokens, "exit_layers": model.exit_layers, "num_layers": model.num_layers}
     return model, policy, x, y, resolved
+
+
+def task_pairs(s: EvalSetup, model, tokenizer, meta):
+    """Teacher-forced task data: the split's examples as `EncodedPairs` (targets = reference answers)."""
+    from eexit.pairs import encode_pairs
+    from eexit.task_data import task_split
+    from eexit.tasks import get_task
+
+    d = meta.get("train_config", {}).get("data", {})
+    src_len, tgt_len = d.get("max_source_len", 192), d.get("max_target_len", 64)
+    task_name, examples = task_split(s.dataset, s.split)
+    pairs = encode_pairs(tokenizer, get_task(task_name), examples, model.is_seq2seq, src_len, tgt_len,
+                         model.lm.config.decoder_start_token_id if model.is_seq2seq else None)
+    if s.max_tokens:  # whole examples until the bound
+        total, n = 0, 0
+        while n < len(pairs) and total < s.max_tokens:
+            total, n = total + len(pairs.targets[n]), n + 1
+        pairs = pairs[:n]
+    resolved = {"model": s.model_spec, "policy": s.policy, "threshold": s.threshold, "min_exit_layer": s.min_exit_layer,
+                "policy_params": s.policy_params or {}, "dataset": s.dataset, "task": task_name, "split": s.split,
+                "max_source_len": src_len, "max_target_len": tgt_len, "max_tokens": s.max_tokens,
+                "exit_layers": model.exit_layers, "num_layers": model.num_layers}
+    return pairs, None, resolved
 
 
 def collect(model, policy: ExitPolicy, x, y, batch_size: int) -> tuple[ExitTable, float]:

@@ -28,6 +28,13 @@ class EncodedPairs:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def __getitem__(self, part: slice) -> "EncodedPairs":
+        return EncodedPairs(self.seq2seq, self.sources[part], self.targets[part], self.pad_id, self.start_id)
+
+    @property
+    def longest_target(self) -> int:
+        return max(map(len, self.targets))
+
 
 def shorten(tokenizer, text: str, max_tokens: int) -> str:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

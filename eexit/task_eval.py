@@ -98,6 +98,7 @@ def summarize(task, examples, d: Decoded, full: Decoded | None, L: int, exit_lay
     row["compute_pct"] = 100 * sum(layers) / (n * L)
     row["cost_pct"] = 100 * (sum(costs) + L * len(d.exit_layers)) / (n * L)  # the full-depth first tokens included
     row["tokens_per_s"] = n / d.seconds
+    row["mean_exit_layer"] = sum(layers) / n
     for l in exit_layers:
         row[f"exit@{l}_pct"] = 100 * sum(1 for x in layers if x == l) / n
     row["tokens"] = n
@@ -139,8 +140,8 @@ def run_task_sweep(s, o: TaskOptions, thresholds: list[float], out: str | None, 
                     "dataset": s.dataset, "task": task_name, "split": s.split, "thresholds": thresholds, **o.__dict__,
                     "exit_layers": model.exit_layers, "num_layers": L}
         metrics = list(task.higher_is_better)
-        cols = ["threshold"] + metrics + ["compute_pct", "cost_pct", "tokens_per_s", "speedup", "agreement_pct"] + \
-            [f"exit@{l}_pct" for l in model.exit_layers] + ["tokens"]
+        shares = [f"exit@{l}_pct" for l in model.exit_layers] if len(model.exit_layers) <= 8 else []  # all in the CSV / JSON
+        cols = ["threshold"] + metrics + ["compute_pct", "cost_pct", "mean_exit_layer", "tokens_per_s", "speedup", "agreement_pct"] + shares + ["tokens"]
         sig = task.score(full.texts, examples)
         notes = "".join(f"- {k}: `{v}`\n" for k, v in sig.items() if k.endswith("signature"))
         notes += (f"\nCompute% = layers run per generated token / {L}; Cost% adds exit decisions and KV filling (layer-equivalents). "

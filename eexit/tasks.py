@@ -150,7 +150,7 @@ class OpenBookQA(Task):
         return f"question: {ex.question} context: {ex.source}"
 
     def user_text(self, ex):
-        return f"{self.instruction}\n\nText: {ex.source}\n\nQuestion: {ex.question}"
+        return f"{self.instruction}\n\nText: {ex.source}\n\nQuestion: {ex.question}\n\nReply with the answer only."
 
     def score(self, predictions, examples):
         n = max(1, len(predictions))

@@ -81,3 +81,12 @@ def test_train_t5_on_translation_pairs_and_evaluate(tmp_path):
     model, tok, _ = load_model(str(out))
     assert model.is_seq2seq and model.exit_layers == [1, 2, 3]
     assert model.lm.config.decoder_start_token_id == tok.eos_token_id
+    # teacher-forced on the validation pairs: fit the 3-state MLP, calibrate its threshold with Learn-then-Test
+    cal = tmp_path / "cal"
+    code, _, err = run_cli("calibrate", "-m", str(out), "--fit", "mlp3", "--policy", "mlp3", "--max-tokens", "600",
+                           "--epsilon", "0.3", "--out", str(cal))
+    assert code == 0, err
+    summary = json.loads((cal / "calibration.json").read_text())["rows"][0]
+    assert summary["calibration_tokens"] > 100 and summary["test_tokens"] > 100
+    assert summary["threshold"] is None or summary["test_compute_pct"] <= 100.0
+    assert (out / "exit_classifiers").is_dir()
