@@ -121,7 +121,7 @@ class EarlyExitDecoder:
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None, do_sample: bool = False,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int = 0, source_ids: torch.Tensor | None = None,
                  source_mask: torch.Tensor | None = None) -> GenerationResult:
         """Encoder-decoder models: `source_ids` / `source_mask` are the encoder input and
@@ -133,7 +133,8 @@ class EarlyExitDecoder:
         ids = input_ids.to(dev)
         B, T0 = ids.shape
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(dev).bool()
-        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        stops = None if eos_token_id is None else torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
+        pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops is not None else 0)
         Tmax = T0 + max_new_tokens
         d = model.hidden_size
         dtype = model.parts.lm_head.weight.dtype
@@ -167,8 +168,8 @@ class EarlyExitDecoder:
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         tok = self._pick(logits, do_sample, temperature, top_k, gen)
         out_tokens[:, 0], exit_layer[:, 0] = tok, L
-        if eos_token_id is not None:
-            finished |= tok == eos_token_id
+        if stops is not None:
+            finished |= torch.isin(tok, stops)
         for step in range(1, max_new_tokens):
             slot = T0 + step - 1  # the slot of the token fed in this step
             pos[:, slot] = pos[:, slot - 1] + 1
@@ -178,8 +179,8 @@ class EarlyExitDecoder:
             logits_out, layer_out, n_dec = self._step(out_tokens[rows, step - 1], rows, slot, pos, frontier, depth, step)
             tok = self._pick(logits_out, do_sample, temperature, top_k, gen)
             out_tokens[rows, step], exit_layer[rows, step], decisions[rows, step] = tok, layer_out, n_dec
-            if eos_token_id is not None:
-                finished[rows] |= tok == eos_token_id
+            if stops is not None:
+                finished[rows] |= torch.isin(tok, stops)
         seconds = time.perf_counter() - t0
         return GenerationResult(torch.cat([ids, out_tokens], 1), out_tokens, exit_layer, decisions, seconds, L)
 

@@ -69,11 +69,12 @@ def _batches(model, tokenizer, task, examples, o: TaskOptions):
 
 def decode_all(model, tokenizer, task, examples, decoder: EarlyExitDecoder, o: TaskOptions) -> Decoded:
     eos = tokenizer.eos_token_id
-    stop = {eos} | {t for t in [tokenizer.convert_tokens_to_ids(s) for s in ("<|im_end|>", "<|endoftext|>")] if isinstance(t, int) and t >= 0}
+    vocab = tokenizer.get_vocab()
+    stop = {eos} | {vocab[s] for s in ("<|im_end|>", "<|endoftext|>") if s in vocab}  # chat models end a turn with <|im_end|>
     out = Decoded([], [], [], [], 0.0)
     for batch in _batches(model, tokenizer, task, examples, o):
         b = batch["input_ids"].shape[0]
-        res = decoder.generate(batch["input_ids"], batch.get("attention_mask"), o.max_new_tokens, eos_token_id=eos,
+        res = decoder.generate(batch["input_ids"], batch.get("attention_mask"), o.max_new_tokens, eos_token_id=sorted(stop),
                                pad_token_id=eos, source_ids=batch.get("source_ids"), source_mask=batch.get("source_mask"))
         out.seconds += res.seconds
         ctx = batch.get("attention_mask", batch["input_ids"]).shape[1] + o.max_new_tokens / 2
