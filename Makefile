@@ -57,7 +57,7 @@ monotonicity: install-smollm2
 	  --max-tokens 8192 --batch-size 4 --out results/monotonicity/smollm2-135m --overwrite
 
 # Seed 001's T5 setting: a small T5 trained with weighted-ce on EN->FR verses, then BLEU / compute /
-# tokens/s for CALM's and the monotonic confidence measures (~25 min training + ~20 min decoding here).
+# tokens/s for CALM's and the monotonic confidence measures (~40 min training + ~20 min decoding here).
 t5-translation: install
 	test -f checkpoints/t5-en-fr/model.safetensors || $(EEXIT) train --config experiments/t5_translation/t5_en_fr.yaml --overwrite
 	$(BIN)/python experiments/t5_translation/run.py --overwrite
