@@ -44,23 +44,40 @@ def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object
     cfg = meta.get("train_config", {}).get("data", {})
     dataset = s.dataset or cfg.get("dataset", "wiki-gensim")
     seq_len = s.seq_len if s.seq_len is not None else cfg.get("seq_len", 128)
-    from eexit.lm_eval import check_lengths
+    batches = list(_batches(model, tokenizer, cfg, dataset, seq_len, s))
+    records = []
+    bar = _progress(len(batches))
+    task = bar.add_task(Path(spec).name, total=len(batches)) if bar else None
+    dev = model.device
+    with bar if bar else _Null():
+        for x, y in batches:
+            x = {k: v.to(dev) for k, v in x.items()} if isinstance(x, dict) else x.to(dev)
+            records.append(mono.forward_records(model, x, y.to(dev), s.top_k, s.sublayers))
+            if bar:
+                bar.update(task, advance=1)
+    info = {"model": spec, "dataset": dataset, "split": s.split, "seq_len": seq_len, "tokens": sum(r.targets.numel() for r in records),
+            "num_layers": model.num_layers, "vocab_size": model.vocab_size}
+    return mono.concat(records), tokenizer, info
 
+
+def _batches(model, tokenizer, cfg: dict, dataset: str, seq_len: int, s: AnalyzeSetup):
+    """(inputs, targets) batches: LM windows, or teacher-forced task pairs (T5 analyses its decoder on reference targets)."""
+    from eexit.lm_eval import EvalSetup, check_lengths, is_task, task_pairs
+    from eexit.pairs import collate
+
+    e = EvalSetup(s.models[0], dataset=dataset, split=s.split, max_tokens=s.max_tokens)
+    if is_task(e):
+        pairs = task_pairs(e, model, tokenizer, {"train_config": {"data": cfg}})[0]
+        for i in range(0, len(pairs), s.batch_size):
+            yield collate(pairs, list(range(i, min(i + s.batch_size, len(pairs)))))
+        return
+    if model.is_seq2seq:
+        raise EexitError("an encoder-decoder model is analysed on a task dataset (--dataset bible-en-fr, aclsum, wiki-cloze-qa, ...)")
     check_lengths(model, seq_len, s.batch_size, s.max_tokens)
     docs = data_mod.corpus_split(data_mod.load_corpus(dataset, cfg.get("text_field", "text")), s.split, dataset)
     x, y = data_mod.eval_windows(data_mod.encode_documents(tokenizer, docs, f"{dataset}:{s.split}"), seq_len, s.max_tokens)
-    records = []
-    bar = _progress(len(x))
-    task = bar.add_task(Path(spec).name, total=len(x)) if bar else None
-    with bar if bar else _Null():
-        for i in range(0, len(x), s.batch_size):
-            records.append(mono.forward_records(model, x[i : i + s.batch_size].to(model.device), y[i : i + s.batch_size].to(model.device),
-                                                s.top_k, s.sublayers))
-            if bar:
-                bar.update(task, advance=len(x[i : i + s.batch_size]))
-    info = {"model": spec, "dataset": dataset, "split": s.split, "seq_len": seq_len, "tokens": y.numel(),
-            "num_layers": model.num_layers, "vocab_size": model.vocab_size}
-    return mono.concat(records), tokenizer, info
+    for i in range(0, len(x), s.batch_size):
+        yield x[i : i + s.batch_size], y[i : i + s.batch_size]
 
 
 def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:

@@ -42,7 +42,8 @@ def attention_child(block):
 
 
 @torch.no_grad()
-def forward_records(model, x: torch.Tensor, y: torch.Tensor, k: int, sublayers: bool = True) -> LayerRecords:
+def forward_records(model, x, y: torch.Tensor, k: int, sublayers: bool = True) -> LayerRecords:
+    """x: LM windows [B, T] (targets y), or a dict of model inputs of task pairs (y: labels, -100 = ignored)."""
     layers = model.parts.layers
     mids: list[torch.Tensor] = []
     hooks = []
@@ -60,10 +61,16 @@ def forward_records(model, x: torch.Tensor, y: torch.Tensor, k: int, sublayers: 
             hooks.append(b.register_forward_pre_hook(pre, with_kwargs=True))
             hooks.append(attention_child(b).register_forward_hook(attn_out))
     try:
-        states = model(x)
+        states = model(**x) if isinstance(x, dict) else model(x)
     finally:
         for h in hooks:
             h.remove()
+    if isinstance(x, dict):  # task pairs: keep the labelled positions
+        from eexit.pairs import keep_labelled
+
+        states, y2 = keep_labelled(states, y)
+        mids = keep_labelled(mids, y)[0] if len(mids) == len(states) else mids
+        y = y2
     n = y.numel()
     L = len(states)
     final = model.exit_logits(states[-1], L).reshape(n, -1).argmax(-1)

@@ -90,3 +90,9 @@ def test_train_t5_on_translation_pairs_and_evaluate(tmp_path):
     assert summary["calibration_tokens"] > 100 and summary["test_tokens"] > 100
     assert summary["threshold"] is None or summary["test_compute_pct"] <= 100.0
     assert (out / "exit_classifiers").is_dir()
+    # seed 001's monotonicity analysis on the T5 decoder, teacher-forced on reference translations
+    mono = tmp_path / "mono"
+    code, _, err = run_cli("analyze-monotonicity", "-m", str(out), "--max-tokens", "300", "--out", str(mono))
+    assert code == 0, err
+    rows = json.loads((mono / "per_layer.json").read_text())["rows"]
+    assert [r["layer"] for r in rows] == [1, 2, 3] and rows[-1]["top1_equals_final"] == 100.0
