@@ -87,6 +87,8 @@ bench: install-smollm2
 	test -f checkpoints/demo/model.safetensors || $(MAKE) demo
 	$(BIN)/python -m eexit.bench_generation --model checkpoints/demo --label demo-4L --model "$(SMOLLM2)" --label SmolLM2-135M \
 	  --prompts 4 --prompt-len 32 --new 32 --reps 2 --profile --out results/bench
+	if [ -f checkpoints/t5-en-fr/model.safetensors ]; then $(BIN)/python -m eexit.bench_generation --seq2seq checkpoints/t5-en-fr \
+	  --prompts 8 --new 32 --reps 3 --out results/bench; else echo "T5 decoding bench skipped: make t5-translation first"; fi
 
 clean:
 	rm -rf checkpoints .pytest_cache
