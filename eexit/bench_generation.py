@@ -187,6 +187,8 @@ def main() -> None:
         rows = bench_seq2seq(a.seq2seq, a.prompts, a.new, a.reps)
         write_results(a.out, "generation_seq2seq", f"Encoder-decoder decoding speed ({Path(a.seq2seq).name}, greedy, batch 1)", rows,
                       provenance({"model": a.seq2seq, "sources": a.prompts, "new_tokens": a.new, "reps": a.reps}),
+                      ["model", "decoder", "tokens_per_s", "speedup_vs_full", "layers_used_pct", "realized_over_ideal", "agreement_pct",
+                       "overhead_vs_transformers"],
                       notes=("Median of repetitions; exactly `new_tokens` per source (EOS ignored). overhead_vs_transformers: eexit full-depth "
                              "time / transformers generate time; realized_over_ideal: speedup x layers-used fraction.\n\n"))
         for r in rows:
