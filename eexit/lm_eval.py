@@ -63,7 +63,7 @@ def setup_model(s: EvalSetup, bind: bool = True, model=None):
     model.tokenizer, model.meta = tokenizer, meta
     if bind:
         bind_policy(policy, model, s.model_spec)
-    s.dataset = s.dataset or meta.get("train_config", {}).get("data", {}).get("dataset", "wiki-gensim")
+    s.dataset = s.dataset or meta.get("train_config", {}).get("data", {}).get("dataset") or "wiki-gensim"
     return model, tokenizer, meta, policy
 
 
@@ -71,10 +71,13 @@ def is_task(s: EvalSetup) -> bool:
     """Does this evaluation run on a task dataset (generation + task metric) rather than LM text?"""
     from eexit.task_eval import is_task_dataset
 
-    if s.dataset is None and Path(s.model_spec, "eexit.json").is_file():
+    from eexit.model import EEXIT_META
+
+    meta = Path(s.model_spec, EEXIT_META)
+    if s.dataset is None and meta.is_file():  # before loading the model: the checkpoint's training data
         import json
 
-        s.dataset = json.loads(Path(s.model_spec, "eexit.json").read_text()).get("train_config", {}).get("data", {}).get("dataset")
+        s.dataset = json.loads(meta.read_text()).get("train_config", {}).get("data", {}).get("dataset")
     return s.dataset is not None and is_task_dataset(s.dataset)
 
 
