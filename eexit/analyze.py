@@ -63,13 +63,11 @@ def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object
 def _batches(model, tokenizer, cfg: dict, dataset: str, seq_len: int, s: AnalyzeSetup):
     """(inputs, targets) batches: LM windows, or teacher-forced task pairs (T5 analyses its decoder on reference targets)."""
     from eexit.lm_eval import EvalSetup, check_lengths, is_task, task_pairs
-    from eexit.pairs import collate
+    from eexit.pairs import batches
 
     e = EvalSetup(s.models[0], dataset=dataset, split=s.split, max_tokens=s.max_tokens)
     if is_task(e):
-        pairs = task_pairs(e, model, tokenizer, {"train_config": {"data": cfg}})[0]
-        for i in range(0, len(pairs), s.batch_size):
-            yield collate(pairs, list(range(i, min(i + s.batch_size, len(pairs)))))
+        yield from batches(task_pairs(e, model, tokenizer, {"train_config": {"data": cfg}})[0], s.batch_size)
         return
     if model.is_seq2seq:
         raise EexitError("an encoder-decoder model is analysed on a task dataset (--dataset bible-en-fr, aclsum, wiki-cloze-qa, ...)")

@@ -47,22 +47,22 @@ def layer_macs(model, context: float) -> float:
 def forward_batches(model, inputs, targets: torch.Tensor | None, batch_size: int, with_inputs: bool = True):
     """Teacher-forced passes: yield (states [each n x d], targets [n], positions [n]) per batch.
     `inputs`: LM windows [N, T] with `targets`, or `EncodedPairs` of a task (labelled positions only)."""
-    from eexit.pairs import EncodedPairs, collate, keep_labelled
+    from eexit.pairs import IGNORE, EncodedPairs, batches, keep_labelled
 
     dev, d = model.device, model.hidden_size
-    for start in range(0, len(inputs), batch_size):
-        if isinstance(inputs, EncodedPairs):
-            batch, y = collate(inputs, list(range(start, min(start + batch_size, len(inputs)))))
+    if isinstance(inputs, EncodedPairs):
+        for batch, y in batches(inputs, batch_size):
             states = model(**{k: v.to(dev) for k, v in batch.items()}, with_inputs=with_inputs)
-            pos = torch.arange(y.shape[1]).repeat(y.shape[0])[y.reshape(-1) != -100]
+            pos = torch.arange(y.shape[1]).repeat(y.shape[0])[y.reshape(-1) != IGNORE]
             states, y = keep_labelled(states, y)
-        else:
-            x = inputs[start : start + batch_size].to(dev)
-            y = targets[start : start + batch_size] if targets is not None else x
-            states = model(x, with_inputs=with_inputs)
-            pos = torch.arange(x.shape[1]).repeat(x.shape[0])
-        y = y.to(dev).reshape(-1)
-        yield [s.reshape(-1, d) for s in states], y, pos.to(dev)
+            yield [s.reshape(-1, d) for s in states], y.to(dev).reshape(-1), pos.to(dev)
+        return
+    for start in range(0, len(inputs), batch_size):
+        x = inputs[start : start + batch_size].to(dev)
+        y = targets[start : start + batch_size] if targets is not None else x
+        states = model(x, with_inputs=with_inputs)
+        pos = torch.arange(x.shape[1]).repeat(x.shape[0])
+        yield [s.reshape(-1, d) for s in states], y.to(dev).reshape(-1), pos.to(dev)
 
 
 def window_length(inputs) -> int:

@@ -69,7 +69,7 @@ def setup_model(s: EvalSetup, bind: bool = True, model=None):
 
 def is_task(s: EvalSetup) -> bool:
     """Does this evaluation run on a task dataset (generation + task metric) rather than LM text?"""
-    from eexit.task_eval import is_task_dataset
+    from eexit.task_data import TASK_DATA
 
     from eexit.model import EEXIT_META
 
@@ -78,7 +78,7 @@ def is_task(s: EvalSetup) -> bool:
         import json
 
         s.dataset = json.loads(meta.read_text()).get("train_config", {}).get("data", {}).get("dataset")
-    return s.dataset is not None and is_task_dataset(s.dataset)
+    return s.dataset is not None and s.dataset in TASK_DATA
 
 
 def setup(s: EvalSetup, bind: bool = True, model=None):

@@ -80,6 +80,13 @@ def collate(p: EncodedPairs, idx: list[int]) -> tuple[dict, torch.Tensor]:
     return {"input_ids": ids}, labels
 
 
+def batches(p: EncodedPairs, batch_size: int, limit: int | None = None):
+    """(inputs, labels) of the first `limit` examples (all by default) in order, `batch_size` at a time."""
+    n = len(p) if limit is None else min(limit, len(p))
+    for i in range(0, n, batch_size):
+        yield collate(p, list(range(i, min(i + batch_size, n))))
+
+
 def random_batch(p: EncodedPairs, batch_size: int, generator: torch.Generator) -> tuple[dict, torch.Tensor]:
     return collate(p, torch.randint(len(p), (batch_size,), generator=generator).tolist())
 

@@ -43,12 +43,6 @@ class Decoded:
     seconds: float
 
 
-def is_task_dataset(name: str) -> bool:
-    from eexit.task_data import TASK_DATA
-
-    return name in TASK_DATA
-
-
 def _batches(model, tokenizer, task, examples, o: TaskOptions):
     seq2seq = model.is_seq2seq
     ids = [model_inputs(tokenizer, task, ex, seq2seq, o.max_source_len) for ex in examples]

@@ -41,7 +41,8 @@ class Task:
         raise NotImplementedError
 
     def user_text(self, ex: Example) -> str:
-        raise NotImplementedError
+        """The user turn of a decoder-only prompt."""
+        return f"{self.instruction}\n\n{ex.source}"
 
     def prompt_text(self, ex: Example, tokenizer=None) -> str:
         """Prompt of a decoder-only model: the tokenizer's chat template when it has one."""
@@ -52,10 +53,6 @@ class Task:
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict:
         raise NotImplementedError
-
-    def example_score(self, prediction: str, ex: Example) -> float:
-        """The primary metric of one example (for per-sample tables)."""
-        return self.score([prediction], [ex])[self.primary]
 
 
 TASKS: Registry[type[Task]] = Registry("task")
@@ -74,9 +71,6 @@ class Summarization(Task):
 
     def source_text(self, ex):
         return "summarize: " + ex.source
-
-    def user_text(self, ex):
-        return f"{self.instruction}\n\n{ex.source}"
 
     def score(self, predictions, examples):
         from rouge_score import rouge_scorer
@@ -99,9 +93,6 @@ class Translation(Task):
     def source_text(self, ex):
         return "translate English to French: " + ex.source
 
-    def user_text(self, ex):
-        return f"{self.instruction}\n\n{ex.source}"
-
     def score(self, predictions, examples):
         from sacrebleu.metrics import BLEU, CHRF
 
@@ -110,11 +101,6 @@ class Translation(Task):
         b, c = bleu.corpus_score(predictions, refs), chrf.corpus_score(predictions, refs)
         return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
                 "chrf_signature": str(chrf.get_signature())}
-
-    def example_score(self, prediction, ex):
-        from sacrebleu.metrics import BLEU
-
-        return BLEU(effective_order=True).sentence_score(prediction, [ex.target]).score
 
 
 # ---------------------------------------------------------------------------- SQuAD metric

@@ -163,8 +163,7 @@ def _validation_batches(model, val, cfg: RunConfig):
     """(states, labels) of the validation batches; task pairs keep their labelled positions only."""
     bs, dev = cfg.train.batch_size, model.device
     if isinstance(val, pairs_mod.EncodedPairs):
-        for i in range(0, min(len(val), cfg.train.eval_batches * bs), bs):
-            inputs, y = pairs_mod.collate(val, list(range(i, min(i + bs, len(val)))))
+        for inputs, y in pairs_mod.batches(val, bs, cfg.train.eval_batches * bs):
             yield pairs_mod.keep_labelled(model(**{k: v.to(dev) for k, v in inputs.items()}), y.to(dev))
         return
     x, y = data_mod.eval_windows(val, cfg.data.seq_len, max_tokens=cfg.train.eval_batches * bs * cfg.data.seq_len)
@@ -253,13 +252,13 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         for step in range(start, end):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             x, y = next_batch(train_tokens, cfg, g)
+            seen += float((y != pairs_mod.IGNORE).sum())
             share = slice(rank * per_rank, (rank + 1) * per_rank)
             if isinstance(x, dict):
                 x = {k: v[share].to(acc.device) for k, v in x.items()}
             else:
                 x = x[share].to(acc.device)
             y = y[share].to(acc.device)
-            seen += acc.reduce(torch.tensor(float((y != pairs_mod.IGNORE).sum()), device=acc.device), "sum").item()
             loss, logs = wrapped(x, y)
             bad = acc.reduce(torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0, device=acc.device), "sum").item()
             if bad:
