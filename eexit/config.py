@@ -35,7 +35,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "wiki-gensim"  # LM corpus (see `eexit.data`), a hub dataset, a .txt/.jsonl file, or a task dataset (see `eexit.task_data`)
+    dataset: str = "wiki-gensim"  # LM corpus (see `eexit.data.corpora`), a hub dataset, a .txt/.jsonl file, or a task dataset (see `eexit.data.task_data`)
     seq_len: int = 128  # tokens per training / evaluation window
     text_field: str = "text"  # field holding the text in .jsonl files and hub datasets
     max_source_len: int = 192  # task datasets: source tokens kept (encoder input / the text inside the prompt)
@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "weighted-ce"  # training objective (see `eexit.losses`)
+    name: str = "weighted-ce"  # training objective (see `eexit.training.losses`)
     exit_token_fraction: float = 1.0  # share of positions scored at intermediate exits (1.0 = exact loss)
     kd_mapping: str = "last"  # free-kd: shallow->deep layer mapping: last | uniform | closest
     kd_weight: float = 1.0  # free-kd: weight of the distillation term

@@ -55,3 +55,28 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     code, _, err = run_cli("train", "--loss", "weighted-ce", *tiny_overrides(), "--out", str(out))
     assert code == 0, err
     return out
+
+
+@pytest.fixture(scope="module")
+def t5():
+    """A random 3+3-layer T5 with large weights (varied, confident predictions) and a padded source batch."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from eexit.models.early_exit import EarlyExitModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=50, d_model=32, d_kv=16, d_ff=64, num_layers=3, num_decoder_layers=3, num_heads=2,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
+                   decoder_start_token_id=0)
+    lm = T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # large random weights: varied, confident predictions without training
+        for p in lm.parameters():
+            p.normal_(0, 0.5)
+    lm.generation_config.eos_token_id = lm.config.eos_token_id = None
+    model = EarlyExitModel(lm, "all").eval()
+    ids = torch.randint(2, 50, (3, 9))
+    mask = torch.ones_like(ids)
+    ids[1, 6:], mask[1, 6:] = 0, 0  # right-padded sources
+    ids[2, 4:], mask[2, 4:] = 0, 0
+    return model, ids, mask

@@ -2,10 +2,10 @@ import pytest
 
 from eexit.config import load_config
 from eexit.errors import EexitError
-from eexit.losses import LOSSES
-from eexit.policies import POLICIES
+from eexit.training.losses import LOSSES
+from eexit.policies.base import POLICIES
 from eexit.registry import Registry
-from eexit.thresholds import parse_thresholds
+from eexit.policies.thresholds import parse_thresholds
 
 
 def test_registry_did_you_mean_lists_valid_names():

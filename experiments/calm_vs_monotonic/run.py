@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 
 from eexit import quiet
-from eexit.calibrate import CalibrateOptions, calibrate, fit
-from eexit.lm_eval import EvalSetup
+from eexit.calibration.calibrate import CalibrateOptions, calibrate, fit
+from eexit.evaluation.lm import EvalSetup
 from eexit.reporting import plot_tradeoff, prepare_dir, provenance, write_results
 
 GROUPS = {"margin": "CALM", "saturation": "CALM", "meta": "CALM", "lstm": "monotonic", "mlp3": "monotonic", "heuristic": "monotonic"}

@@ -17,11 +17,11 @@ import argparse
 from pathlib import Path
 
 from eexit import quiet
-from eexit.calibrate import CalibrateOptions, calibrate, fit
-from eexit.decoding import EarlyExitDecoder
-from eexit.lm_eval import EvalSetup
+from eexit.calibration.calibrate import CalibrateOptions, calibrate, fit
+from eexit.models.decoding import EarlyExitDecoder
+from eexit.evaluation.lm import EvalSetup
 from eexit.reporting import plot_tradeoff, prepare_dir, provenance, write_results
-from eexit.task_eval import TaskOptions, decode_all, policy_for, prepare, summarize
+from eexit.evaluation.tasks import TaskOptions, decode_all, policy_for, prepare, summarize
 
 GROUPS = {"margin": "CALM", "saturation": "CALM", "meta": "CALM", "heuristic": "monotonic", "lstm": "monotonic", "mlp3": "monotonic"}
 THRESHOLDS = {"margin": [0.1, 0.3, 0.5, 0.7, 0.9], "saturation": [0.9, 0.95, 0.99, 0.999], "meta": [0.3, 0.5, 0.7, 0.9],

@@ -1,0 +1,220 @@
+"""Text corpora, deterministic splits, BPE tokenizer training and token windows.
+
+The embedded default `wiki-gensim` is the Wikipedia extract shipped inside the `gensim` wheel
+(markup stripped by `eexit.data.wikimarkup`), so every default run works offline. Hub datasets
+(`wikitext`, or any `hf:<name>[:<config>]`) and local `.txt` / `.jsonl` files work too.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from eexit.errors import EexitError
+from eexit.registry import Registry, unknown_name_error
+
+SPLITS = ("train", "validation", "test")
+EOS = "<|endoftext|>"
+CORPORA: Registry[Callable[[], dict[str, list[str]]]] = Registry("dataset")
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("EEXIT_CACHE", Path.home() / ".cache" / "eexit"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def split_of(key: str) -> str:
+    """Deterministic 90/5/5 assignment of a document key to a split."""
+    bucket = zlib.crc32(key.encode("utf-8")) % 100
+    return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
+
+
+def split_documents(docs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """(key, text) pairs -> {split: [text, ...]} by a stable hash of the key."""
+    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for key, text in docs:
+        if text.strip():
+            out[split_of(key)].append(text)
+    return out
+
+
+def packaged_file(package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise EexitError(f"the offline data needs the {package!r} package: pip install --no-deps {package}")
+    path = Path(spec.origin).parent / relative
+    if not path.is_file():
+        raise EexitError(f"{path} is missing from the installed {package!r} package")
+    return path
+
+
+@CORPORA.register("wiki-gensim")
+def wiki_gensim() -> dict[str, list[str]]:
+    """~100 Wikipedia articles from the gensim wheel; split by paragraph (key: title + index)."""
+    from eexit.data.wikimarkup import load_wikipedia_articles
+
+    path = packaged_file("gensim", "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    docs = []
+    for title, prose in load_wikipedia_articles(path):
+        for i, para in enumerate(prose.split("\n\n")):
+            docs.append((f"{title}#{i}", para))
+    return split_documents(docs)
+
+
+@CORPORA.register("lee-gensim")
+def lee_gensim() -> dict[str, list[str]]:
+    """300 news documents (Lee background corpus) from the gensim wheel; split by document."""
+    path = packaged_file("gensim", "test/test_data/lee_background.cor")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    return split_documents([(f"lee#{i}", ln) for i, ln in enumerate(lines) if ln])
+
+
+@CORPORA.register("wikitext")
+def wikitext() -> dict[str, list[str]]:
+    """WikiText-2 (raw) from the Hugging Face hub (needs network access)."""
+    return hub_corpus("Salesforce/wikitext", "wikitext-2-raw-v1", "text")
+
+
+def hub_corpus(name: str, config: str | None, field: str) -> dict[str, list[str]]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config)
+    except Exception as e:  # network, unknown name, ... -> one line
+        raise EexitError(f"could not load hub dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    out = {}
+    for split in SPLITS:
+        have = split if split in ds else ("valid" if split == "validation" and "valid" in ds else None)
+        out[split] = [r[field] for r in ds[have] if r[field].strip()] if have else []
+    if not out["validation"] and not out["test"]:
+        return split_documents([(f"{name}#{i}", t) for i, t in enumerate(out["train"])])
+    return out
+
+
+def file_corpus(path: Path, field: str) -> dict[str, list[str]]:
+    if not path.is_file():
+        raise EexitError(f"dataset file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise EexitError(f"dataset file is empty: {path}")
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise EexitError(f"{path}:{n} is not valid JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise EexitError(f"{path}:{n} has no string field {field!r} (set data.text_field)")
+            docs.append((f"{n}", row[field]))
+    else:  # .txt: documents are separated by blank lines
+        docs = [(f"{i}", p) for i, p in enumerate(text.split("\n\n"))]
+    return split_documents(docs)
+
+
+def load_corpus(name: str, text_field: str = "text") -> dict[str, list[str]]:
+    """Resolve a dataset name to {split: [documents]}."""
+    if name in CORPORA:
+        return CORPORA.get(name)()
+    if name.startswith("hf:"):
+        parts = name[3:].split(":")
+        return hub_corpus(parts[0], parts[1] if len(parts) > 1 else None, text_field)
+    path = Path(name)
+    if path.suffix in (".txt", ".jsonl") or path.exists():
+        if path.suffix not in (".txt", ".jsonl"):
+            raise EexitError(f"dataset file must be .txt or .jsonl: {path}")
+        return file_corpus(path, text_field)
+    from eexit.data.task_data import TASK_DATA
+
+    raise unknown_name_error("dataset", name, CORPORA.names() + TASK_DATA.names() + ["hf:<hub name>[:<config>]", "<file>.txt", "<file>.jsonl"])
+
+
+def corpus_split(corpus: dict[str, list[str]], split: str, name: str) -> list[str]:
+    if split not in SPLITS:
+        raise EexitError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    docs = corpus.get(split) or []
+    if not docs:
+        raise EexitError(f"split {split!r} of dataset {name!r} holds no text")
+    return docs
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE trained on the given texts, wrapped as a `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    key = hashlib.sha1(("\x00".join(texts) + f"|{vocab_size}").encode("utf-8")).hexdigest()[:16]
+    path = cache_dir() / f"bpe-{key}.json"
+    if path.is_file():
+        tok = Tokenizer.from_file(str(path))
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
+        tok.train_from_iterator(texts, trainer)
+        tmp = path.with_suffix(".tmp")
+        tok.save(str(tmp))
+        tmp.replace(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=None)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha1(json.dumps(vocab[:50000]).encode()).hexdigest()[:16]
+
+
+def encode_documents(tokenizer, docs: list[str], cache_key: str | None = None) -> torch.Tensor:
+    """All documents as one token stream, each followed by the end-of-text token."""
+    path = None
+    if cache_key is not None:
+        digest = hashlib.sha1((cache_key + tokenizer_fingerprint(tokenizer) + str(len(docs))).encode()).hexdigest()[:16]
+        path = cache_dir() / f"tokens-{digest}.pt"
+        if path.is_file():
+            return torch.load(path)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        if eos is not None:
+            ids.append(eos)
+    tokens = torch.tensor(ids, dtype=torch.long)
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        torch.save(tokens, tmp)
+        tmp.replace(path)
+    return tokens
+
+
+# ---------------------------------------------------------------------------- windows
+def random_windows(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
+    """A training batch: `batch_size` random windows (inputs, next-token targets)."""
+    if len(tokens) <= seq_len + 1:
+        raise EexitError(f"the training split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
+    windows = torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
+    return windows[:, :-1], windows[:, 1:]
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None):
+    """Non-overlapping windows covering the split (inputs, targets), at most `max_tokens` targets."""
+    n = (len(tokens) - 1) // seq_len
+    if max_tokens is not None:
+        n = min(n, max(1, max_tokens // seq_len))
+    if n < 1:
+        raise EexitError(f"the evaluation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    x = tokens[: n * seq_len].view(n, seq_len)
+    y = tokens[1 : n * seq_len + 1].view(n, seq_len)
+    return x, y

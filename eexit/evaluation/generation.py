@@ -1,0 +1,87 @@
+"""Generation evaluation: early-exit decoding against full-depth decoding of the same model on
+the same prompts (per sample and in total): tokens/s, mean exit layer, compute % with the
+decision overhead and KV filling counted in layer-equivalents, agreement with the full output."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eexit.data import corpora as data_mod
+from eexit.models.decoding import EarlyExitDecoder, GenerationResult
+from eexit.errors import EexitError
+from eexit.evaluation.records import layer_macs
+
+
+@dataclass
+class GenSetup:
+    prompts: int = 8  # number of prompts (from the starts of the split's documents)
+    prompt_len: int = 32  # tokens per prompt
+    max_new_tokens: int = 32
+    batch_size: int = 1
+    kv_mode: str = "propagate"
+
+
+def prompts_from(tokenizer, dataset: str, split: str, n: int, length: int) -> torch.Tensor:
+    docs = data_mod.corpus_split(data_mod.load_corpus(dataset), split, dataset)
+    out = []
+    for doc in docs:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            out.append(ids[:length])
+        if len(out) == n:
+            break
+    if not out:
+        raise EexitError(f"no document of {dataset}/{split} has {length} tokens for a prompt")
+    return torch.tensor(out)
+
+
+def token_costs(model, decoder: EarlyExitDecoder, res: GenerationResult, context: float) -> torch.Tensor:
+    """Executed layer-equivalents per generated token (excluding the first, which is full depth)."""
+    L = res.num_layers
+    exit_l = res.exit_layers[:, 1:].float()
+    policy = decoder.policy
+    lm = layer_macs(model, context)
+    dec_cost = policy.decision_macs(model.hidden_size, model.vocab_size) / lm if policy is not None else 0.0
+    reuse = dec_cost if (policy is not None and policy.needs_logits) else 0.0
+    overhead = res.decisions[:, 1:].float() * dec_cost - (exit_l < L).float() * reuse
+    if decoder.kv_mode in ("full", "recompute"):  # recompute runs the skipped layers later, for the pending positions
+        layers = torch.full_like(exit_l, float(L))
+    else:  # propagate: skipped layers cost their key/value projections only
+        kv = 2 * model.hidden_size * decoder.blocks.n_kv_heads * decoder.blocks.head_dim / lm
+        layers = exit_l + (L - exit_l) * kv
+    return layers + overhead
+
+
+def compare(model, decoder: EarlyExitDecoder, reference: EarlyExitDecoder, prompts: torch.Tensor, g: GenSetup,
+            eos: int | None, pad: int | None) -> tuple[list[dict], dict]:
+    rows, totals = [], {"ee_tokens": 0, "ee_seconds": 0.0, "full_seconds": 0.0, "agree": 0.0, "cost": 0.0, "exit": 0.0, "n": 0}
+    L = model.num_layers
+    reference.generate(prompts[:1], None, 2, pad_token_id=pad)  # warm-up
+    decoder.generate(prompts[:1], None, 2, pad_token_id=pad)
+    for i in range(0, len(prompts), g.batch_size):
+        x = prompts[i : i + g.batch_size]
+        full = reference.generate(x, None, g.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        ee = decoder.generate(x, None, g.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        ctx = x.shape[1] + g.max_new_tokens / 2
+        cost = token_costs(model, decoder, ee, ctx)
+        for b in range(len(x)):
+            same = (ee.new_tokens[b] == full.new_tokens[b]).float()
+            prefix = int(same.cumprod(0).sum())
+            rows.append({"sample": i + b, "tokens_per_s": len(x) * g.max_new_tokens / ee.seconds if g.batch_size == 1 else None,
+                         "mean_exit_layer": ee.exit_layers[b, 1:].float().mean().item(),
+                         "compute_pct": 100 * cost[b].mean().item() / L, "agreement_pct": 100 * same.mean().item(),
+                         "identical_prefix": prefix})
+            totals["agree"] += same.sum().item()
+            totals["cost"] += cost[b].sum().item()
+            totals["exit"] += ee.exit_layers[b, 1:].float().sum().item()
+            totals["n"] += cost.shape[1]
+        totals["ee_tokens"] += len(x) * g.max_new_tokens
+        totals["ee_seconds"] += ee.seconds
+        totals["full_seconds"] += full.seconds
+    n_new = totals["ee_tokens"]
+    total = {"tokens_per_s": n_new / totals["ee_seconds"], "full_tokens_per_s": n_new / totals["full_seconds"],
+             "speedup": totals["full_seconds"] / totals["ee_seconds"], "mean_exit_layer": totals["exit"] / totals["n"],
+             "compute_pct": 100 * totals["cost"] / (totals["n"] * L), "agreement_pct": 100 * totals["agree"] / (len(prompts) * g.max_new_tokens)}
+    total["realized_over_ideal"] = total["speedup"] * total["compute_pct"] / 100
+    return rows, total

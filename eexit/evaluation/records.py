@@ -1,0 +1,144 @@
+"""Early-exit language-model evaluation.
+
+`collect_exit_table` runs the model once per batch with every layer's hidden state, and
+records per token and per exit: the loss of the exit's prediction, its top-1 and the policy's
+confidence score. `exit_metrics` then applies a threshold: each token exits at the first exit
+whose score passes (and whose layer >= min exit layer) and its loss is taken there.
+
+Semantics: in this teacher-forced evaluation the later tokens attend to full-depth states of
+earlier tokens (the `full` KV mode of decoding); each token's own compute is the layers up to
+its exit. Compute % counts transformer layers; the exit-decision overhead (LM-head matmuls of
+softmax-based measures, classifiers, ...) is reported separately in layer-equivalents.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from eexit.policies.base import ExitPolicy, ExitView, decayed_threshold
+
+
+@dataclass
+class ExitTable:
+    exit_layers: list[int]  # 1-based layers with an exit (last = model depth)
+    num_layers: int
+    nll: torch.Tensor  # [K, N] negative log-likelihood of the target at each exit
+    top1: torch.Tensor  # [K, N] top-1 prediction at each exit
+    score: torch.Tensor  # [K, N] policy confidence at each exit
+    decision_cost: float  # one decision, in layer-equivalents
+    reuses_logits: bool  # an exit's decision logits are also its output (no extra head at the exit)
+    positions: torch.Tensor | None = None  # [N] position of each token in its window (decaying threshold)
+    max_steps: int | None = None  # window length
+
+    @property
+    def tokens(self) -> int:
+        return self.nll.shape[1]
+
+
+def layer_macs(model, context: float) -> float:
+    """Multiply-accumulates of one transformer block for one token with `context` visible tokens."""
+    block = model.parts.layers[0]
+    params = sum(p.numel() for p in block.parameters() if p.dim() > 1)
+    return params + 2.0 * context * model.hidden_size
+
+
+def forward_batches(model, inputs, targets: torch.Tensor | None, batch_size: int, with_inputs: bool = True):
+    """Teacher-forced passes: yield (states [each n x d], targets [n], positions [n]) per batch.
+    `inputs`: LM windows [N, T] with `targets`, or `EncodedPairs` of a task (labelled positions only)."""
+    from eexit.data.pairs import IGNORE, EncodedPairs, batches, keep_labelled
+
+    dev, d = model.device, model.hidden_size
+    if isinstance(inputs, EncodedPairs):
+        for batch, y in batches(inputs, batch_size):
+            states = model(**{k: v.to(dev) for k, v in batch.items()}, with_inputs=with_inputs)
+            pos = torch.arange(y.shape[1]).repeat(y.shape[0])[y.reshape(-1) != IGNORE]
+            states, y = keep_labelled(states, y)
+            yield [s.reshape(-1, d) for s in states], y.to(dev).reshape(-1), pos.to(dev)
+        return
+    for start in range(0, len(inputs), batch_size):
+        x = inputs[start : start + batch_size].to(dev)
+        y = targets[start : start + batch_size] if targets is not None else x
+        states = model(x, with_inputs=with_inputs)
+        pos = torch.arange(x.shape[1]).repeat(x.shape[0])
+        yield [s.reshape(-1, d) for s in states], y.to(dev).reshape(-1), pos.to(dev)
+
+
+def window_length(inputs) -> int:
+    from eexit.data.pairs import EncodedPairs
+
+    return inputs.longest_target if isinstance(inputs, EncodedPairs) else inputs.shape[1]
+
+
+@torch.no_grad()
+def collect_exit_table(model, inputs, targets: torch.Tensor | None, policy: ExitPolicy,
+                       batch_size: int = 8) -> ExitTable:
+    model.eval()
+    exits = model.exit_layers
+    T = window_length(inputs)
+    nll, top1, score, all_pos = [[] for _ in exits], [[] for _ in exits], [[] for _ in exits], []
+    for flat, y, positions in forward_batches(model, inputs, targets, batch_size):  # flat: [input of block 1, output of block 1, ...]
+        all_pos.append(positions.cpu())
+        state: dict = {}
+        for k, layer in enumerate(exits):
+            h = flat[layer]
+            view = ExitView(layer, model.num_layers, flat[: layer + 1], lambda h=h, layer=layer: model.exit_logits(h, layer),
+                            model, state, positions, T)
+            logits = view.logits
+            nll[k].append((torch.logsumexp(logits, -1) - logits.gather(1, y[:, None]).squeeze(1)).cpu())
+            top1[k].append(logits.argmax(-1).cpu())
+            if not policy.needs_future:
+                score[k].append(policy.score(view).float().cpu())
+    top1_t = torch.stack([torch.cat(t) for t in top1])
+    score_t = policy.scores_from_top1(top1_t) if policy.needs_future else torch.stack([torch.cat(s) for s in score])
+    cost = policy.decision_macs(model.hidden_size, model.vocab_size) / layer_macs(model, (T + 1) / 2.0)
+    return ExitTable(exits, model.num_layers, torch.stack([torch.cat(v) for v in nll]), top1_t, score_t, cost,
+                     policy.needs_logits, torch.cat(all_pos), T)
+
+
+def exit_indices(table: ExitTable, policy: ExitPolicy, threshold: float | None = None) -> torch.Tensor:
+    """Index (into exit_layers) of the exit each token takes."""
+    thr = policy.threshold if threshold is None else threshold
+    layers = torch.tensor(table.exit_layers)[:, None]
+    if policy.threshold_free:
+        ok = table.score > 0
+    else:
+        ok = table.score > decayed_threshold(thr, policy.decay_tau, table.positions, table.max_steps)
+    ok = ok & (layers >= policy.min_exit_layer)
+    ok[-1] = True
+    return ok.int().argmax(0)
+
+
+def exit_metrics(table: ExitTable, policy: ExitPolicy, threshold: float | None = None) -> dict:
+    idx = exit_indices(table, policy, threshold)
+    n = table.tokens
+    cols = torch.arange(n)
+    layers = torch.tensor(table.exit_layers, dtype=torch.float)
+    L = table.num_layers
+    used = layers[idx]
+    # decisions are taken below the last layer up to the exit taken: at exits >= min_exit_layer, or at every
+    # exit for stateful policies (their score needs the earlier exits), as in decoding
+    eligible = torch.tensor([1.0 if ((l >= policy.min_exit_layer or policy.stateful) and l < L) else 0.0 for l in table.exit_layers])
+    decisions = torch.cumsum(eligible, 0)[idx]
+    exited_early = (used < L).float()
+    overhead = decisions * table.decision_cost - (exited_early * table.decision_cost if table.reuses_logits else 0.0)
+    chosen_nll = table.nll[idx, cols]
+    row = {
+        "threshold": None if policy.threshold_free else (policy.threshold if threshold is None else threshold),
+        "ppl": math.exp(chosen_nll.mean().item()),
+        "full_ppl": math.exp(table.nll[-1].mean().item()),
+        "compute_pct": 100.0 * used.mean().item() / L,
+        "overhead_pct": 100.0 * overhead.mean().item() / L,
+        "agreement_pct": 100.0 * (table.top1[idx, cols] == table.top1[-1]).float().mean().item(),
+        "tokens": n,
+    }
+    row["total_pct"] = row["compute_pct"] + row["overhead_pct"]
+    for k, layer in enumerate(table.exit_layers):
+        row[f"exit@{layer}_pct"] = 100.0 * (idx == k).float().mean().item()
+    return row
+
+
+def per_exit_ppl(table: ExitTable) -> dict[int, float]:
+    """PPL if every token exited at the given exit (the static baselines)."""
+    return {layer: math.exp(table.nll[k].mean().item()) for k, layer in enumerate(table.exit_layers)}
