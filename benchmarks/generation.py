@@ -1,7 +1,7 @@
 """`make bench` (generation part): eexit's decoder against `transformers` on the same model and
 prompts, ratios measured side by side in one run -> results/bench/generation.{md,csv,json,png}.
 
-    python -m eexit.bench_generation --model checkpoints/demo --model path/to/SmolLM2.gguf
+    python benchmarks/generation.py --model checkpoints/demo --model path/to/SmolLM2.gguf
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from eexit import quiet
 from eexit.models.decoding import EarlyExitDecoder
 from eexit.evaluation.generation import prompts_from
-from eexit.models.early_exit import load_model
+from eexit.models.loading import load_model
 from eexit.policies.base import make_policy
 from eexit.reporting import plot_tradeoff, provenance, write_results
 
@@ -120,11 +120,11 @@ def bench_seq2seq(spec: str, n_sources: int, new: int, reps: int) -> list[dict]:
     from eexit.data.task_data import task_split
     from eexit.data.tasks import get_task
 
-    model, tok, meta = load_model(spec)
-    data = meta.get("train_config", {}).get("data", {})
-    task_name, examples = task_split(data.get("dataset", "bible-en-fr"), "test", n_sources)
+    model, tok, info = load_model(spec)
+    src_len = info.data.max_source_len if info.train_config else 64
+    task_name, examples = task_split(info.trained_dataset or "bible-en-fr", "test", n_sources)
     task = get_task(task_name)
-    srcs = [torch.tensor([model_inputs(tok, task, ex, True, data.get("max_source_len", 64))]) for ex in examples]
+    srcs = [torch.tensor([model_inputs(tok, task, ex, True, src_len)]) for ex in examples]
     start = torch.tensor([[model.lm.config.decoder_start_token_id]])
     L = model.num_layers
     full = EarlyExitDecoder(model, None, "full")

@@ -20,8 +20,9 @@ from eexit import quiet
 from eexit.data import corpora as data_mod
 from eexit.config import LossConfig, RunConfig
 from eexit.evaluation.records import collect_exit_table
-from eexit.training.losses import LOSSES, LossBatch
-from eexit.models.early_exit import EarlyExitModel, build_lm, resolve_exit_layers
+from eexit.training.losses import LossBatch, make_loss
+from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
+from eexit.models.loading import build_lm
 from eexit.policies.base import make_policy
 from eexit.reporting import provenance, write_results
 
@@ -53,7 +54,7 @@ def interleaved_medians(fns: dict, reps: int) -> dict[str, float]:
 def step_time(model, opt, loss_cfg, x, y) -> float:
     t0 = time.perf_counter()
     states = model(x)
-    loss, _ = LOSSES.get(loss_cfg.name)(LossBatch(model, states, y, loss_cfg))
+    loss, _ = make_loss(loss_cfg)(LossBatch(model, states, y, loss_cfg.exit_token_fraction))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

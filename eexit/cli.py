@@ -1,4 +1,8 @@
-"""The `eexit` command line: thin wrappers over the recipes in `eexit.training.loop` and `eexit.evaluation.lm`."""
+"""The `eexit` command line: each command parses its options, builds a request by keyword and
+calls one library entry (`training.loop.run_training`, `evaluation.entry.evaluate`,
+`calibration.calibrate.run_calibration`, `analysis.analyze.run_analysis`). Help texts list
+the registered names; heavy imports (transformers, datasets) wait until a command runs."""
+
 from __future__ import annotations
 
 import sys
@@ -7,10 +11,18 @@ from typing import List, Optional
 
 import typer
 
+from eexit.data.names import dataset_names
 from eexit.errors import EexitError
+from eexit.policies import POLICIES
+from eexit.training.losses import LOSSES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="eexit: train, evaluate and sweep early-exit transformers.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="eexit: train, evaluate and sweep early-exit transformers.",
+)
 
 
 def _quiet() -> None:
@@ -27,18 +39,23 @@ def _params(items: List[str]) -> dict:
 
 @app.command()
 def train(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML experiment config (experiments/*.yaml)."),
-    loss: Optional[str] = typer.Option(None, help="Training objective, e.g. final, weighted-ce, aux, deep-supervision, free-kd, ponder."),
-    set_: List[str] = typer.Option([], "--set", help="Override a config key: --set train.lr=3e-4 (repeatable)."),
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c", help="YAML experiment config (experiments/*.yaml)."
+    ),
+    loss: Optional[str] = typer.Option(None, help=f"Training objective: {', '.join(LOSSES)}."),
+    set_: List[str] = typer.Option(
+        [], "--set", help="Override a config key: --set train.lr=3e-4 (repeatable)."
+    ),
     out: Optional[str] = typer.Option(None, help="Output folder (default checkpoints/<run_name>)."),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the output folder."),
     overwrite: bool = typer.Option(False, help="Start again in an existing output folder."),
-    stop_after: Optional[int] = typer.Option(None, help="Stop after this many steps, as if killed (resume later)."),
+    stop_after: Optional[int] = typer.Option(
+        None, help="Stop after this many steps, as if killed (resume later)."
+    ),
 ):
     """Train an early-exit LM (multi-process with `accelerate launch` or `torchrun`)."""
     _quiet()
     from eexit.config import load_config
-    from eexit.training.losses import LOSSES
     from eexit.training.loop import run_training
 
     overrides = list(set_)
@@ -48,197 +65,273 @@ def train(
     if out:
         overrides.append(f"out_dir={out}")
     cfg = load_config(config, overrides)
-    LOSSES.get(cfg.loss.name)
     result = run_training(cfg, resume=resume, overwrite=overwrite, stop_after=stop_after)
     if not result["main_process"]:
         return
-    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k in ("step", "processes") or k.startswith(("loss", "val_ppl"))}
-    typer.echo(f"{'finished' if result['finished'] else 'stopped'}: {cfg.output_dir}  {shown}")
+    keep = ("step", "processes")
+    shown = {
+        k: round(v, 4) if isinstance(v, float) else v
+        for k, v in result.items()
+        if k in keep or k.startswith(("loss", "val_ppl"))
+    }
+    state = "finished" if result["finished"] else "stopped"
+    typer.echo(f"{state}: {cfg.output_dir}  {shown}")
 
 
-def _setup(model, policy, threshold, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers):
-    from eexit.evaluation.lm import EvalSetup
-
-    return EvalSetup(model, policy, threshold, min_exit_layer, _params(param), dataset, split, seq_len, max_tokens, batch_size, exit_layers)
-
-
-_MODEL = typer.Option(..., "--model", "-m", help="eexit checkpoint folder, HF folder / hub name, or .gguf file.")
-_POLICY = typer.Option("max-prob", help="Exit policy: max-prob, margin, entropy, saturation, static, oracle, halting-cdf.")
+_MODEL = typer.Option(
+    ..., "--model", "-m", help="eexit checkpoint folder, HF folder / hub name, or .gguf file."
+)
+_POLICY = typer.Option("max-prob", help=f"Exit policy: {', '.join(POLICIES)}.")
 _MIN = typer.Option(1, "--min-exit-layer", help="No exit below this layer.")
-_PARAM = typer.Option([], "--param", help="Policy parameter key=value, e.g. --param layer=2 for static.")
-_DATASET = typer.Option(None, help="Dataset (default: the checkpoint's training corpus).")
+_PARAM = typer.Option(
+    [], "--param", help="Policy parameter key=value, e.g. --param layer=2 for static."
+)
+_DATASET = typer.Option(
+    None, help=f"Dataset (default: the checkpoint's training data): {', '.join(dataset_names())}."
+)
 _SPLIT = typer.Option("test", help="train, validation or test.")
 _SEQ = typer.Option(None, "--seq-len", help="Window length (default: the training one).")
 _MAXTOK = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens.")
 _BS = typer.Option(8, "--batch-size", help="Windows (or, with --generate, prompts) per batch.")
 _EXITS = typer.Option(None, "--exit-layers", help="Override the exits: all, or e.g. 1,3.")
 _EXAMPLES = typer.Option(32, "--examples", help="Task datasets: test examples decoded per threshold.")
+_KV = typer.Option(
+    "propagate", "--kv", help="KV of skipped layers when decoding: propagate, recompute or full."
+)
+_NEW = typer.Option(
+    None,
+    help="--generate: tokens per prompt (32); task datasets: longest answer (the training "
+    "max_target_len).",
+)
+_OVERWRITE = typer.Option(False, help="Replace an existing results folder.")
 
 
-def _task_rows(s, examples, max_new_tokens, kv, batch_size, thresholds, out, overwrite):
-    from eexit.reporting import prepare_dir
-    from eexit.evaluation.tasks import TaskOptions, run_task_sweep
+def _request(model, policy, thresholds, min_exit_layer, param, dataset, split, seq_len,
+             max_tokens, batch_size, exit_layers):
+    from eexit.evaluation.context import EvalRequest
 
-    if out:
-        prepare_dir(out, overwrite)
-    rows = run_task_sweep(s, TaskOptions(examples, max_new_tokens, None, kv, batch_size), thresholds, out)
-    many = sum(k.startswith("exit@") for k in rows[0]) > 8  # per-exit shares of deep models: in the files only
+    return EvalRequest(
+        model=model, policy=policy, thresholds=thresholds, min_exit_layer=min_exit_layer,
+        policy_params=_params(param), dataset=dataset, split=split, seq_len=seq_len,
+        max_tokens=max_tokens, batch_size=batch_size, exit_layers=exit_layers,
+    )
+
+
+def _shown(rows: list[dict]) -> list[dict]:
+    """Per-exit shares of deep models stay in the files; the terminal shows the rest."""
+    many = sum(k.startswith("exit@") for k in rows[0]) > 8
     return [{k: v for k, v in r.items() if not (many and k.startswith("exit@"))} for r in rows]
 
 
 @app.command()
 def evaluate(
-    model: str = _MODEL, policy: str = _POLICY,
-    threshold: float = typer.Option(0.9, help="Exit when the policy's score > threshold (in [0, 1]; 1.0 never exits early)."),
-    min_exit_layer: int = _MIN, param: List[str] = _PARAM, dataset: Optional[str] = _DATASET, split: str = _SPLIT,
-    seq_len: Optional[int] = _SEQ, max_tokens: Optional[int] = _MAXTOK, batch_size: int = _BS, exit_layers: Optional[str] = _EXITS,
+    model: str = _MODEL,
+    policy: str = _POLICY,
+    threshold: float = typer.Option(
+        0.9, help="Exit when the policy's score > threshold (in [0, 1]; 1.0 never exits early)."
+    ),
+    min_exit_layer: int = _MIN,
+    param: List[str] = _PARAM,
+    dataset: Optional[str] = _DATASET,
+    split: str = _SPLIT,
+    seq_len: Optional[int] = _SEQ,
+    max_tokens: Optional[int] = _MAXTOK,
+    batch_size: int = _BS,
+    exit_layers: Optional[str] = _EXITS,
     out: Optional[str] = typer.Option(None, help="Write the table to this results folder."),
-    overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
-    calibrated: Optional[str] = typer.Option(None, help="Use the policy and threshold chosen by `eexit calibrate --out DIR`."),
-    generate: bool = typer.Option(False, "--generate", help="Evaluate early-exit decoding against full-depth decoding instead of LM perplexity."),
-    kv: str = typer.Option("propagate", "--kv", help="KV of skipped layers when decoding: propagate, recompute or full."),
+    overwrite: bool = _OVERWRITE,
+    calibrated: Optional[str] = typer.Option(
+        None, help="Use the policy and threshold chosen by `eexit calibrate --out DIR`."
+    ),
+    generate: bool = typer.Option(
+        False, "--generate",
+        help="Evaluate early-exit decoding against full-depth decoding instead of perplexity.",
+    ),
+    kv: str = _KV,
     prompts: int = typer.Option(8, help="--generate: number of prompts."),
     prompt_len: int = typer.Option(32, help="--generate: tokens per prompt."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="--generate: tokens per prompt (32); task datasets: longest answer (the training max_target_len)."),
+    max_new_tokens: Optional[int] = _NEW,
     examples: int = _EXAMPLES,
 ):
-    """Perplexity, compute % and exit shares of one policy at one threshold (or, with --generate, decoding speed and agreement).
-    On a task dataset (bible-en-fr, aclsum, wiki-cloze-qa, wmt15, cnn_dailymail, squad): the task metric of early-exit decoding."""
+    """Perplexity, compute % and exit shares of one policy at one threshold (or, with
+    --generate, decoding speed and agreement). On a task dataset: the task metric of early-exit
+    decoding."""
     _quiet()
-    from eexit.evaluation.lm import is_task, print_rows, run_evaluate
+    from eexit.evaluation.entry import apply_calibrated, evaluate as run
+    from eexit.evaluation.generation import GenerationOptions
+    from eexit.evaluation.tasks import TaskOptions
+    from eexit.reporting import print_rows
 
-    s = _setup(model, policy, threshold, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
+    r = _request(model, policy, [threshold], min_exit_layer, param, dataset, split, seq_len,
+                 max_tokens, batch_size, exit_layers)
     if calibrated:
-        from eexit.calibration.calibrate import read_calibrated
-
-        c = read_calibrated(calibrated)
-        if c.get("model") and Path(c["model"]).resolve() != Path(model).resolve():
-            raise EexitError(f"{calibrated} was calibrated for model {c['model']}, not {model}")
-        s.policy, s.threshold, s.min_exit_layer, s.policy_params = c["policy"], c["threshold"], c["min_exit_layer"], c["policy_params"]
-        s.exit_layers = s.exit_layers or ",".join(str(l) for l in c.get("exit_layers", [])) or None
-        policy, threshold = s.policy, s.threshold
-    if is_task(s) and not generate:
-        rows = _task_rows(s, examples, max_new_tokens, kv, batch_size, [s.threshold], out, overwrite)
-        print_rows(rows, title=f"{s.dataset}: full depth vs {policy} @ {threshold}, kv {kv}")
-        return
+        apply_calibrated(r, calibrated)
+    gen = None
     if generate:
-        from eexit.evaluation.generation import GenSetup
-        from eexit.evaluation.lm import run_generation
-
-        rows, total = run_generation(s, GenSetup(prompts, prompt_len, max_new_tokens or 32, batch_size, kv), out, overwrite)
-        print_rows(rows, title=f"{policy} @ {threshold}, kv {kv}: per sample")
-        print_rows([total], title="total")
-        return
-    row = run_evaluate(s, out, overwrite)
-    print_rows([row], title=f"{policy} @ {threshold}")
+        gen = GenerationOptions(prompts=prompts, prompt_len=prompt_len, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens or 32, kv_mode=kv)
+    task = TaskOptions(examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv,
+                       batch_size=batch_size)
+    res = run(r, out=out, overwrite=overwrite, generation=gen, task=task)
+    at = f"{r.policy} @ {r.thresholds[0]}"
+    if res.kind == "generation":
+        print_rows(res.rows, title=f"{at}, kv {kv}: per sample")
+        print_rows([res.total], title="total")
+    elif res.kind == "task":
+        print_rows(_shown(res.rows), title=f"{res.dataset}: full depth vs {at}, kv {kv}")
+    else:
+        print_rows(res.rows, title=at)
 
 
 def sweep_threshold(
-    model: str = _MODEL, policy: str = _POLICY,
-    thresholds: str = typer.Option("0.5:0.95", help="a:b (step 0.05), a:b:step, or a comma list."),
-    min_exit_layer: int = _MIN, param: List[str] = _PARAM, dataset: Optional[str] = _DATASET, split: str = _SPLIT,
-    seq_len: Optional[int] = _SEQ, max_tokens: Optional[int] = _MAXTOK, batch_size: int = _BS, exit_layers: Optional[str] = _EXITS,
-    out: Optional[str] = typer.Option(None, help="Results folder (default results/sweep-<model>-<policy>)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
-    kv: str = typer.Option("propagate", "--kv", help="Task datasets: KV of skipped layers when decoding (propagate, recompute, full)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Task datasets: longest answer (default: the training max_target_len)."),
+    model: str = _MODEL,
+    policy: str = _POLICY,
+    thresholds: str = typer.Option(
+        "0.5:0.95", help="a:b (step 0.05), a:b:step, or a comma list."
+    ),
+    min_exit_layer: int = _MIN,
+    param: List[str] = _PARAM,
+    dataset: Optional[str] = _DATASET,
+    split: str = _SPLIT,
+    seq_len: Optional[int] = _SEQ,
+    max_tokens: Optional[int] = _MAXTOK,
+    batch_size: int = _BS,
+    exit_layers: Optional[str] = _EXITS,
+    out: Optional[str] = typer.Option(
+        None, help="Results folder (default results/sweep-<model>-<policy>)."
+    ),
+    overwrite: bool = _OVERWRITE,
+    kv: str = _KV,
+    max_new_tokens: Optional[int] = _NEW,
     examples: int = _EXAMPLES,
 ):
-    """One row per threshold: PPL (or, on a task dataset, the task metric of early-exit decoding), compute %, exit shares;
-    Markdown/CSV/JSON + PNG in results/."""
+    """One row per threshold: PPL (or, on a task dataset, the task metric of early-exit
+    decoding), compute %, exit shares; Markdown/CSV/JSON + PNG in results/."""
     _quiet()
-    from eexit.evaluation.lm import is_task, print_rows, run_sweep
+    from eexit.evaluation.entry import evaluate as run
+    from eexit.evaluation.tasks import TaskOptions
     from eexit.policies.thresholds import parse_thresholds
+    from eexit.reporting import print_rows
 
     values = parse_thresholds(thresholds)
     out = out or f"results/sweep-{Path(model).name}-{policy}"
-    s = _setup(model, policy, values[0], min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
-    if is_task(s):
-        rows = _task_rows(s, examples, max_new_tokens, kv, batch_size, values, out, overwrite)
-        print_rows(rows, title=f"{policy} sweep on {s.dataset} -> {out}")
-        return
-    rows = run_sweep(s, values, out, overwrite)
-    print_rows(rows, title=f"{policy} sweep -> {out}")
+    r = _request(model, policy, values, min_exit_layer, param, dataset, split, seq_len,
+                 max_tokens, batch_size, exit_layers)
+    task = TaskOptions(examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv,
+                       batch_size=batch_size)
+    res = run(r, out=out, overwrite=overwrite, sweep=True, task=task)
+    where = f" on {res.dataset}" if res.kind == "task" else ""
+    print_rows(_shown(res.rows), title=f"{policy} sweep{where} -> {out}")
 
 
 app.command("sweep-threshold")(sweep_threshold)
+app.command("sweep", help="Alias of sweep-threshold.")(sweep_threshold)
 
 
 @app.command("analyze-monotonicity")
 def analyze_monotonicity(
-    model: List[str] = typer.Option(..., "--model", "-m", help="Model(s) to analyse; repeat to overlay several."),
+    model: List[str] = typer.Option(
+        ..., "--model", "-m", help="Model(s) to analyse; repeat to overlay several."
+    ),
     label: List[str] = typer.Option([], "--label", help="Legend name per --model."),
-    dataset: Optional[str] = _DATASET, split: str = _SPLIT, seq_len: Optional[int] = _SEQ,
-    max_tokens: int = typer.Option(8192, "--max-tokens", help="Analyse at most this many tokens per model."),
+    dataset: Optional[str] = _DATASET,
+    split: str = _SPLIT,
+    seq_len: Optional[int] = _SEQ,
+    max_tokens: int = typer.Option(
+        8192, "--max-tokens", help="Analyse at most this many tokens per model."
+    ),
     batch_size: int = _BS,
     top_k: int = typer.Option(5, "--top-k", help="Ranks followed for top-k saturation."),
     examples: int = typer.Option(3, help="Example tokens for figure 3."),
-    sublayers: bool = typer.Option(True, help="Also read the residual stream after attention (sub-layer exits)."),
-    out: Optional[str] = typer.Option(None, help="Results folder (default results/monotonicity-<first model>)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
+    sublayers: bool = typer.Option(
+        True, help="Also read the residual stream after attention (sub-layer exits)."
+    ),
+    out: Optional[str] = typer.Option(
+        None, help="Results folder (default results/monotonicity-<first model>)."
+    ),
+    overwrite: bool = _OVERWRITE,
 ):
-    """Seed 001 figures 1-3, top-k saturation order (seed 003), sub-word / sub-layer exits (seed 004)."""
+    """Seed 001 figures 1-3, top-k saturation order (seed 003), sub-word / sub-layer exits
+    (seed 004)."""
     _quiet()
     from eexit.analysis.analyze import AnalyzeSetup, run_analysis
-    from eexit.evaluation.lm import print_rows
+    from eexit.reporting import print_rows
 
     out = out or f"results/monotonicity-{Path(model[0]).stem}"
-    s = AnalyzeSetup(list(model), list(label) or None, dataset, split, seq_len, max_tokens, batch_size, top_k, examples, sublayers)
+    s = AnalyzeSetup(
+        models=list(model), labels=list(label) or None, dataset=dataset, split=split,
+        seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, top_k=top_k,
+        examples=examples, sublayers=sublayers,
+    )
     res = run_analysis(s, out, overwrite)
-    keep = ("model", "peak_before_last_pct", "monotone_everywhere_pct", "topk_ordered_all_ranks_pct", "word_start_mean_exit", "continuation_mean_exit")
-    print_rows([{k: r[k] for k in keep if k in r} for r in res["summary"]], title=f"monotonicity -> {out}")
+    keep = ("model", "peak_before_last_pct", "monotone_everywhere_pct",
+            "topk_ordered_all_ranks_pct", "word_start_mean_exit", "continuation_mean_exit")
+    rows = [{k: r[k] for k in keep if k in r} for r in res["summary"]]
+    print_rows(rows, title=f"monotonicity -> {out}")
 
 
 @app.command()
 def calibrate(
     model: str = _MODEL,
-    fit: Optional[str] = typer.Option(None, help="Fit exit classifiers first: comma list of meta, lstm, mlp3."),
-    label: str = typer.Option("consistent", help="Classifier label: consistent (top-1 = final) or stable (... and never changes)."),
-    policy: Optional[str] = typer.Option(None, help="Policy whose threshold to calibrate (Learn-then-Test)."),
+    fit: Optional[str] = typer.Option(
+        None, help="Fit exit classifiers first: comma list of meta, lstm, mlp3."
+    ),
+    label: str = typer.Option(
+        "consistent",
+        help="Classifier label: consistent (top-1 = final) or stable (... and never changes).",
+    ),
+    policy: Optional[str] = typer.Option(
+        None, help="Policy whose threshold to calibrate (Learn-then-Test)."
+    ),
     epsilon: float = typer.Option(0.05, help="Tolerated risk."),
     delta: float = typer.Option(0.1, help="Allowed failure probability (confidence 1 - delta)."),
-    risk: str = typer.Option("consistency", help="consistency (top-1 differs from the full model) or loss (relative drop of p(correct))."),
+    risk: str = typer.Option(
+        "consistency",
+        help="consistency (top-1 differs from the full model) or loss (relative drop of "
+        "p(correct)).",
+    ),
     grid: str = typer.Option("0:1:0.01", help="Thresholds to test (tested from the largest down)."),
-    min_exit_layer: int = _MIN, param: List[str] = _PARAM, dataset: Optional[str] = _DATASET,
+    min_exit_layer: int = _MIN,
+    param: List[str] = _PARAM,
+    dataset: Optional[str] = _DATASET,
     split: str = typer.Option("validation", help="Calibration split."),
-    test_split: str = typer.Option("test", help="Split on which the chosen threshold's risk is reported."),
-    seq_len: Optional[int] = _SEQ, max_tokens: Optional[int] = _MAXTOK, batch_size: int = _BS, exit_layers: Optional[str] = _EXITS,
-    out: Optional[str] = typer.Option(None, help="Results folder (default results/calibrate-<model>-<policy>)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
+    test_split: str = typer.Option(
+        "test", help="Split on which the chosen threshold's risk is reported."
+    ),
+    seq_len: Optional[int] = _SEQ,
+    max_tokens: Optional[int] = _MAXTOK,
+    batch_size: int = _BS,
+    exit_layers: Optional[str] = _EXITS,
+    out: Optional[str] = typer.Option(
+        None, help="Results folder (default results/calibrate-<model>-<policy>)."
+    ),
+    overwrite: bool = _OVERWRITE,
 ):
     """Fit learned exit classifiers and/or pick a threshold with a Learn-then-Test guarantee."""
     _quiet()
-    from eexit.calibration.calibrate import CalibrateOptions, calibrate as run_ltt, check_options, fit as run_fit, write_calibration
-    from eexit.policies.learned import CLASSIFIERS
-    from eexit.reporting import prepare_dir
+    from eexit.calibration.calibrate import CalibrateOptions, CalibrationRun, run_calibration
     from eexit.policies.thresholds import parse_thresholds
 
     names = [n.strip() for n in fit.split(",") if n.strip()] if fit else []
-    for n in names:
-        CLASSIFIERS.get(n)
-    if not names and not policy:
-        raise EexitError("nothing to do: give --fit meta,lstm,mlp3 and/or --policy NAME")
-    values = parse_thresholds(grid)
-    opts = CalibrateOptions(epsilon, delta, risk, values, test_split)
+    ltt = None
     if policy:
-        check_options(opts, policy)
+        ltt = CalibrateOptions(epsilon=epsilon, delta=delta, risk=risk,
+                               grid=parse_thresholds(grid), test_split=test_split)
     out = out or f"results/calibrate-{Path(model).name}-{policy or 'fit'}"
-    prepare_dir(out, overwrite)
-    s = _setup(model, policy or "max-prob", 0.5, min_exit_layer, param, dataset, split, seq_len, max_tokens, batch_size, exit_layers)
-    fit_rows = run_fit(model, names, label, s) if names else []
-    if policy:
-        summary, tested = run_ltt(s, opts, slice(1, None, 2) if names else slice(None))
-        write_calibration(out, summary, tested, fit_rows)
-        msg = summary.get("message") or (f"threshold {summary['threshold']:.2f}: test risk {summary['test_risk']:.4f} "
-                                         f"(epsilon {epsilon}), compute {summary['test_compute_pct']:.1f}%, PPL {summary['test_ppl']:.2f}")
+    r = _request(model, policy or "max-prob", [], min_exit_layer, param, dataset, split, seq_len,
+                 max_tokens, batch_size, exit_layers)
+    res = run_calibration(r, CalibrationRun(fit=names, label=label, ltt=ltt), out, overwrite)
+    for row in res["fit"]:
+        typer.echo(f"{row['classifier']}: held-out accuracy {row['heldout_accuracy']:.3f}, "
+                   f"saved {row['saved']}")
+    summary = res.get("summary")
+    if summary is not None:
+        msg = summary.get("message") or (
+            f"threshold {summary['threshold']:.2f}: test risk {summary['test_risk']:.4f} "
+            f"(epsilon {epsilon}), compute {summary['test_compute_pct']:.1f}%, "
+            f"PPL {summary['test_ppl']:.2f}"
+        )
         typer.echo(f"{policy}: {msg} -> {out}")
-    else:
-        from eexit.reporting import provenance, write_results
-
-        write_results(out, "classifiers", f"Exit classifiers fitted on {split}", fit_rows, provenance({"model": model, "fit": names, "label": label}))
-        for r in fit_rows:
-            typer.echo(f"{r['classifier']}: held-out accuracy {r['heldout_accuracy']:.3f}, saved {r['saved']}")
-app.command("sweep", help="Alias of sweep-threshold.")(sweep_threshold)
 
 
 def main() -> None:

@@ -13,12 +13,15 @@ from typing import Any
 import yaml
 
 from eexit.errors import EexitError
+from eexit.models.families import FAMILIES
 from eexit.registry import unknown_name_error
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt2"  # architecture built from scratch: gpt2 | llama | t5 (encoder-decoder; exits on decoder blocks)
+    # family built from scratch (eexit/models/families/): gpt2 | llama | qwen2 | t5 (t5: exits on
+    # the decoder blocks)
+    arch: str = "gpt2"
     pretrained: str | None = None  # hub name, local HF folder or .gguf file (then the size fields are ignored)
     n_layers: int = 4  # transformer blocks (t5: decoder blocks, the ones with exits)
     n_encoder_layers: int = 0  # t5: encoder blocks (0 = n_layers)
@@ -45,11 +48,10 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: str = "weighted-ce"  # training objective (see `eexit.training.losses`)
-    exit_token_fraction: float = 1.0  # share of positions scored at intermediate exits (1.0 = exact loss)
-    kd_mapping: str = "last"  # free-kd: shallow->deep layer mapping: last | uniform | closest
-    kd_weight: float = 1.0  # free-kd: weight of the distillation term
-    shallow_layer: int | None = None  # free-kd: last layer of the shallow module (default: first exit)
-    ponder_beta: float = 0.01  # ponder: weight of the halting-distribution entropy bonus
+    exit_token_fraction: float = 1.0  # share of positions scored at intermediate exits (1 = exact)
+    # the loss's own settings (its `Params` in eexit/training/losses.py), e.g. free-kd:
+    # {kd_mapping: last, kd_weight: 1.0, shallow_layer: 4}; ponder: {ponder_beta: 0.01}
+    params: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +108,13 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
     return value
 
 
+def fill_dataclass(obj, data: dict, prefix: str = ""):
+    """Set the fields of dataclass `obj` from a mapping, strictly (unknown keys are errors with a
+    "did you mean", values are cast to the field's type); returns `obj`."""
+    _apply(obj, data, prefix)
+    return obj
+
+
 def _apply(obj, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise EexitError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {data!r}")
@@ -117,6 +126,8 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _apply(current, value, f"{full}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            setattr(obj, key, {**current, **value})  # --set loss.params.a=1 --set loss.params.b=2
         else:
             setattr(obj, key, _coerce(value, current, full))
 
@@ -168,10 +179,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# loss settings that earlier versions kept in LossConfig itself (older checkpoints' eexit.json)
+LEGACY_LOSS_KEYS = {"free-kd": ("kd_mapping", "kd_weight", "shallow_layer"), "ponder": ("ponder_beta",)}
+LEGACY_ALL = tuple(k for keys in LEGACY_LOSS_KEYS.values() for k in keys)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """A `RunConfig` from a saved config (a checkpoint's train_config), strictly checked."""
+    data = {**data}
+    loss = data.get("loss")
+    if isinstance(loss, dict) and any(k in loss for k in LEGACY_ALL):
+        own = LEGACY_LOSS_KEYS.get(loss.get("name"), ())
+        moved = {k: loss[k] for k in own if loss.get(k) is not None}
+        rest = {k: v for k, v in loss.items() if k not in LEGACY_ALL}
+        data["loss"] = {**rest, "params": {**rest.get("params", {}), **moved}}
+    cfg = RunConfig()
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: RunConfig) -> None:
     m, t, lo = cfg.model, cfg.train, cfg.loss
-    if m.arch not in ("gpt2", "llama", "t5"):
-        raise EexitError(f"model.arch must be one of gpt2, llama, t5; got {m.arch!r}")
+    FAMILIES.get(m.arch)
     if m.n_encoder_layers < 0:
         raise EexitError(f"model.n_encoder_layers must be >= 0 (0 = n_layers); got {m.n_encoder_layers}")
     if cfg.data.max_source_len < 1 or cfg.data.max_target_len < 1:
@@ -192,8 +222,6 @@ def validate(cfg: RunConfig) -> None:
             raise EexitError(f"train.{name} must be >= {0 if name == 'warmup_steps' else 1}; got {getattr(t, name)}")
     if not 0 < lo.exit_token_fraction <= 1:
         raise EexitError(f"loss.exit_token_fraction must be in (0, 1]; got {lo.exit_token_fraction}")
-    if lo.kd_mapping not in ("last", "uniform", "closest"):
-        raise EexitError(f"loss.kd_mapping must be one of last, uniform, closest; got {lo.kd_mapping!r}")
 
 
 def to_dict(cfg) -> dict:

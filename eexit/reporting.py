@@ -147,3 +147,28 @@ def plot_tradeoff(path: str | Path, series: dict[str, list[tuple[float, float, o
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+SHORT = {
+    "threshold": "thr", "ppl": "PPL", "full_ppl": "full PPL", "compute_pct": "compute%",
+    "overhead_pct": "overhead%", "total_pct": "total%", "agreement_pct": "agree%",
+    "eval_tokens_per_s": "tok/s",
+}
+
+
+def print_rows(rows: list[dict], title: str = "") -> None:
+    """A table on the terminal (rich), short column names."""
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = [k for k in rows[0] if k != "tokens"]
+    t = Table(title=title)
+    for k in keys:
+        t.add_column(SHORT.get(k, k.replace("_pct", "%")), justify="right")
+
+    def cell(v):
+        return f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    for r in rows:
+        t.add_row(*[cell(r[k]) for k in keys])
+    Console(width=200).print(t)

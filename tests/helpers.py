@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from eexit.config import ModelConfig
-from eexit.models.early_exit import EarlyExitModel, build_lm, resolve_exit_layers
+from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
+from eexit.models.loading import build_lm
 from eexit.policies.base import ExitPolicy
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from eexit.data import corpora as data_mod
 from eexit.analysis import monotonicity as mono
+from eexit.data.pairs import EncodedPairs, batches
 from eexit.errors import EexitError
-from eexit.models.early_exit import load_model
+from eexit.evaluation.context import EvalRequest, open_context, teacher_forced_inputs
 from eexit.reporting import prepare_dir, provenance, write_results
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AnalyzeSetup:
     models: list[str]  # checkpoints, HF folders / hub names, .gguf files
     labels: list[str] | None = None  # legend names (default: folder / file names)
@@ -40,42 +40,40 @@ def _progress(total: int):
 
 
 def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object, dict]:
-    model, tokenizer, meta = load_model(spec)
-    cfg = meta.get("train_config", {}).get("data", {})
-    dataset = s.dataset or cfg.get("dataset", "wiki-gensim")
-    seq_len = s.seq_len if s.seq_len is not None else cfg.get("seq_len", 128)
-    batches = list(_batches(model, tokenizer, cfg, dataset, seq_len, s))
+    request = EvalRequest(
+        model=spec, dataset=s.dataset, split=s.split, seq_len=s.seq_len,
+        max_tokens=s.max_tokens, batch_size=s.batch_size,
+    )
+    ctx = open_context(request, bind=False)
+    model = ctx.model
+    x, y, resolved = teacher_forced_inputs(ctx)
     records = []
+    batches = list(_batches(x, y, s.batch_size))
     bar = _progress(len(batches))
     task = bar.add_task(Path(spec).name, total=len(batches)) if bar else None
     dev = model.device
     with bar if bar else _Null():
-        for x, y in batches:
-            x = {k: v.to(dev) for k, v in x.items()} if isinstance(x, dict) else x.to(dev)
-            records.append(mono.forward_records(model, x, y.to(dev), s.top_k, s.sublayers))
+        for xb, yb in batches:
+            xb = {k: v.to(dev) for k, v in xb.items()} if isinstance(xb, dict) else xb.to(dev)
+            records.append(mono.forward_records(model, xb, yb.to(dev), s.top_k, s.sublayers))
             if bar:
                 bar.update(task, advance=1)
-    info = {"model": spec, "dataset": dataset, "split": s.split, "seq_len": seq_len, "tokens": sum(r.targets.numel() for r in records),
-            "num_layers": model.num_layers, "vocab_size": model.vocab_size}
-    return mono.concat(records), tokenizer, info
+    info = {
+        "model": spec, "dataset": ctx.dataset, "split": s.split,
+        "seq_len": resolved.get("seq_len"), "tokens": sum(r.targets.numel() for r in records),
+        "num_layers": model.num_layers, "vocab_size": model.vocab_size,
+    }
+    return mono.concat(records), ctx.tokenizer, info
 
 
-def _batches(model, tokenizer, cfg: dict, dataset: str, seq_len: int, s: AnalyzeSetup):
-    """(inputs, targets) batches: LM windows, or teacher-forced task pairs (T5 analyses its decoder on reference targets)."""
-    from eexit.evaluation.lm import EvalSetup, check_lengths, is_task, task_pairs
-    from eexit.data.pairs import batches
-
-    e = EvalSetup(s.models[0], dataset=dataset, split=s.split, max_tokens=s.max_tokens)
-    if is_task(e):
-        yield from batches(task_pairs(e, model, tokenizer, {"train_config": {"data": cfg}})[0], s.batch_size)
+def _batches(x, y, batch_size: int):
+    """(inputs, targets) batches: LM windows, or teacher-forced task pairs (T5 analyses its
+    decoder on reference targets)."""
+    if isinstance(x, EncodedPairs):
+        yield from batches(x, batch_size)
         return
-    if model.is_seq2seq:
-        raise EexitError("an encoder-decoder model is analysed on a task dataset (--dataset bible-en-fr, aclsum, wiki-cloze-qa, ...)")
-    check_lengths(model, seq_len, s.batch_size, s.max_tokens)
-    docs = data_mod.corpus_split(data_mod.load_corpus(dataset, cfg.get("text_field", "text")), s.split, dataset)
-    x, y = data_mod.eval_windows(data_mod.encode_documents(tokenizer, docs, f"{dataset}:{s.split}"), seq_len, s.max_tokens)
-    for i in range(0, len(x), s.batch_size):
-        yield x[i : i + s.batch_size], y[i : i + s.batch_size]
+    for i in range(0, len(x), batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]
 
 
 def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:

@@ -19,18 +19,25 @@ from pathlib import Path
 
 import torch
 
-from eexit.errors import EexitError
-from eexit.evaluation.records import ExitTable, collect_exit_table, exit_indices, exit_metrics
-from eexit.policies.learned import LABELS, exit_labels, fit_classifier, save_classifier
-from eexit.evaluation.lm import EvalSetup, setup
 from eexit.calibration.ltt import fixed_sequence_test, no_threshold_message
-from eexit.reporting import markdown_table, provenance, write_results
+from eexit.errors import EexitError
+from eexit.evaluation.context import EvalContext, EvalRequest, open_context, teacher_forced_inputs
+from eexit.evaluation.entry import CALIBRATED_FILE
+from eexit.evaluation.records import (
+    ExitTable,
+    collect_exit_table,
+    exit_indices,
+    exit_metrics,
+    forward_batches,
+)
+from eexit.policies import POLICIES
+from eexit.policies.learned import CLASSIFIERS, LABELS, exit_labels, fit_classifier, save_classifier
+from eexit.reporting import markdown_table, prepare_dir, provenance, write_results
 
 RISKS = {"consistency": "binomial", "loss": "hoeffding-bentkus"}
-CALIBRATED_FILE = "calibrated.json"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CalibrateOptions:
     epsilon: float = 0.05  # tolerated risk
     delta: float = 0.1  # 1 - confidence
@@ -40,11 +47,11 @@ class CalibrateOptions:
 
 
 def token_risks(table: ExitTable, policy, thresholds: list[float], risk: str) -> torch.Tensor:
-    """[n_thresholds, N] per-token risk of exiting with each threshold."""
+    """[n_thresholds, N] per-token risk of exiting with each threshold (the policy's own rule)."""
     cols = torch.arange(table.tokens)
     rows = []
     for t in thresholds:
-        idx = exit_indices(table, policy, t)
+        idx = exit_indices(table, policy.at(t))
         if risk == "consistency":
             rows.append((table.top1[idx, cols] != table.top1[-1]).float())
         else:
@@ -53,68 +60,88 @@ def token_risks(table: ExitTable, policy, thresholds: list[float], risk: str) ->
 
 
 @torch.no_grad()
-def layer_features(model, x: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_features(model, x, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Normed hidden state of every layer [N, L, d] and top-1 per layer [L, N]."""
-    from eexit.evaluation.records import forward_batches
-
     feats, tops = [], []
     norm = model.parts.final_norm
     for states, _, _ in forward_batches(model, x, None, batch_size, with_inputs=False):
         feats.append(torch.stack([norm(s) for s in states], 1).float().cpu())
-        tops.append(torch.stack([model.exit_logits(s, l + 1).argmax(-1) for l, s in enumerate(states)]).cpu())
+        top = [model.exit_logits(s, i + 1).argmax(-1) for i, s in enumerate(states)]
+        tops.append(torch.stack(top).cpu())
     return torch.cat(feats), torch.cat(tops, 1)
 
 
-def fit(model_spec: str, names: list[str], label: str, s: EvalSetup) -> list[dict]:
+def fit(ctx: EvalContext, names: list[str], label: str) -> list[dict]:
+    """Fit the named exit classifiers on the even windows of the request's split; save each
+    beside the checkpoint (`exit_classifiers/NAME.pt`)."""
     if label not in LABELS:
         raise EexitError(f"unknown label {label!r}; valid: {', '.join(LABELS)}")
-    model_dir = Path(model_spec)
-    if not model_dir.is_dir():
-        raise EexitError(f"--fit saves classifiers beside the checkpoint, so --model must be a local folder; got {model_spec}")
-    model, _, x, _, resolved = setup(s, bind=False)
-    feats, top1 = layer_features(model, x[0::2], s.batch_size)
+    folder = ctx.checkpoint.folder
+    if folder is None:
+        raise EexitError(
+            "--fit saves classifiers beside the checkpoint, so --model must be a local folder; "
+            f"got {ctx.request.model}"
+        )
+    model = ctx.model
+    x, _, resolved = teacher_forced_inputs(ctx)
+    feats, top1 = layer_features(model, x[0::2], ctx.request.batch_size)
     labels = exit_labels(top1, label)
     rows = []
     for name in names:
         clf, metrics = fit_classifier(name, feats, labels, model.exit_layers)
-        path = save_classifier(model_dir, name, clf, {"label": label, "hidden_size": model.hidden_size,
-                                                       "exit_layers": model.exit_layers, "metrics": metrics, "data": resolved})
+        meta = {"label": label, "hidden_size": model.hidden_size,
+                "exit_layers": model.exit_layers, "metrics": metrics, "data": resolved}
+        path = save_classifier(folder, name, clf, meta)
         rows.append({"classifier": name, "label": label, **metrics, "saved": str(path)})
     return rows
 
 
 def check_options(opts: CalibrateOptions, policy: str) -> None:
-    """Validate before any work (the CLI calls it before fitting classifiers)."""
-    from eexit.policies.base import POLICIES
-
+    """Validate before any work."""
     if POLICIES.get(policy).threshold_free:
         raise EexitError(f"policy {policy!r} has no threshold to calibrate")
     if opts.risk not in RISKS:
         raise EexitError(f"unknown risk {opts.risk!r}; valid: {', '.join(RISKS)}")
     if not 0 < opts.epsilon < 1 or not 0 < opts.delta < 1:
-        raise EexitError(f"epsilon and delta must lie in (0, 1); got {opts.epsilon}, {opts.delta}")
+        raise EexitError(
+            f"epsilon and delta must lie in (0, 1); got {opts.epsilon}, {opts.delta}"
+        )
 
 
-def calibrate(s: EvalSetup, opts: CalibrateOptions, calibration_windows: slice = slice(None)) -> tuple[dict, list[dict]]:
-    check_options(opts, s.policy)
+def calibrate(
+    ctx: EvalContext, opts: CalibrateOptions, calibration_windows: slice = slice(None)
+) -> tuple[dict, list[dict]]:
+    """Learn-then-Test on the request's split (its `calibration_windows`); the chosen
+    threshold's risk and metrics on `opts.test_split`."""
+    r, model = ctx.request, ctx.model
+    check_options(opts, r.policy)
     grid = sorted(opts.grid or [round(1 - i / 100, 2) for i in range(101)], reverse=True)
-    model, policy, x, y, resolved = setup(s)
-    cal = collect_exit_table(model, x[calibration_windows], None if y is None else y[calibration_windows], policy, s.batch_size)
-    result = fixed_sequence_test(grid, token_risks(cal, policy, grid, opts.risk).numpy(), opts.epsilon, opts.delta, RISKS[opts.risk])
-    test_setup = EvalSetup(**{**s.__dict__, "split": opts.test_split})
-    _, _, xt, yt, _ = setup(test_setup, model=model)
-    test = collect_exit_table(model, xt, yt, policy, s.batch_size)
-    summary = {"policy": s.policy, "policy_params": s.policy_params or {}, "min_exit_layer": s.min_exit_layer,
-               "risk": opts.risk, "method": RISKS[opts.risk], "epsilon": opts.epsilon, "delta": opts.delta,
-               "calibration_tokens": cal.tokens, "test_tokens": test.tokens, "threshold": result.threshold}
+    policy = ctx.policy
+    x, y, resolved = teacher_forced_inputs(ctx)
+    ys = None if y is None else y[calibration_windows]
+    cal = collect_exit_table(model, x[calibration_windows], ys, policy, r.batch_size)
+    risks = token_risks(cal, policy, grid, opts.risk).numpy()
+    result = fixed_sequence_test(grid, risks, opts.epsilon, opts.delta, RISKS[opts.risk])
+    xt, yt, _ = teacher_forced_inputs(ctx, opts.test_split)
+    test = collect_exit_table(model, xt, yt, policy, r.batch_size)
+    summary = {
+        "policy": r.policy, "policy_params": r.policy_params or {},
+        "min_exit_layer": r.min_exit_layer, "risk": opts.risk, "method": RISKS[opts.risk],
+        "epsilon": opts.epsilon, "delta": opts.delta, "calibration_tokens": cal.tokens,
+        "test_tokens": test.tokens, "threshold": result.threshold,
+    }
     if result.threshold is None:
         summary["message"] = no_threshold_message(result)
     else:
         thr = result.threshold
         summary["calibration_risk"] = float(token_risks(cal, policy, [thr], opts.risk).mean())
         summary["test_risk"] = float(token_risks(test, policy, [thr], opts.risk).mean())
-        summary.update({f"test_{k}": v for k, v in exit_metrics(test, policy, thr).items() if k != "threshold"})
-    tested = [{"threshold": t, "risk": r, "p_value": p, "rejected": rej} for t, r, p, rej in result.tested]
+        test_row = exit_metrics(test, policy.at(thr))
+        summary.update({f"test_{k}": v for k, v in test_row.items() if k != "threshold"})
+    tested = [
+        {"threshold": t, "risk": risk, "p_value": p, "rejected": rej}
+        for t, risk, p, rej in result.tested
+    ]
     return {**summary, "resolved": resolved}, tested
 
 
@@ -124,17 +151,46 @@ def write_calibration(out: str, summary: dict, tested: list[dict], fit_rows: lis
     notes = ""
     if fit_rows:
         notes += "## Fitted exit classifiers\n\n" + markdown_table(fit_rows) + "\n\n"
-    notes += "## Fixed-sequence test (most conservative threshold first)\n\n" + markdown_table(tested) + "\n\n"
-    write_results(out, "calibration", f"Learn-then-Test calibration: {summary['policy']}, risk {summary['risk']} <= "
-                  f"{summary['epsilon']} with probability >= {1 - summary['delta']:.2f}", [summary], prov, notes=notes)
+    notes += "## Fixed-sequence test (most conservative threshold first)\n\n"
+    notes += markdown_table(tested) + "\n\n"
+    title = (
+        f"Learn-then-Test calibration: {summary['policy']}, risk {summary['risk']} <= "
+        f"{summary['epsilon']} with probability >= {1 - summary['delta']:.2f}"
+    )
+    write_results(out, "calibration", title, [summary], prov, notes=notes)
     if summary["threshold"] is not None:
-        keep = {k: summary[k] for k in ("policy", "policy_params", "min_exit_layer", "threshold", "risk", "epsilon", "delta")}
+        keys = ("policy", "policy_params", "min_exit_layer", "threshold", "risk", "epsilon", "delta")
+        keep = {k: summary[k] for k in keys}
         keep.update({k: resolved.get(k) for k in ("model", "exit_layers", "seq_len", "dataset")})
         (Path(out) / CALIBRATED_FILE).write_text(json.dumps(keep, indent=2))
 
 
-def read_calibrated(folder: str) -> dict:
-    p = Path(folder) / CALIBRATED_FILE
-    if not p.is_file():
-        raise EexitError(f"{folder} holds no {CALIBRATED_FILE} (make one with eexit calibrate ... --out {folder})")
-    return json.loads(p.read_text())
+@dataclass(kw_only=True)
+class CalibrationRun:
+    fit: list[str]  # classifiers to fit first (meta, lstm, mlp3)
+    label: str = "consistent"  # classifier label: consistent | stable
+    ltt: CalibrateOptions | None = None  # calibrate the request's policy (None: fit only)
+
+
+def run_calibration(request: EvalRequest, run: CalibrationRun, out: str, overwrite: bool) -> dict:
+    """`eexit calibrate`: fit classifiers and/or choose the policy's threshold by LTT; with both,
+    even windows fit the classifiers and odd windows calibrate."""
+    for name in run.fit:
+        CLASSIFIERS.get(name)
+    if not run.fit and run.ltt is None:
+        raise EexitError("nothing to do: give --fit meta,lstm,mlp3 and/or --policy NAME")
+    if run.ltt is not None:
+        check_options(run.ltt, request.policy)
+    prepare_dir(out, overwrite)
+    ctx = open_context(request, bind=False)
+    fit_rows = fit(ctx, run.fit, run.label) if run.fit else []
+    if run.ltt is None:
+        prov = provenance({"model": request.model, "fit": run.fit, "label": run.label})
+        title = f"Exit classifiers fitted on {request.split}"
+        write_results(out, "classifiers", title, fit_rows, prov)
+        return {"fit": fit_rows}
+    ctx.policy.bind(ctx.model, ctx.checkpoint.folder)  # after fitting: the new classifier
+    windows = slice(1, None, 2) if run.fit else slice(None)
+    summary, tested = calibrate(ctx, run.ltt, windows)
+    write_calibration(out, summary, tested, fit_rows)
+    return {"fit": fit_rows, "summary": summary}

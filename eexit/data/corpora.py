@@ -12,16 +12,14 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from eexit.errors import EexitError
-from eexit.registry import Registry, unknown_name_error
+from eexit.data.names import CORPORA, unknown_dataset
 
 SPLITS = ("train", "validation", "test")
 EOS = "<|endoftext|>"
-CORPORA: Registry[Callable[[], dict[str, list[str]]]] = Registry("dataset")
 
 
 def cache_dir() -> Path:
@@ -133,9 +131,7 @@ def load_corpus(name: str, text_field: str = "text") -> dict[str, list[str]]:
         if path.suffix not in (".txt", ".jsonl"):
             raise EexitError(f"dataset file must be .txt or .jsonl: {path}")
         return file_corpus(path, text_field)
-    from eexit.data.task_data import TASK_DATA
-
-    raise unknown_name_error("dataset", name, CORPORA.names() + TASK_DATA.names() + ["hf:<hub name>[:<config>]", "<file>.txt", "<file>.jsonl"])
+    raise unknown_dataset(name)
 
 
 def corpus_split(corpus: dict[str, list[str]], split: str, name: str) -> list[str]:

@@ -18,11 +18,10 @@ from typing import Callable
 
 from eexit.data.corpora import SPLITS, packaged_file, split_of
 from eexit.errors import EexitError
-from eexit.registry import Registry
+from eexit.data.names import TASK_DATA
 from eexit.data.tasks import Example
 
 TaskData = tuple[str, dict[str, list[Example]]]  # (task name, {split: examples})
-TASK_DATA: Registry[Callable[[], TaskData]] = Registry("task dataset")
 register_task_data = TASK_DATA.register
 _CACHE: dict[str, TaskData] = {}
 

@@ -8,18 +8,25 @@ from dataclasses import dataclass
 import torch
 
 from eexit.data import corpora as data_mod
-from eexit.models.decoding import EarlyExitDecoder, GenerationResult
 from eexit.errors import EexitError
+from eexit.evaluation.context import EvalContext, max_positions
 from eexit.evaluation.records import layer_macs
+from eexit.models.decoding import EarlyExitDecoder, GenerationResult, check_kv_mode
+from eexit.reporting import provenance, write_results
 
 
-@dataclass
-class GenSetup:
+@dataclass(kw_only=True)
+class GenerationOptions:
     prompts: int = 8  # number of prompts (from the starts of the split's documents)
     prompt_len: int = 32  # tokens per prompt
-    max_new_tokens: int = 32
-    batch_size: int = 1
-    kv_mode: str = "propagate"
+    max_new_tokens: int = 32  # tokens generated per prompt (fixed length: no stop at EOS)
+    batch_size: int = 1  # prompts decoded together
+    kv_mode: str = "propagate"  # KV of skipped layers: full | propagate | recompute
+
+    def check(self) -> None:
+        check_kv_mode(self.kv_mode)
+        if self.prompts < 1 or self.prompt_len < 1 or self.max_new_tokens < 2:
+            raise EexitError("--prompts and --prompt-len must be >= 1 and --max-new-tokens >= 2")
 
 
 def prompts_from(tokenizer, dataset: str, split: str, n: int, length: int) -> torch.Tensor:
@@ -53,7 +60,7 @@ def token_costs(model, decoder: EarlyExitDecoder, res: GenerationResult, context
     return layers + overhead
 
 
-def compare(model, decoder: EarlyExitDecoder, reference: EarlyExitDecoder, prompts: torch.Tensor, g: GenSetup,
+def compare(model, decoder: EarlyExitDecoder, reference: EarlyExitDecoder, prompts: torch.Tensor, g: GenerationOptions,
             eos: int | None, pad: int | None) -> tuple[list[dict], dict]:
     rows, totals = [], {"ee_tokens": 0, "ee_seconds": 0.0, "full_seconds": 0.0, "agree": 0.0, "cost": 0.0, "exit": 0.0, "n": 0}
     L = model.num_layers
@@ -84,4 +91,31 @@ def compare(model, decoder: EarlyExitDecoder, reference: EarlyExitDecoder, promp
              "speedup": totals["full_seconds"] / totals["ee_seconds"], "mean_exit_layer": totals["exit"] / totals["n"],
              "compute_pct": 100 * totals["cost"] / (totals["n"] * L), "agreement_pct": 100 * totals["agree"] / (len(prompts) * g.max_new_tokens)}
     total["realized_over_ideal"] = total["speedup"] * total["compute_pct"] / 100
+    return rows, total
+
+
+def run_generation(ctx: EvalContext, g: GenerationOptions, out: str | None) -> tuple[list, dict]:
+    """`evaluate --generate`: early-exit vs full-depth decoding on prompts from the split."""
+    g.check()
+    r, model = ctx.request, ctx.model
+    if ctx.is_task:
+        raise EexitError(
+            f"--generate decodes LM prompts; on the task dataset {ctx.dataset!r} run evaluate "
+            "without --generate (it reports speedup and agreement with full-depth decoding next "
+            "to the task metric)"
+        )
+    limit = max_positions(model)
+    if limit and g.prompt_len + g.max_new_tokens > limit:
+        raise EexitError(
+            f"--prompt-len + --max-new-tokens must be <= {limit} (the model's positions); "
+            f"got {g.prompt_len + g.max_new_tokens}"
+        )
+    decoder = EarlyExitDecoder(model, ctx.policy, g.kv_mode)
+    reference = EarlyExitDecoder(model, None, "full")
+    x = prompts_from(ctx.tokenizer, ctx.dataset, r.split, g.prompts, g.prompt_len)
+    rows, total = compare(model, decoder, reference, x, g, None, ctx.tokenizer.pad_token_id)
+    if out:
+        title = f"Early-exit decoding: {r.policy} @ {ctx.policy.threshold}, kv {g.kv_mode}"
+        prov = provenance(ctx.resolved(**g.__dict__))
+        write_results(out, "generation", title, rows + [{"sample": "total", **total}], prov)
     return rows, total

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eexit.policies.base import ExitPolicy, ExitView, decayed_threshold
+from eexit.policies.base import ExitPolicy, ExitView
 
 
 @dataclass
@@ -97,35 +97,32 @@ def collect_exit_table(model, inputs, targets: torch.Tensor | None, policy: Exit
                      policy.needs_logits, torch.cat(all_pos), T)
 
 
-def exit_indices(table: ExitTable, policy: ExitPolicy, threshold: float | None = None) -> torch.Tensor:
-    """Index (into exit_layers) of the exit each token takes."""
-    thr = policy.threshold if threshold is None else threshold
+def exit_indices(table: ExitTable, policy: ExitPolicy) -> torch.Tensor:
+    """Index (into exit_layers) of the exit each token takes: the first exit where the policy's
+    `exit_rule` passes (the last exit always does)."""
     layers = torch.tensor(table.exit_layers)[:, None]
-    if policy.threshold_free:
-        ok = table.score > 0
-    else:
-        ok = table.score > decayed_threshold(thr, policy.decay_tau, table.positions, table.max_steps)
-    ok = ok & (layers >= policy.min_exit_layer)
+    ok = policy.exit_rule(table.score, layers, table.positions, table.max_steps)
     ok[-1] = True
     return ok.int().argmax(0)
 
 
-def exit_metrics(table: ExitTable, policy: ExitPolicy, threshold: float | None = None) -> dict:
-    idx = exit_indices(table, policy, threshold)
+def exit_metrics(table: ExitTable, policy: ExitPolicy) -> dict:
+    """One table row for `policy` at its threshold (a sweep passes `policy.at(t)` per threshold)."""
+    idx = exit_indices(table, policy)
     n = table.tokens
     cols = torch.arange(n)
     layers = torch.tensor(table.exit_layers, dtype=torch.float)
     L = table.num_layers
     used = layers[idx]
-    # decisions are taken below the last layer up to the exit taken: at exits >= min_exit_layer, or at every
-    # exit for stateful policies (their score needs the earlier exits), as in decoding
-    eligible = torch.tensor([1.0 if ((l >= policy.min_exit_layer or policy.stateful) and l < L) else 0.0 for l in table.exit_layers])
-    decisions = torch.cumsum(eligible, 0)[idx]
+    # decisions taken up to the exit taken, where the policy is asked (as in decoding)
+    asked = [1.0 if policy.scored_at(layer, L) else 0.0 for layer in table.exit_layers]
+    decisions = torch.cumsum(torch.tensor(asked), 0)[idx]
     exited_early = (used < L).float()
-    overhead = decisions * table.decision_cost - (exited_early * table.decision_cost if table.reuses_logits else 0.0)
+    reused = exited_early * table.decision_cost if table.reuses_logits else 0.0
+    overhead = decisions * table.decision_cost - reused
     chosen_nll = table.nll[idx, cols]
     row = {
-        "threshold": None if policy.threshold_free else (policy.threshold if threshold is None else threshold),
+        "threshold": None if policy.threshold_free else policy.threshold,
         "ppl": math.exp(chosen_nll.mean().item()),
         "full_ppl": math.exp(table.nll[-1].mean().item()),
         "compute_pct": 100.0 * used.mean().item() / L,

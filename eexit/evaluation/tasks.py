@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from eexit.models.decoding import KV_MODES, EarlyExitDecoder
+from eexit.evaluation.context import EvalContext
+from eexit.models.decoding import EarlyExitDecoder, check_kv_mode
 from eexit.errors import EexitError
 from eexit.evaluation.generation import token_costs
 from eexit.data.pairs import model_inputs
@@ -25,13 +26,20 @@ from eexit.data.task_data import task_split
 from eexit.data.tasks import clean_prediction, get_task
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskOptions:
     examples: int = 32  # test examples decoded per threshold
     max_new_tokens: int | None = None  # default: the checkpoint's data.max_target_len, else 64
     max_source_len: int | None = None  # default: the checkpoint's data.max_source_len, else 192
-    kv_mode: str = "propagate"
+    kv_mode: str = "propagate"  # KV of skipped layers: full | propagate | recompute
     batch_size: int = 1  # examples decoded together (tokens/s is per example at batch 1)
+
+    def check(self) -> None:
+        check_kv_mode(self.kv_mode)
+        if self.examples < 1 or self.batch_size < 1:
+            raise EexitError("--examples and --batch-size must be >= 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise EexitError("--max-new-tokens must be >= 1")
 
 
 @dataclass
@@ -104,58 +112,56 @@ def summarize(task, examples, d: Decoded, full: Decoded | None, L: int, exit_lay
     return row
 
 
-def prepare(s, o: TaskOptions):
-    """(model, tokenizer, task, test examples) for task decoding; fills in o's defaults from the checkpoint."""
-    from eexit.evaluation.lm import setup_model
-
-    if o.kv_mode not in KV_MODES:
-        raise EexitError(f"unknown KV mode {o.kv_mode!r}; valid: {', '.join(KV_MODES)}")
-    if o.examples < 1 or o.batch_size < 1 or (o.max_new_tokens is not None and o.max_new_tokens < 1):
-        raise EexitError("--examples, --batch-size and --max-new-tokens must be >= 1")
-    model, tokenizer, meta, _ = setup_model(s)
-    data_cfg = meta.get("train_config", {}).get("data", {})
-    o.max_new_tokens = o.max_new_tokens or data_cfg.get("max_target_len", 64)
-    o.max_source_len = o.max_source_len or data_cfg.get("max_source_len", 192)
-    task_name, examples = task_split(s.dataset, s.split, o.examples)
-    return model, tokenizer, get_task(task_name), examples
+def prepare(ctx: EvalContext, o: TaskOptions):
+    """(task, test examples) for task decoding; fills in o's defaults from the checkpoint."""
+    o.check()
+    data = ctx.checkpoint.data
+    o.max_new_tokens = o.max_new_tokens or data.max_target_len
+    o.max_source_len = o.max_source_len or data.max_source_len
+    task_name, examples = task_split(ctx.dataset, ctx.request.split, o.examples)
+    return get_task(task_name), examples
 
 
-def policy_for(s, threshold: float, model):
-    from eexit.evaluation.lm import bind_policy
-    from eexit.policies.base import make_policy
-
-    pol = make_policy(s.policy, threshold, s.min_exit_layer, **(s.policy_params or {}))
-    bind_policy(pol, model, s.model_spec)
-    return pol
-
-
-def run_task_sweep(s, o: TaskOptions, thresholds: list[float], out: str | None, plot: bool = True) -> list[dict]:
-    """Rows: full depth, then one per threshold. `s` is an `lm_eval.EvalSetup` whose dataset is a task dataset."""
-    model, tokenizer, task, examples = prepare(s, o)
+def run_task_sweep(ctx: EvalContext, o: TaskOptions, out: str | None, plot: bool = True):
+    """Rows: full depth, then one per threshold of the request (the same bound policy)."""
+    r, model, tokenizer = ctx.request, ctx.model, ctx.tokenizer
+    task, examples = prepare(ctx, o)
     task_name = task.registered_name
     L = model.num_layers
-    decode_all(model, tokenizer, task, examples[:1], EarlyExitDecoder(model, None, "full"), o)  # warm-up, not timed
-    full = decode_all(model, tokenizer, task, examples, EarlyExitDecoder(model, None, "full"), o)
-    rows = [{"threshold": "full", **summarize(task, examples, full, None, L, model.exit_layers), "speedup": 1.0, "agreement_pct": 100.0}]
-    for t in thresholds:
-        d = decode_all(model, tokenizer, task, examples, EarlyExitDecoder(model, policy_for(s, t, model), o.kv_mode), o)
+    full_decoder = EarlyExitDecoder(model, None, "full")
+    decode_all(model, tokenizer, task, examples[:1], full_decoder, o)  # warm-up, not timed
+    full = decode_all(model, tokenizer, task, examples, full_decoder, o)
+    full_row = summarize(task, examples, full, None, L, model.exit_layers)
+    rows = [{"threshold": "full", **full_row, "speedup": 1.0, "agreement_pct": 100.0}]
+    for t in r.thresholds:
+        decoder = EarlyExitDecoder(model, ctx.policy.at(t), o.kv_mode)
+        d = decode_all(model, tokenizer, task, examples, decoder, o)
         rows.append({"threshold": t, **summarize(task, examples, d, full, L, model.exit_layers)})
     if out:
-        resolved = {"model": s.model_spec, "policy": s.policy, "min_exit_layer": s.min_exit_layer, "policy_params": s.policy_params or {},
-                    "dataset": s.dataset, "task": task_name, "split": s.split, "thresholds": thresholds, **o.__dict__,
-                    "exit_layers": model.exit_layers, "num_layers": L}
+        resolved = ctx.resolved(task=task_name, **o.__dict__)
         metrics = list(task.higher_is_better)
-        shares = [f"exit@{l}_pct" for l in model.exit_layers] if len(model.exit_layers) <= 8 else []  # all in the CSV / JSON
-        cols = ["threshold"] + metrics + ["compute_pct", "cost_pct", "mean_exit_layer", "tokens_per_s", "speedup", "agreement_pct"] + shares + ["tokens"]
+        # per-exit shares of deep models: in the CSV / JSON only
+        shares = [f"exit@{x}_pct" for x in model.exit_layers] if len(model.exit_layers) <= 8 else []
+        cols = ["threshold", *metrics, "compute_pct", "cost_pct", "mean_exit_layer"]
+        cols += ["tokens_per_s", "speedup", "agreement_pct", *shares, "tokens"]
         sig = task.score(full.texts, examples)
         notes = "".join(f"- {k}: `{v}`\n" for k, v in sig.items() if k.endswith("signature"))
-        notes += (f"\nCompute% = layers run per generated token / {L}; Cost% adds exit decisions and KV filling (layer-equivalents). "
-                  f"Speedup = full-depth seconds per token / early-exit seconds per token, same run. "
-                  f"Agreement = generated tokens equal to the full-depth output at the same position.\n\n"
-                  f"Example (first test item), full depth: {full.texts[0][:300]!r}\n\n")
-        title = f"{task_name} on {s.dataset}/{s.split}: {s.policy} (kv {o.kv_mode}, {Path(s.model_spec).name})"
+        notes += (
+            f"\nCompute% = layers run per generated token / {L}; Cost% adds exit decisions and "
+            "KV filling (layer-equivalents). Speedup = full-depth seconds per token / early-exit "
+            "seconds per token, same run. Agreement = generated tokens equal to the full-depth "
+            "output at the same position.\n\n"
+            f"Example (first test item), full depth: {full.texts[0][:300]!r}\n\n"
+        )
+        title = (
+            f"{task_name} on {ctx.dataset}/{r.split}: {r.policy} "
+            f"(kv {o.kv_mode}, {Path(r.model).name})"
+        )
         write_results(out, "sweep", title, rows, provenance(resolved), cols, notes=notes)
         if plot:
-            plot_tradeoff(Path(out) / "sweep.png", {s.policy: [(r["compute_pct"], r[task.primary], r["threshold"]) for r in rows[1:]]},
-                          "compute % (layers per generated token)", task.primary, title, {"full depth": (100.0, rows[0][task.primary])})
+            points = [(x["compute_pct"], x[task.primary], x["threshold"]) for x in rows[1:]]
+            plot_tradeoff(
+                Path(out) / "sweep.png", {r.policy: points}, "compute % (layers per generated token)",
+                task.primary, title, {"full depth": (100.0, rows[0][task.primary])},
+            )
     return rows

@@ -20,11 +20,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from eexit.models.blocks import block_adapter
 from eexit.errors import EexitError
 from eexit.policies.base import ExitPolicy, ExitView
 
 KV_MODES = ("full", "propagate", "recompute")
+
+
+def check_kv_mode(mode: str) -> None:
+    if mode not in KV_MODES:
+        raise EexitError(f"unknown KV mode {mode!r}; valid: {', '.join(KV_MODES)}")
 
 
 @dataclass
@@ -65,15 +69,14 @@ def _subset_state(state: dict, keep: torch.Tensor) -> None:
 
 class EarlyExitDecoder:
     def __init__(self, model, policy: ExitPolicy | None, kv_mode: str = "propagate"):
-        if kv_mode not in KV_MODES:
-            raise EexitError(f"unknown KV mode {kv_mode!r}; valid: {', '.join(KV_MODES)}")
+        check_kv_mode(kv_mode)
         if policy is not None and policy.needs_future:
             raise EexitError(f"policy {policy.registered_name!r} needs every layer and cannot decide during decoding")
         self.model, self.policy, self.kv_mode = model, policy, kv_mode
-        self.blocks = block_adapter(model)
+        self.blocks = model.family.adapter(model)
         self.L = self.blocks.num_layers
-        # stateful policies (patience, heuristic, LSTM, ...) see every exit, below min_exit_layer too
-        self.exits = {l for l in model.exit_layers if l < self.L and (policy is None or policy.stateful or l >= policy.min_exit_layer)}
+        # the exits where the policy is asked (stateful ones: every exit, for their history)
+        self.exits = {l for l in model.exit_layers if policy is not None and policy.scored_at(l, self.L)}
 
     # ------------------------------------------------------------------ attention over our cache
     def _attend(self, l, q, k_new, v_new, rows, slots, qvalid=None):
@@ -87,6 +90,10 @@ class EarlyExitDecoder:
             c["v"][l][:, :, s0] = v_new[:, :, 0]
             c["valid"][l][:, s0] = True
             valid = c["valid"][l][:, : s0 + 1]
+            window = self.blocks.window(l)
+            if window is not None and s0 + 1 > window:
+                valid = valid.clone()
+                valid[:, : s0 + 1 - window] = False
             mask = self._with_bias(None if bool(valid.all()) else valid[:, None, None, :], slots, s0 + 1)
             return F.scaled_dot_product_attention(q, c["k"][l][:, :, : s0 + 1], c["v"][l][:, :, : s0 + 1], attn_mask=mask,
                                                   scale=self.blocks.scaling, enable_gqa=gqa)
@@ -103,6 +110,9 @@ class EarlyExitDecoder:
         k, v = c["k"][l][rows, :, :S], c["v"][l][rows, :, :S]
         ar = torch.arange(S, device=q.device)
         mask = c["valid"][l][rows, None, None, :S] & (ar[None, None, None, :] <= slots[:, None, :, None])
+        window = self.blocks.window(l)
+        if window is not None:  # sliding-window attention: keys within the last `window` slots
+            mask = mask & (ar[None, None, None, :] > slots[:, None, :, None] - window)
         mask = mask | (ar[None, None, None, :] == slots[:, None, :, None])  # a query always sees itself
         mask = self._with_bias(mask, slots, S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.blocks.scaling, enable_gqa=gqa)

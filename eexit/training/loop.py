@@ -21,8 +21,10 @@ from eexit.data import corpora as data_mod
 from eexit.data import pairs as pairs_mod
 from eexit.config import RunConfig, to_dict
 from eexit.errors import EexitError, TrainingDiverged
-from eexit.training.losses import LOSSES, LossBatch
-from eexit.models.early_exit import EarlyExitModel, build_lm, load_model, resolve_exit_layers
+from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
+from eexit.models.families import FAMILIES
+from eexit.models.loading import build_lm, load_model
+from eexit.training.losses import LossBatch, make_loss
 
 STATE_FILE = "trainer_state.pt"
 
@@ -33,15 +35,15 @@ class TrainingModule(nn.Module):
     def __init__(self, model: EarlyExitModel, loss_cfg):
         super().__init__()
         self.model = model
-        self.loss_cfg = loss_cfg
-        self.loss_fn = LOSSES.get(loss_cfg.name)
+        self.exit_token_fraction = loss_cfg.exit_token_fraction
+        self.loss_fn = make_loss(loss_cfg)
 
     def forward(self, inputs, targets):
         if isinstance(inputs, dict):  # task pairs: padded, prompt positions ignored
             states, targets = pairs_mod.keep_labelled(self.model(**inputs), targets)
         else:
             states = self.model(inputs)
-        return self.loss_fn(LossBatch(self.model, states, targets, self.loss_cfg))
+        return self.loss_fn(LossBatch(self.model, states, targets, self.exit_token_fraction))
 
 
 def lr_lambda(cfg) -> callable:
@@ -129,7 +131,8 @@ def prepare_task_data(cfg: RunConfig, tokenizer, seq2seq: bool, task_name: str, 
     encode = lambda exs: pairs_mod.encode_pairs(tokenizer, task, exs, seq2seq, d.max_source_len, d.max_target_len)
     train, val = encode(train_ex), encode(val_ex)
     longest = max(len(s) + len(t) for s, t in zip(train.sources, train.targets))
-    if not seq2seq and cfg.model.arch == "gpt2" and not cfg.model.pretrained and longest > cfg.model.max_len:
+    fixed_positions = FAMILIES.get(cfg.model.arch).learned_positions and not cfg.model.pretrained
+    if not seq2seq and fixed_positions and longest > cfg.model.max_len:
         raise EexitError(f"prompt + target reach {longest} tokens but model.max_len is {cfg.model.max_len}; "
                          "raise model.max_len or lower data.max_source_len / data.max_target_len")
     return tokenizer, train, val
@@ -142,7 +145,8 @@ def build_model(cfg: RunConfig, tokenizer, pretrained: EarlyExitModel | None = N
     else:
         lm, depth = build_lm(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id), cfg.model.n_layers
     layers = resolve_exit_layers(cfg.model.exit_layers, depth, cfg.model.min_exit_layer)
-    return EarlyExitModel(lm, layers, cfg.model.exit_heads, halting_gate=cfg.loss.name == "ponder")
+    gate = make_loss(cfg.loss).needs_halting_gate
+    return EarlyExitModel(lm, layers, cfg.model.exit_heads, halting_gate=gate)
 
 
 @torch.no_grad()
@@ -196,7 +200,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
 
     # ---- setup
     check_output_dir(cfg, resume, overwrite)
-    LOSSES.get(cfg.loss.name)  # the "did you mean" error before any work
+    make_loss(cfg.loss)  # unknown loss ("did you mean") or bad loss.params: an error before any work
     # torchrun / accelerate launch without GPUs: accelerate takes the multi-process run only with cpu=True
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     from accelerate.utils import DistributedDataParallelKwargs
@@ -208,7 +212,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         raise EexitError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes ({world})")
     torch.manual_seed(cfg.seed)
     pretrained, pretrained_tok = load_model(cfg.model.pretrained)[:2] if cfg.model.pretrained else (None, None)
-    seq2seq = pretrained.is_seq2seq if pretrained is not None else cfg.model.arch == "t5"
+    seq2seq = pretrained.is_seq2seq if pretrained is not None else FAMILIES.get(cfg.model.arch).seq2seq
     tokenizer, train_tokens, val_tokens = prepare_data(cfg, pretrained_tok, seq2seq)
     model = build_model(cfg, tokenizer, pretrained)
     out = cfg.output_dir

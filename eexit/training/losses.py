@@ -1,11 +1,18 @@
 """Training objectives for early-exit models, registered by name (`--loss NAME`).
 
-Each loss is one decorated function `(batch: LossBatch) -> (loss, logs)`. Adding one:
+Each loss is one decorated class; its settings are its own `Params` dataclass, filled from
+`loss.params` in the config (`--set loss.params.kd_weight=0.5`) with the config's strict checks
+(unknown keys with "did you mean", types). Adding one:
 
     @register_loss("my-loss")
-    def my_loss(b: LossBatch):
-        ce = b.exit_ce()                       # {layer: per-token CE}
-        return ce[b.last].mean(), {}
+    class MyLoss(Loss):
+        @dataclass
+        class Params:
+            weight: float = 1.0  # what it weighs
+
+        def __call__(self, b: LossBatch):
+            ce = b.exit_ce()                       # per-token CE at every exit
+            return self.params.weight * ce.per_layer[b.last].mean(), {}
 
 Cost: the LM head is the expensive part of an exit (vocabulary x hidden). `exit_ce` scores
 the final layer on every position and the intermediate exits on a random share
@@ -13,21 +20,46 @@ the final layer on every position and the intermediate exits on a random share
 over a uniform sample is an unbiased estimate of the full mean, so the objective is unchanged
 in expectation while the extra head cost shrinks by that share.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from eexit.config import LossConfig, fill_dataclass
 from eexit.errors import EexitError
 from eexit.registry import Registry
 
-LossFn = Callable[["LossBatch"], tuple[torch.Tensor, dict[str, float]]]
-LOSSES: Registry[LossFn] = Registry("loss")
+LOSSES: Registry[type["Loss"]] = Registry("loss")
 register_loss = LOSSES.register
+
+
+class Loss:
+    """Base class: `__call__(batch) -> (loss, logs)`; settings in `self.params`."""
+
+    @dataclass
+    class Params:
+        pass
+
+    needs_halting_gate = False  # the model gets seed 000's halting gate (ponder)
+    registered_name = "?"
+
+    def __init__(self, params: dict | None = None):
+        self.params = fill_dataclass(self.Params(), params or {}, "loss.params.")
+        self.check()
+
+    def check(self) -> None:
+        """Validate `self.params` (raise EexitError with what is allowed)."""
+
+    def __call__(self, b: "LossBatch") -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+def make_loss(cfg: LossConfig) -> Loss:
+    return LOSSES.get(cfg.name)(cfg.params)
 
 
 @dataclass
@@ -49,7 +81,7 @@ class LossBatch:
     model: "torch.nn.Module"  # EarlyExitModel
     states: list[torch.Tensor]  # every block's output [B, T, d]
     targets: torch.Tensor  # [B, T] next-token ids
-    cfg: "object"  # LossConfig
+    exit_token_fraction: float = 1.0  # share of positions scored at intermediate exits
 
     @property
     def last(self) -> int:
@@ -77,7 +109,7 @@ def compute_exit_ce(b: LossBatch, layers: list[int]) -> ExitCE:
     inter = [l for l in layers if l != last]
     sample = None
     if inter:
-        frac = b.cfg.exit_token_fraction
+        frac = b.exit_token_fraction
         if frac < 1.0:
             k = max(1, int(round(frac * n)))
             sample = torch.randperm(n, device=targets.device)[:k]
@@ -100,72 +132,116 @@ def _logs(ce: ExitCE) -> dict[str, float]:
 
 
 @register_loss("final")
-def final_loss(b: LossBatch):
+class Final(Loss):
     """Cross-entropy at the last layer only (the standard baseline)."""
-    ce = b.exit_ce([b.last])
-    return ce.per_layer[b.last].mean(), _logs(ce)
+
+    def __call__(self, b):
+        ce = b.exit_ce([b.last])
+        return ce.per_layer[b.last].mean(), _logs(ce)
 
 
-@register_loss("weighted-ce")
 def weighted_ce(b: LossBatch):
     """CALM: sum_i alpha_i * CE_i with alpha_i = i / sum_j j over the exit layers."""
     ce = b.exit_ce()
     total = float(sum(b.exits))
-    loss = sum((l / total) * ce.per_layer[l].mean() for l in b.exits)
+    loss = sum((layer / total) * ce.per_layer[layer].mean() for layer in b.exits)
     return loss, _logs(ce)
 
 
+@register_loss("weighted-ce")
+class WeightedCE(Loss):
+    """CALM: sum_i alpha_i * CE_i with alpha_i = i / sum_j j over the exit layers."""
+
+    def __call__(self, b):
+        return weighted_ce(b)
+
+
 @register_loss("aux")
-def aux_loss(b: LossBatch):
+class Aux(Loss):
     """Seed 002, experiment 3: 0.5 * CE(shallow exit) + 0.5 * CE(deep exit)."""
-    if len(b.exits) < 2:
-        raise EexitError("--loss aux needs at least two exit layers (e.g. model.exit_layers=[1,3])")
-    shallow = b.exits[0]
-    ce = b.exit_ce([shallow, b.last])
-    return 0.5 * ce.per_layer[shallow].mean() + 0.5 * ce.per_layer[b.last].mean(), _logs(ce)
+
+    def __call__(self, b):
+        if len(b.exits) < 2:
+            raise EexitError(
+                "--loss aux needs at least two exit layers (e.g. model.exit_layers=[1,3])"
+            )
+        shallow = b.exits[0]
+        ce = b.exit_ce([shallow, b.last])
+        loss = 0.5 * ce.per_layer[shallow].mean() + 0.5 * ce.per_layer[b.last].mean()
+        return loss, _logs(ce)
 
 
 @register_loss("deep-supervision")
-def deep_supervision(b: LossBatch):
+class DeepSupervision(Loss):
     """Seed 002, experiment 4 (Lee et al. 2015): the mean of CE over all exits."""
-    ce = b.exit_ce()
-    return sum(ce.per_layer[l].mean() for l in b.exits) / len(b.exits), _logs(ce)
+
+    def __call__(self, b):
+        ce = b.exit_ce()
+        return sum(ce.per_layer[layer].mean() for layer in b.exits) / len(b.exits), _logs(ce)
 
 
-def kd_targets(b: LossBatch, shallow: int, h: dict | None = None) -> list[int]:
-    """FREE's mapping m(i) from shallow layers 1..s to deep layers s+1..L (h: layer -> states compared)."""
-    s, L, mode = shallow, b.last, b.cfg.kd_mapping
+KD_MAPPINGS = ("last", "uniform", "closest")
+
+
+def kd_targets(b: LossBatch, shallow: int, mode: str, h: dict | None = None) -> list[int]:
+    """FREE's mapping m(i) from shallow layers 1..s to deep layers s+1..L
+    (h: layer -> the states compared by `closest`)."""
+    s, L = shallow, b.last
     deep = list(range(s + 1, L + 1))
     if mode == "last":
         return [L] * s
-    if mode == "uniform":  # spread the shallow layers evenly over the deep module: m(i) = s + ceil(i (L-s) / s)
+    if mode == "uniform":  # the shallow layers spread evenly: m(i) = s + ceil(i (L-s) / s)
         return [s + -(-i * (L - s) // s) for i in range(1, s + 1)]
     with torch.no_grad():  # closest: argmin_j MSE(H_S^i, H_D^j)
-        h = h or {l: b.states[l - 1] for l in range(1, b.last + 1)}
-        return [deep[int(torch.stack([F.mse_loss(h[i], h[j]) for j in deep]).argmin())] for i in range(1, s + 1)]
+        h = h or {layer: b.states[layer - 1] for layer in range(1, b.last + 1)}
+        return [
+            deep[int(torch.stack([F.mse_loss(h[i], h[j]) for j in deep]).argmin())]
+            for i in range(1, s + 1)
+        ]
 
 
 @register_loss("free-kd")
-def free_kd(b: LossBatch):
-    """FREE: weighted CE + kd_weight * 1/|L_S| sum_i MSE(H_S^i, H_D^m(i)) (deep states are the teacher).
+class FreeKD(Loss):
+    """FREE: weighted CE + kd_weight * 1/|L_S| sum_i MSE(H_S^i, H_D^m(i)) (deep states teach).
 
     H are the block outputs passed through the model's final norm (the states the LM head reads):
     on raw residual streams, whose scale grows with depth, the MSE dominates the loss and training
     diverges (seen on an 8-layer GPT-2: loss 5e8 after 400 steps)."""
-    shallow = b.cfg.shallow_layer or (b.exits[0] if len(b.exits) > 1 else None)
-    if shallow is None or not 1 <= shallow < b.last:
-        raise EexitError(f"--loss free-kd needs a shallow exit below layer {b.last} (set loss.shallow_layer or model.exit_layers)")
-    loss, logs = weighted_ce(b)
-    norm = b.model.parts.final_norm
-    h = {l: norm(b.states[l - 1]).float() for l in range(1, b.last + 1)}
-    mapping = kd_targets(b, shallow, h)
-    kd = sum(F.mse_loss(h[i], h[m].detach()) for i, m in zip(range(1, shallow + 1), mapping)) / shallow
-    logs["kd"] = kd.item()
-    return loss + b.cfg.kd_weight * kd, logs
+
+    @dataclass
+    class Params:
+        kd_mapping: str = "last"  # shallow -> deep layer mapping: last | uniform | closest
+        kd_weight: float = 1.0  # weight of the distillation term
+        shallow_layer: int | None = None  # last layer of the shallow module (default: first exit)
+
+    def check(self):
+        if self.params.kd_mapping not in KD_MAPPINGS:
+            raise EexitError(
+                f"loss.params.kd_mapping must be one of {', '.join(KD_MAPPINGS)}; "
+                f"got {self.params.kd_mapping!r}"
+            )
+
+    def __call__(self, b):
+        p = self.params
+        shallow = p.shallow_layer or (b.exits[0] if len(b.exits) > 1 else None)
+        if shallow is None or not 1 <= shallow < b.last:
+            raise EexitError(
+                f"--loss free-kd needs a shallow exit below layer {b.last} "
+                "(set loss.params.shallow_layer or model.exit_layers)"
+            )
+        loss, logs = weighted_ce(b)
+        norm = b.model.parts.final_norm
+        h = {layer: norm(b.states[layer - 1]).float() for layer in range(1, b.last + 1)}
+        mapping = kd_targets(b, shallow, p.kd_mapping, h)
+        pairs = zip(range(1, shallow + 1), mapping)
+        kd = sum(F.mse_loss(h[i], h[m].detach()) for i, m in pairs) / shallow
+        logs["kd"] = kd.item()
+        return loss + p.kd_weight * kd, logs
 
 
 def halting_distribution(halting_logits: torch.Tensor) -> torch.Tensor:
-    """Per-exit halting probabilities p_n = lambda_n * prod_{j<n} (1 - lambda_j); the last exit takes the rest."""
+    """Per-exit halting probabilities p_n = lambda_n * prod_{j<n} (1 - lambda_j); the last exit
+    takes the rest."""
     lam = torch.sigmoid(halting_logits.float())
     lam = torch.cat([lam[:-1], torch.ones_like(lam[-1:])])
     survive = torch.cumprod(torch.cat([torch.ones_like(lam[:1]), 1 - lam[:-1]]), dim=0)
@@ -173,18 +249,26 @@ def halting_distribution(halting_logits: torch.Tensor) -> torch.Tensor:
 
 
 @register_loss("ponder")
-def ponder(b: LossBatch):
-    """Seed 000: expected task loss sum_n p_n * L_n minus beta * H(p), p from the learned exit gate."""
-    model = b.model
-    ce = b.exit_ce()
-    n = b.targets.numel()
-    gate = model.halting_logits(b.states).reshape(len(b.exits), n)
-    if ce.sample is not None:
-        gate = gate[:, ce.sample]
-    p = halting_distribution(gate)  # [n_exits, positions]
-    losses = torch.stack([ce.at_sample(l) for l in b.exits])
-    expected = (p * losses).sum(0).mean()
-    entropy = -(p * torch.log(p.clamp_min(1e-9))).sum(0).mean()
-    logs = _logs(ce)
-    logs.update({"entropy": entropy.item(), "mean_exit": (p * torch.tensor(b.exits, dtype=p.dtype, device=p.device)[:, None]).sum(0).mean().item()})
-    return expected - b.cfg.ponder_beta * entropy, logs
+class Ponder(Loss):
+    """Seed 000: expected task loss sum_n p_n * L_n minus beta * H(p), p from the learned gate."""
+
+    needs_halting_gate = True
+
+    @dataclass
+    class Params:
+        ponder_beta: float = 0.01  # weight of the halting-distribution entropy bonus
+
+    def __call__(self, b):
+        ce = b.exit_ce()
+        n = b.targets.numel()
+        gate = b.model.halting_logits(b.states).reshape(len(b.exits), n)
+        if ce.sample is not None:
+            gate = gate[:, ce.sample]
+        p = halting_distribution(gate)  # [n_exits, positions]
+        losses = torch.stack([ce.at_sample(layer) for layer in b.exits])
+        expected = (p * losses).sum(0).mean()
+        entropy = -(p * torch.log(p.clamp_min(1e-9))).sum(0).mean()
+        exits = torch.tensor(b.exits, dtype=p.dtype, device=p.device)[:, None]
+        logs = _logs(ce)
+        logs.update({"entropy": entropy.item(), "mean_exit": (p * exits).sum(0).mean().item()})
+        return expected - self.params.ponder_beta * entropy, logs

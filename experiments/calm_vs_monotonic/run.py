@@ -10,15 +10,19 @@ LSTM, 3-state MLP), its odd windows calibrate every threshold. Reported on the t
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from eexit import quiet
-from eexit.calibration.calibrate import CalibrateOptions, calibrate, fit
-from eexit.evaluation.lm import EvalSetup
-from eexit.reporting import plot_tradeoff, prepare_dir, provenance, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root: experiments.*
+
+from eexit import quiet  # noqa: E402
+from eexit.calibration.calibrate import CalibrateOptions, fit  # noqa: E402
+from eexit.evaluation.context import EvalRequest, open_context  # noqa: E402
+from eexit.reporting import plot_tradeoff, prepare_dir, provenance, write_results  # noqa: E402
+from experiments.common import LTT_GRID as GRID  # noqa: E402
+from experiments.common import calibrate_policy  # noqa: E402
 
 GROUPS = {"margin": "CALM", "saturation": "CALM", "meta": "CALM", "lstm": "monotonic", "mlp3": "monotonic", "heuristic": "monotonic"}
-GRID = sorted({round(i / 100, 3) for i in range(0, 90)} | {round(0.9 + i / 1000, 3) for i in range(0, 101)}, reverse=True)
 
 
 def main() -> None:
@@ -33,12 +37,13 @@ def main() -> None:
     a = ap.parse_args()
     quiet()
     prepare_dir(a.out, a.overwrite)
-    base = dict(model_spec=a.model, min_exit_layer=a.min_exit_layer, split="validation", max_tokens=a.max_tokens)
-    fit_rows = fit(a.model, ["meta", "lstm", "mlp3"], "consistent", EvalSetup(**base))
+    base = dict(model=a.model, min_exit_layer=a.min_exit_layer, split="validation", max_tokens=a.max_tokens)
+    ctx = open_context(EvalRequest(**base), bind=False)
+    fit_rows = fit(ctx, ["meta", "lstm", "mlp3"], "consistent")
     rows = []
-    opts = CalibrateOptions(a.epsilon, a.delta, "consistency", GRID, "test")
+    opts = CalibrateOptions(epsilon=a.epsilon, delta=a.delta, risk="consistency", grid=GRID, test_split="test")
     for policy, group in GROUPS.items():
-        summary, _ = calibrate(EvalSetup(policy=policy, **base), opts, slice(1, None, 2))
+        summary = calibrate_policy(EvalRequest(policy=policy, **base), opts, ctx.model, ctx.tokenizer)
         row = {"group": group, "policy": policy, "threshold": summary["threshold"]}
         if summary["threshold"] is None:
             row["note"] = summary["message"]

@@ -14,19 +14,23 @@ Every row decodes the same verses; "full" is full-depth decoding of the same mod
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from eexit import quiet
-from eexit.calibration.calibrate import CalibrateOptions, calibrate, fit
-from eexit.models.decoding import EarlyExitDecoder
-from eexit.evaluation.lm import EvalSetup
-from eexit.reporting import plot_tradeoff, prepare_dir, provenance, write_results
-from eexit.evaluation.tasks import TaskOptions, decode_all, policy_for, prepare, summarize
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root: experiments.*
+
+from eexit import quiet  # noqa: E402
+from eexit.calibration.calibrate import CalibrateOptions, fit  # noqa: E402
+from eexit.evaluation.context import EvalRequest, make_bound_policy, open_context  # noqa: E402
+from eexit.evaluation.tasks import TaskOptions, decode_all, prepare, summarize  # noqa: E402
+from eexit.models.decoding import EarlyExitDecoder  # noqa: E402
+from eexit.reporting import plot_tradeoff, prepare_dir, provenance, write_results  # noqa: E402
+from experiments.common import LTT_GRID as GRID  # noqa: E402
+from experiments.common import calibrate_policy  # noqa: E402
 
 GROUPS = {"margin": "CALM", "saturation": "CALM", "meta": "CALM", "heuristic": "monotonic", "lstm": "monotonic", "mlp3": "monotonic"}
 THRESHOLDS = {"margin": [0.1, 0.3, 0.5, 0.7, 0.9], "saturation": [0.9, 0.95, 0.99, 0.999], "meta": [0.3, 0.5, 0.7, 0.9],
               "heuristic": [0.1, 0.3, 0.5, 0.7], "lstm": [0.3, 0.5, 0.7, 0.9], "mlp3": [0.3, 0.5, 0.7, 0.9]}
-GRID = sorted({round(i / 100, 3) for i in range(0, 90)} | {round(0.9 + i / 1000, 3) for i in range(0, 101)}, reverse=True)
 
 
 def main() -> None:
@@ -42,12 +46,14 @@ def main() -> None:
     a = ap.parse_args()
     quiet()
     prepare_dir(a.out, a.overwrite)
-    val = dict(model_spec=a.model, split="validation", max_tokens=a.calibration_tokens)
-    fit_rows = fit(a.model, ["meta", "lstm", "mlp3"], "consistent", EvalSetup(**val))
+    val = dict(model=a.model, split="validation", max_tokens=a.calibration_tokens)
+    val_ctx = open_context(EvalRequest(**val), bind=False)
+    fit_rows = fit(val_ctx, ["meta", "lstm", "mlp3"], "consistent")
 
-    o = TaskOptions(a.examples, None, None, a.kv, 1)
-    base = EvalSetup(a.model, split="test")
-    model, tok, task, examples = prepare(base, o)
+    o = TaskOptions(examples=a.examples, kv_mode=a.kv, batch_size=1)
+    ctx = open_context(EvalRequest(model=a.model, split="test"), val_ctx.model, val_ctx.tokenizer)
+    model, tok = ctx.model, ctx.tokenizer
+    task, examples = prepare(ctx, o)
     L = model.num_layers
     decode = lambda pol: decode_all(model, tok, task, examples, EarlyExitDecoder(model, pol, a.kv), o)  # noqa: E731
     decode_all(model, tok, task, examples[:2], EarlyExitDecoder(model, None, "full"), o)  # warm-up
@@ -57,17 +63,17 @@ def main() -> None:
     print(full_row, flush=True)
     sweep, calibrated = [full_row], [full_row]
     for policy, group in GROUPS.items():
-        s = EvalSetup(a.model, policy=policy, split="test")
+        pol = make_bound_policy(EvalRequest(model=a.model, policy=policy), model, ctx.checkpoint)
         for t in THRESHOLDS[policy]:
-            row = {"group": group, "policy": policy, "threshold": t, **summarize(task, examples, decode(policy_for(s, t, model)), full, L, model.exit_layers)}
+            row = {"group": group, "policy": policy, "threshold": t, **summarize(task, examples, decode(pol.at(t)), full, L, model.exit_layers)}
             sweep.append(row)
             print(row, flush=True)
-        summary, _ = calibrate(EvalSetup(policy=policy, **val), CalibrateOptions(a.epsilon, a.delta, "consistency", GRID, "validation"),
-                               slice(1, None, 2))
+        opts = CalibrateOptions(epsilon=a.epsilon, delta=a.delta, risk="consistency", grid=GRID, test_split="validation")
+        summary = calibrate_policy(EvalRequest(policy=policy, **val), opts, model, tok)
         thr = summary["threshold"]
         row = {"group": group, "policy": policy, "threshold": thr}
         if thr is not None:
-            row.update(summarize(task, examples, decode(policy_for(s, thr, model)), full, L, model.exit_layers))
+            row.update(summarize(task, examples, decode(pol.at(thr)), full, L, model.exit_layers))
             row["teacher_forced_risk"] = summary["calibration_risk"]
         calibrated.append(row)
         print("calibrated", row, flush=True)

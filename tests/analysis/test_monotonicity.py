@@ -77,7 +77,7 @@ def test_analyze_command_on_a_trained_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_sublayer_attention_point_matches_a_manual_split(tiny_checkpoint):
-    from eexit.models.early_exit import load_model
+    from eexit.models.loading import load_model
 
     model, _, _ = load_model(str(tiny_checkpoint))
     x = torch.randint(0, 200, (1, 12))

@@ -4,7 +4,7 @@ import torch
 
 from eexit.config import LossConfig
 from eexit.evaluation.records import collect_exit_table, exit_metrics
-from eexit.training.losses import LOSSES, LossBatch
+from eexit.training.losses import LOSSES, LossBatch, make_loss
 from eexit.data.pairs import IGNORE, EncodedPairs, collate, keep_labelled
 from eexit.policies.base import POLICIES, make_policy
 
@@ -35,7 +35,7 @@ def test_every_loss_trains_t5_decoder_exits(t5, name):  # noqa: F811
     pairs = EncodedPairs(True, [r[m.bool()].tolist() for r, m in zip(ids, mask)], [[3, 4, 5, 1], [6, 1], [7, 8, 1]], 0, 0)
     batch, labels = collate(pairs, [0, 1, 2])
     states, y = keep_labelled(model(**batch), labels)
-    loss, logs = LOSSES.get(name)(LossBatch(model, states, y, LossConfig(name=name)))
+    loss, logs = make_loss(LossConfig(name=name))(LossBatch(model, states, y))
     model.zero_grad()
     loss.backward()
     assert torch.isfinite(loss)

@@ -4,14 +4,15 @@ import pytest
 import torch
 
 from eexit.evaluation.records import collect_exit_table, exit_metrics, per_exit_ppl
-from eexit.evaluation.lm import EvalSetup, setup
+from eexit.evaluation.context import EvalRequest, lm_windows, open_context
 from eexit.policies.base import make_policy
 
 
 @pytest.fixture(scope="module")
 def tables(tiny_checkpoint):
-    s = EvalSetup(str(tiny_checkpoint), max_tokens=2048)
-    model, _, x, y, _ = setup(s)
+    ctx = open_context(EvalRequest(model=str(tiny_checkpoint), max_tokens=2048))
+    model = ctx.model
+    x, y, _ = lm_windows(ctx)
     out = {}
     for name in ("max-prob", "margin", "entropy", "saturation", "oracle", "static"):
         pol = make_policy(name)
@@ -31,7 +32,7 @@ def test_table_matches_a_plain_full_forward(tables):
 @pytest.mark.parametrize("name", ["max-prob", "margin", "entropy", "saturation"])
 def test_threshold_one_equals_full_model(tables, name):
     pol, t = tables[3][name]
-    row = exit_metrics(t, pol, 1.0)
+    row = exit_metrics(t, pol.at(1.0))
     assert row["ppl"] == pytest.approx(row["full_ppl"], rel=1e-9)
     assert row["compute_pct"] == pytest.approx(100.0)
     assert row["agreement_pct"] == pytest.approx(100.0)
@@ -40,7 +41,7 @@ def test_threshold_one_equals_full_model(tables, name):
 @pytest.mark.parametrize("name", ["max-prob", "margin", "entropy", "saturation"])
 def test_compute_rises_with_threshold(tables, name):
     pol, t = tables[3][name]
-    rows = [exit_metrics(t, pol, thr) for thr in [i / 20 for i in range(21)]]
+    rows = [exit_metrics(t, pol.at(thr)) for thr in [i / 20 for i in range(21)]]
     compute = [r["compute_pct"] for r in rows]
     assert all(a <= b + 1e-9 for a, b in zip(compute, compute[1:]))
     assert compute[0] < compute[-1] == pytest.approx(100.0)
@@ -52,7 +53,7 @@ def test_compute_rises_with_threshold(tables, name):
 
 def test_threshold_zero_max_prob_exits_everything_at_the_first_exit(tables):
     pol, t = tables[3]["max-prob"]
-    row = exit_metrics(t, pol, 0.0)
+    row = exit_metrics(t, pol.at(0.0))
     assert row["exit@1_pct"] == pytest.approx(100.0)
     assert row["ppl"] == pytest.approx(per_exit_ppl(t)[1], rel=1e-9)
     assert row["compute_pct"] == pytest.approx(100 / 3)

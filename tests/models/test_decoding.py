@@ -4,7 +4,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from eexit.models.decoding import KV_MODES, EarlyExitDecoder
 from eexit.errors import EexitError
-from eexit.models.early_exit import EarlyExitModel, load_model
+from eexit.models.early_exit import EarlyExitModel
+from eexit.models.loading import load_model
 from eexit.policies.base import make_policy
 from tests.helpers import HiddenSign
 

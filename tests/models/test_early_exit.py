@@ -7,7 +7,8 @@ from tests.helpers import tiny
 
 from eexit.config import ModelConfig
 from eexit.errors import EexitError
-from eexit.models.early_exit import EarlyExitModel, build_lm, load_model, resolve_exit_layers
+from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
+from eexit.models.loading import build_lm, load_model
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -53,8 +54,9 @@ def test_save_and_load_roundtrip_and_plain_transformers_load(tmp_path):
     m.save(tmp_path / "ck", tok, {"note": "x"})
     meta = json.loads((tmp_path / "ck" / "eexit.json").read_text())
     assert meta["exit_layers"] == [1, 3] and meta["exit_heads"] == "separate" and meta["halting_gate"]
-    loaded, _, meta2 = load_model(str(tmp_path / "ck"))
-    assert loaded.exit_layers == [1, 3] and meta2["note"] == "x"
+    loaded, _, info = load_model(str(tmp_path / "ck"))
+    assert loaded.exit_layers == [1, 3] and info.extra["note"] == "x"
+    assert info.exit_heads == "separate" and info.halting_gate and info.folder == tmp_path / "ck"
     h = torch.randn(4, 32)
     assert torch.allclose(loaded.exit_logits(h, 1), m.exit_logits(h, 1), atol=1e-6)
     assert torch.allclose(loaded.halting_gate(h), m.halting_gate(h), atol=1e-6)

@@ -24,7 +24,7 @@ def test_hub_dataset_offline_is_a_one_line_error(offline):
 
 
 def test_hub_model_offline_is_a_one_line_error(offline):
-    from eexit.models.early_exit import load_model
+    from eexit.models.loading import load_model
 
     with pytest.raises(EexitError, match="could not load model 'HuggingFaceTB/SmolLM2-135M'"):
         load_model("HuggingFaceTB/SmolLM2-135M")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from eexit.errors import EexitError
-from eexit.policies.base import ExitView, Oracle, make_policy
+from eexit.policies.base import ExitView, make_policy
+from eexit.policies.confidence import Oracle
 
 
 def view(logits=None, hidden=None, prev=None, layer=2, num_layers=4, model=None, state=None, positions=None, max_steps=None):

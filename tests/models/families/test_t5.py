@@ -6,7 +6,8 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from eexit.models.decoding import KV_MODES, EarlyExitDecoder
-from eexit.models.early_exit import EarlyExitModel, load_model
+from eexit.models.early_exit import EarlyExitModel
+from eexit.models.loading import load_model
 from eexit.policies.base import make_policy
 from tests.conftest import run_cli, tiny_overrides
 from tests.helpers import HiddenSign

@@ -1,0 +1,86 @@
+"""The one evaluation entry behind `eexit evaluate` and `eexit sweep-threshold`.
+
+It validates the options, opens the model once (`open_context`: checkpoint metadata read once,
+policy bound) and dispatches on what is evaluated:
+- a task dataset (translation, summarization, QA): early-exit decoding scored by the task metric;
+- `generate`: early-exit decoding of LM prompts against full-depth decoding (speed, agreement);
+- otherwise: teacher-forced language modelling (perplexity, compute, exit shares).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from eexit.errors import EexitError
+from eexit.evaluation.context import EvalRequest, open_context
+from eexit.evaluation.generation import GenerationOptions, run_generation
+from eexit.evaluation.lm import run_lm
+from eexit.evaluation.tasks import TaskOptions, run_task_sweep
+from eexit.reporting import prepare_dir
+
+CALIBRATED_FILE = "calibrated.json"
+
+
+@dataclass(kw_only=True)
+class EvalResult:
+    kind: str  # lm | task | generation
+    rows: list[dict]  # one per threshold (task: the full-depth row first; generation: per sample)
+    total: dict | None = None  # generation: the whole run
+    dataset: str = ""
+
+
+def evaluate(
+    request: EvalRequest,
+    *,
+    out: str | None = None,
+    overwrite: bool = False,
+    sweep: bool = False,
+    generation: GenerationOptions | None = None,
+    task: TaskOptions | None = None,
+) -> EvalResult:
+    """Evaluate `request` (one row per threshold); `sweep` writes the sweep tables and plot."""
+    if generation is not None:
+        generation.check()
+    task = task or TaskOptions()
+    task.check()
+    if out:
+        prepare_dir(out, overwrite)
+    ctx = open_context(request)
+    if ctx.is_task and generation is None:
+        return EvalResult(kind="task", rows=run_task_sweep(ctx, task, out), dataset=ctx.dataset)
+    if generation is not None:
+        rows, total = run_generation(ctx, generation, out)
+        return EvalResult(kind="generation", rows=rows, total=total, dataset=ctx.dataset)
+    return EvalResult(kind="lm", rows=run_lm(ctx, out, sweep), dataset=ctx.dataset)
+
+
+def read_calibrated(folder: str) -> dict:
+    """The policy and threshold chosen by `eexit calibrate --out FOLDER`."""
+    p = Path(folder) / CALIBRATED_FILE
+    if not p.is_file():
+        raise EexitError(
+            f"{folder} holds no {CALIBRATED_FILE} (make one with eexit calibrate ... --out {folder})"
+        )
+    try:
+        c = json.loads(p.read_text())
+        keys = ("policy", "threshold", "min_exit_layer", "policy_params")
+        missing = [k for k in keys if k not in c]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+    except (ValueError, UnicodeDecodeError, TypeError) as e:
+        raise EexitError(f"{p} is not a calibration result ({str(e).splitlines()[0]})") from None
+    return c
+
+
+def apply_calibrated(request: EvalRequest, folder: str) -> EvalRequest:
+    """The request with the calibrated policy, threshold, min exit layer and exits."""
+    c = read_calibrated(folder)
+    if c.get("model") and Path(c["model"]).resolve() != Path(request.model).resolve():
+        raise EexitError(f"{folder} was calibrated for model {c['model']}, not {request.model}")
+    request.policy, request.thresholds = c["policy"], [c["threshold"]]
+    request.min_exit_layer, request.policy_params = c["min_exit_layer"], c["policy_params"]
+    if not request.exit_layers and c.get("exit_layers"):
+        request.exit_layers = ",".join(str(x) for x in c["exit_layers"])
+    return request

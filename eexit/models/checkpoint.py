@@ -1,0 +1,70 @@
+"""A checkpoint's eexit metadata, read once into a typed object.
+
+An eexit checkpoint is a `save_pretrained` folder (plain `transformers` loads the backbone) plus
+`eexit.json` (exits, exit heads, halting gate, the training config and step) and
+`exit_modules.safetensors` (separate exit heads, halting gate). Hub names, HF folders without
+eexit.json and .gguf files have no metadata: every field then takes its default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eexit.config import DataConfig, RunConfig, config_from_dict
+from eexit.errors import EexitError
+
+EEXIT_META = "eexit.json"
+EXTRA_WEIGHTS = "exit_modules.safetensors"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointInfo:
+    spec: str  # what the user named: checkpoint folder, HF folder, hub name or .gguf file
+    folder: Path | None = None  # the local folder (fitted classifiers are saved beside the model)
+    exit_layers: list[int] | None = None  # None: every layer
+    exit_heads: str = "shared"  # shared | separate
+    halting_gate: bool = False  # trained with the ponder loss
+    train_config: RunConfig | None = None  # the config the checkpoint was trained with
+    step: int | None = None
+    extra: dict = field(default_factory=dict)  # other keys of eexit.json (final metrics, ...)
+
+    @property
+    def data(self) -> DataConfig:
+        """The training data settings (dataset, window, task lengths), or the defaults."""
+        return self.train_config.data if self.train_config else DataConfig()
+
+    @property
+    def trained_dataset(self) -> str | None:
+        return self.train_config.data.dataset if self.train_config else None
+
+    @classmethod
+    def read(cls, spec: str) -> "CheckpointInfo":
+        path = Path(spec)
+        folder = path if path.is_dir() else None
+        meta_file = path / EEXIT_META if folder else None
+        if meta_file is None or not meta_file.is_file():
+            return cls(spec=spec, folder=folder)
+        try:
+            meta = json.loads(meta_file.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EexitError(f"{meta_file} is not valid JSON ({str(e).splitlines()[0]})") from None
+        known = {"exit_layers", "exit_heads", "halting_gate", "train_config", "step"}
+        train = meta.get("train_config")
+        try:
+            cfg = config_from_dict(train) if train is not None else None
+        except EexitError as e:
+            raise EexitError(f"{meta_file}: train_config: {e}") from None
+        return cls(
+            spec=spec,
+            folder=folder,
+            exit_layers=meta.get("exit_layers"),
+            exit_heads=meta.get("exit_heads", "shared"),
+            halting_gate=bool(meta.get("halting_gate", False)),
+            train_config=cfg,
+            step=meta.get("step"),
+            extra={k: v for k, v in meta.items() if k not in known},
+        )

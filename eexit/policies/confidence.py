@@ -1,0 +1,92 @@
+"""Confidence measures computed from one exit: the softmax-based ones (max-prob, margin, entropy),
+the hidden-state saturation that needs no LM head, and the reference rules static and oracle."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from eexit.errors import EexitError
+from eexit.policies.base import ExitPolicy, register_policy
+
+
+@register_policy("max-prob")
+class MaxProb(ExitPolicy):
+    """Seed 002: the largest softmax probability of the exit's prediction."""
+
+    def score(self, view):
+        return view.probs.max(-1).values
+
+
+@register_policy("margin")
+class Margin(ExitPolicy):
+    """CALM: top-1 minus top-2 softmax probability."""
+
+    def score(self, view):
+        top = view.probs.topk(2, dim=-1).values
+        return top[:, 0] - top[:, 1]
+
+
+@register_policy("entropy")
+class Entropy(ExitPolicy):
+    """DeeBERT: 1 - H(p) / log V, so that a peaked distribution scores near 1."""
+
+    def score(self, view):
+        logp = torch.log_softmax(view.logits, -1)
+        h = -(logp.exp() * logp).sum(-1)
+        return 1.0 - h / math.log(view.logits.shape[-1])
+
+
+@register_policy("saturation")
+class Saturation(ExitPolicy):
+    """CALM: hidden-state saturation, cosine similarity of this and the previous layer's state."""
+
+    needs_logits = False
+
+    def score(self, view):
+        return F.cosine_similarity(view.hidden.float(), view.prev_hidden.float(), dim=-1).clamp_min(0.0)
+
+    def decision_macs(self, hidden_size, vocab_size):
+        return 3.0 * hidden_size
+
+
+@register_policy("static")
+class Static(ExitPolicy):
+    """Every token exits at the first exit at or after a fixed layer (`layer`, default: the last = full model)."""
+
+    needs_logits = False
+    threshold_free = True
+
+    def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, decay_tau: float = 0.0, layer: int | None = None):
+        super().__init__(threshold, min_exit_layer, decay_tau)
+        self.layer = int(layer) if layer is not None else None
+
+    def score(self, view):
+        target = self.layer if self.layer is not None else view.num_layers
+        return torch.full((view.hidden.shape[0],), float(view.layer >= target), device=view.hidden.device)
+
+    def decision_macs(self, hidden_size, vocab_size):
+        return 0.0
+
+
+@register_policy("oracle")
+class Oracle(ExitPolicy):
+    """The earliest exit after which the top-1 prediction never changes (needs all layers)."""
+
+    needs_logits = False
+    needs_future = True
+    threshold_free = True
+
+    def score(self, view):
+        raise EexitError("the oracle policy needs every layer's prediction: use it with evaluate / sweep, not decoding")
+
+    @staticmethod
+    def scores_from_top1(top1: torch.Tensor) -> torch.Tensor:
+        """[K, N] top-1 ids per exit -> [K, N] 1.0 where the prediction is fixed from this exit on."""
+        same = top1 == top1[-1:]
+        stable = torch.flip(torch.cumprod(torch.flip(same.int(), [0]), 0), [0])
+        return stable.float()
+
+    def decision_macs(self, hidden_size, vocab_size):
+        return 0.0
