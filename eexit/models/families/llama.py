@@ -61,7 +61,10 @@ class LlamaBlocks(BlockAdapter):
         return h + blk.mlp(blk.post_attention_layernorm(h))
 
     def window(self, l):
-        return getattr(self.layers[l].self_attn, "sliding_window", None) or None
+        attn = self.layers[l].self_attn
+        if hasattr(attn, "sliding_window"):  # per layer (Qwen2: only the sliding layers)
+            return attn.sliding_window or None
+        return getattr(self.model.lm.config, "sliding_window", None) or None  # Mistral: every layer
 
 
 @register_family
