@@ -3,6 +3,7 @@ prompts, ratios measured side by side in one run -> results/bench/generation.{md
 
     python benchmarks/generation.py --model checkpoints/demo --model path/to/SmolLM2.gguf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,8 @@ from pathlib import Path
 import torch
 
 from eexit import quiet
-from eexit.models.decoding import EarlyExitDecoder
 from eexit.evaluation.generation import prompts_from
+from eexit.models.decoding import EarlyExitDecoder
 from eexit.models.loading import load_model
 from eexit.policies.base import make_policy
 from eexit.reporting import plot_tradeoff, provenance, write_results
@@ -39,7 +40,13 @@ def hf_greedy(model, x, new, **kw):
     # generate falls back to the model's own EOS settings when the passed config leaves it unset
     model.lm.config.eos_token_id = model.lm.generation_config.eos_token_id = None
     try:
-        return model.lm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, generation_config=gc, **kw)
+        return model.lm.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=new,
+            generation_config=gc,
+            **kw,
+        )
     finally:
         model.lm.config.eos_token_id, model.lm.generation_config.eos_token_id = saved
 
@@ -47,17 +54,23 @@ def hf_greedy(model, x, new, **kw):
 def configs_for(L: int) -> list[tuple[str, float, str | None, int]]:
     """(policy, threshold, exit layers, min exit layer): the decision-cost design choices we compare."""
     every = ",".join(str(l) for l in range(max(1, L // 2), L, max(1, L // 6)))
-    return ([("max-prob", t, None, 1) for t in (0.9, 0.7, 0.5)]
-            + [("max-prob", t, every, 1) for t in (0.9, 0.5)]
-            + [("saturation", t, None, max(1, L // 3)) for t in (0.99, 0.95, 0.9)])
+    return (
+        [("max-prob", t, None, 1) for t in (0.9, 0.7, 0.5)]
+        + [("max-prob", t, every, 1) for t in (0.9, 0.5)]
+        + [("saturation", t, None, max(1, L // 3)) for t in (0.99, 0.95, 0.9)]
+    )
 
 
-def bench(spec: str, label: str, n_prompts: int, prompt_len: int, new: int, reps: int) -> list[dict]:
+def bench(
+    spec: str, label: str, n_prompts: int, prompt_len: int, new: int, reps: int
+) -> list[dict]:
     model, tok, _ = load_model(spec)
     x = prompts_from(tok, "wiki-gensim", "test", n_prompts, prompt_len)
     L = model.num_layers
     full = EarlyExitDecoder(model, None, "full")
-    one = lambda dec: lambda: [dec.generate(x[i : i + 1], None, new, pad_token_id=0) for i in range(len(x))]  # noqa: E731
+    one = lambda dec: (
+        lambda: [dec.generate(x[i : i + 1], None, new, pad_token_id=0) for i in range(len(x))]
+    )  # noqa: E731
     hf_one = lambda **kw: lambda: [hf_greedy(model, x[i : i + 1], new, **kw) for i in range(len(x))]  # noqa: E731
     one(full)(), hf_one()()  # warm-up
     t_hf, hf_out = timed(hf_one(), reps)
@@ -65,50 +78,116 @@ def bench(spec: str, label: str, n_prompts: int, prompt_len: int, new: int, reps
     n_tok = len(x) * new
     ref = torch.stack([r.new_tokens[0] for r in full_out])
     hf_tokens = torch.stack([o[0, prompt_len:] for o in hf_out])
-    rows = [{"model": label, "decoder": "transformers generate", "batch": 1, "tokens_per_s": n_tok / t_hf, "speedup_vs_full": t_full / t_hf,
-             "agreement_pct": 100 * (hf_tokens == ref).float().mean().item()},
-            {"model": label, "decoder": "eexit full depth", "batch": 1, "tokens_per_s": n_tok / t_full, "speedup_vs_full": 1.0,
-             "overhead_vs_transformers": t_full / t_hf, "agreement_pct": 100.0}]
+    rows = [
+        {
+            "model": label,
+            "decoder": "transformers generate",
+            "batch": 1,
+            "tokens_per_s": n_tok / t_hf,
+            "speedup_vs_full": t_full / t_hf,
+            "agreement_pct": 100 * (hf_tokens == ref).float().mean().item(),
+        },
+        {
+            "model": label,
+            "decoder": "eexit full depth",
+            "batch": 1,
+            "tokens_per_s": n_tok / t_full,
+            "speedup_vs_full": 1.0,
+            "overhead_vs_transformers": t_full / t_hf,
+            "agreement_pct": 100.0,
+        },
+    ]
     for policy, thr, exits, min_exit in configs_for(L):
-        model.exit_layers = sorted({int(e) for e in exits.split(",")} | {L}) if exits else list(range(1, L + 1))
+        model.exit_layers = (
+            sorted({int(e) for e in exits.split(",")} | {L}) if exits else list(range(1, L + 1))
+        )
         dec = EarlyExitDecoder(model, make_policy(policy, thr, min_exit), "propagate")
         t, outs = timed(one(dec), reps)
         new_tok = torch.stack([o.new_tokens[0] for o in outs])
         exit_l = torch.stack([o.exit_layers[0, 1:] for o in outs]).float()
         frac = exit_l.mean().item() / L
-        rows.append({"model": label, "decoder": f"eexit {policy} {thr}" + (f" exits {exits}" if exits else "") + (f" min {min_exit}" if min_exit > 1 else ""),
-                     "batch": 1, "tokens_per_s": n_tok / t, "speedup_vs_full": t_full / t, "layers_used_pct": 100 * frac,
-                     "realized_over_ideal": (t_full / t) * frac, "agreement_pct": 100 * (new_tok == ref).float().mean().item()})
+        rows.append(
+            {
+                "model": label,
+                "decoder": f"eexit {policy} {thr}"
+                + (f" exits {exits}" if exits else "")
+                + (f" min {min_exit}" if min_exit > 1 else ""),
+                "batch": 1,
+                "tokens_per_s": n_tok / t,
+                "speedup_vs_full": t_full / t,
+                "layers_used_pct": 100 * frac,
+                "realized_over_ideal": (t_full / t) * frac,
+                "agreement_pct": 100 * (new_tok == ref).float().mean().item(),
+            }
+        )
     model.exit_layers = list(range(1, L + 1))
     if type(model.lm).__name__.startswith("Llama"):
         for k in sorted({max(1, L // 4), max(1, L // 2)}):
             try:
                 t, outs = timed(hf_one(assistant_early_exit=k), reps)
                 toks = torch.stack([o[0, prompt_len : prompt_len + new] for o in outs])
-                rows.append({"model": label, "decoder": f"transformers assistant_early_exit={k}", "batch": 1, "tokens_per_s": n_tok / t,
-                             "speedup_vs_full": t_full / t, "agreement_pct": 100 * (toks == ref).float().mean().item()})
+                rows.append(
+                    {
+                        "model": label,
+                        "decoder": f"transformers assistant_early_exit={k}",
+                        "batch": 1,
+                        "tokens_per_s": n_tok / t,
+                        "speedup_vs_full": t_full / t,
+                        "agreement_pct": 100 * (toks == ref).float().mean().item(),
+                    }
+                )
             except Exception as e:  # noqa: BLE001  (report, do not hide)
-                rows.append({"model": label, "decoder": f"transformers assistant_early_exit={k}", "batch": 1, "note": f"failed: {type(e).__name__}"})
+                rows.append(
+                    {
+                        "model": label,
+                        "decoder": f"transformers assistant_early_exit={k}",
+                        "batch": 1,
+                        "note": f"failed: {type(e).__name__}",
+                    }
+                )
     else:
-        rows.append({"model": label, "decoder": "transformers assistant_early_exit", "batch": 1,
-                     "note": f"not supported by transformers for {type(model.lm).__name__} (IndexError in its layer truncation)"})
+        rows.append(
+            {
+                "model": label,
+                "decoder": "transformers assistant_early_exit",
+                "batch": 1,
+                "note": f"not supported by transformers for {type(model.lm).__name__} (IndexError in its layer truncation)",
+            }
+        )
     # batch 8: per-row exits against full depth, at the fastest batch-1 setting that keeps >= 99% agreement
-    ok = [r for r in rows if r["decoder"].startswith("eexit ") and r["decoder"] != "eexit full depth" and r.get("agreement_pct", 0) >= 99.0]
+    ok = [
+        r
+        for r in rows
+        if r["decoder"].startswith("eexit ")
+        and r["decoder"] != "eexit full depth"
+        and r.get("agreement_pct", 0) >= 99.0
+    ]
     if ok:
         best = max(ok, key=lambda r: r["speedup_vs_full"])
         parts = best["decoder"].split()
         policy, thr = parts[1], float(parts[2])
         exits = parts[parts.index("exits") + 1] if "exits" in parts else None
         min_exit = int(parts[parts.index("min") + 1]) if "min" in parts else 1
-        model.exit_layers = sorted({int(e) for e in exits.split(",")} | {L}) if exits else list(range(1, L + 1))
+        model.exit_layers = (
+            sorted({int(e) for e in exits.split(",")} | {L}) if exits else list(range(1, L + 1))
+        )
         xb = prompts_from(tok, "wiki-gensim", "test", 8, prompt_len)
         fb = EarlyExitDecoder(model, None, "full")
         eb = EarlyExitDecoder(model, make_policy(policy, thr, min_exit), "propagate")
         tf, fo = timed(lambda: fb.generate(xb, None, new, pad_token_id=0), reps)
         te, eo = timed(lambda: eb.generate(xb, None, new, pad_token_id=0), reps)
-        rows.append({"model": label, "decoder": f"batch 8: {best['decoder']}", "batch": 8, "tokens_per_s": 8 * new / te,
-                     "speedup_vs_full": tf / te, "layers_used_pct": 100 * eo.exit_layers[:, 1:].float().mean().item() / L,
-                     "agreement_pct": 100 * (eo.new_tokens == fo.new_tokens).float().mean().item(), "full_tokens_per_s": 8 * new / tf})
+        rows.append(
+            {
+                "model": label,
+                "decoder": f"batch 8: {best['decoder']}",
+                "batch": 8,
+                "tokens_per_s": 8 * new / te,
+                "speedup_vs_full": tf / te,
+                "layers_used_pct": 100 * eo.exit_layers[:, 1:].float().mean().item() / L,
+                "agreement_pct": 100 * (eo.new_tokens == fo.new_tokens).float().mean().item(),
+                "full_tokens_per_s": 8 * new / tf,
+            }
+        )
         model.exit_layers = list(range(1, L + 1))
     return rows
 
@@ -128,29 +207,69 @@ def bench_seq2seq(spec: str, n_sources: int, new: int, reps: int) -> list[dict]:
     start = torch.tensor([[model.lm.config.decoder_start_token_id]])
     L = model.num_layers
     full = EarlyExitDecoder(model, None, "full")
-    one = lambda dec: lambda: [dec.generate(start, None, new, pad_token_id=0, source_ids=x) for x in srcs]  # noqa: E731
+    one = lambda dec: (
+        lambda: [dec.generate(start, None, new, pad_token_id=0, source_ids=x) for x in srcs]
+    )  # noqa: E731
     hf = lambda: [hf_greedy(model, x, new) for x in srcs]  # noqa: E731
     one(full)(), hf()  # warm-up
     t_hf, hf_out = timed(hf, reps)
     t_full, full_out = timed(one(full), reps)
     ref = torch.stack([r.new_tokens[0] for r in full_out])
     n_tok = len(srcs) * new
-    rows = [{"model": Path(spec).name, "decoder": "transformers generate", "tokens_per_s": n_tok / t_hf, "speedup_vs_full": t_full / t_hf,
-             "agreement_pct": 100 * (torch.stack([o[0, 1:] for o in hf_out]) == ref).float().mean().item()},
-            {"model": Path(spec).name, "decoder": "eexit full depth", "tokens_per_s": n_tok / t_full, "speedup_vs_full": 1.0,
-             "overhead_vs_transformers": t_full / t_hf, "agreement_pct": 100.0}]
-    for policy, thr, kv in (("saturation", 0.9, "propagate"), ("margin", 0.5, "propagate"), ("margin", 0.5, "recompute")):
+    rows = [
+        {
+            "model": Path(spec).name,
+            "decoder": "transformers generate",
+            "tokens_per_s": n_tok / t_hf,
+            "speedup_vs_full": t_full / t_hf,
+            "agreement_pct": 100
+            * (torch.stack([o[0, 1:] for o in hf_out]) == ref).float().mean().item(),
+        },
+        {
+            "model": Path(spec).name,
+            "decoder": "eexit full depth",
+            "tokens_per_s": n_tok / t_full,
+            "speedup_vs_full": 1.0,
+            "overhead_vs_transformers": t_full / t_hf,
+            "agreement_pct": 100.0,
+        },
+    ]
+    for policy, thr, kv in (
+        ("saturation", 0.9, "propagate"),
+        ("margin", 0.5, "propagate"),
+        ("margin", 0.5, "recompute"),
+    ):
         t, outs = timed(one(EarlyExitDecoder(model, make_policy(policy, thr), kv)), reps)
         frac = torch.stack([o.exit_layers[0, 1:] for o in outs]).float().mean().item() / L
-        rows.append({"model": Path(spec).name, "decoder": f"eexit {policy} {thr} kv {kv}", "tokens_per_s": n_tok / t, "speedup_vs_full": t_full / t,
-                     "layers_used_pct": 100 * frac, "realized_over_ideal": (t_full / t) * frac,
-                     "agreement_pct": 100 * (torch.stack([o.new_tokens[0] for o in outs]) == ref).float().mean().item()})
+        rows.append(
+            {
+                "model": Path(spec).name,
+                "decoder": f"eexit {policy} {thr} kv {kv}",
+                "tokens_per_s": n_tok / t,
+                "speedup_vs_full": t_full / t,
+                "layers_used_pct": 100 * frac,
+                "realized_over_ideal": (t_full / t) * frac,
+                "agreement_pct": 100
+                * (torch.stack([o.new_tokens[0] for o in outs]) == ref).float().mean().item(),
+            }
+        )
     return rows
 
 
-def profile(spec: str, label: str, policy: str, threshold: float, exits: str | None, min_exit: int, prompt_len: int, new: int, out: Path) -> None:
+def profile(
+    spec: str,
+    label: str,
+    policy: str,
+    threshold: float,
+    exits: str | None,
+    min_exit: int,
+    prompt_len: int,
+    new: int,
+    out: Path,
+) -> None:
     """Where one early-exit generation spends its time (torch.profiler, operator and Python-function view)."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     model, tok, _ = load_model(spec)
     L = model.num_layers
@@ -165,32 +284,57 @@ def profile(spec: str, label: str, policy: str, threshold: float, exits: str | N
         with tprofile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
             r = d.generate(x, None, new, pad_token_id=0)
         mean_exit = r.exit_layers[0, 1:].float().mean().item()
-        lines += [f"## {label}: {name} (mean exit layer {mean_exit:.2f} of {L}, {new} tokens)", "",
-                  prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), ""]
+        lines += [
+            f"## {label}: {name} (mean exit layer {mean_exit:.2f} of {L}, {new} tokens)",
+            "",
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18),
+            "",
+        ]
     (out / f"generation_profile_{label}.txt").write_text("\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=[])
-    ap.add_argument("--seq2seq", help="only bench this encoder-decoder checkpoint (-> generation_seq2seq.*)")
+    ap.add_argument(
+        "--seq2seq", help="only bench this encoder-decoder checkpoint (-> generation_seq2seq.*)"
+    )
     ap.add_argument("--label", action="append")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="results/bench")
-    ap.add_argument("--profile", action="store_true", help="also profile one early-exit configuration per model")
+    ap.add_argument(
+        "--profile", action="store_true", help="also profile one early-exit configuration per model"
+    )
     a = ap.parse_args()
     quiet()
     if a.seq2seq:
         rows = bench_seq2seq(a.seq2seq, a.prompts, a.new, a.reps)
-        write_results(a.out, "generation_seq2seq", f"Encoder-decoder decoding speed ({Path(a.seq2seq).name}, greedy, batch 1)", rows,
-                      provenance({"model": a.seq2seq, "sources": a.prompts, "new_tokens": a.new, "reps": a.reps}),
-                      ["model", "decoder", "tokens_per_s", "speedup_vs_full", "layers_used_pct", "realized_over_ideal", "agreement_pct",
-                       "overhead_vs_transformers"],
-                      notes=("Median of repetitions; exactly `new_tokens` per source (EOS ignored). overhead_vs_transformers: eexit full-depth "
-                             "time / transformers generate time; realized_over_ideal: speedup x layers-used fraction.\n\n"))
+        write_results(
+            a.out,
+            "generation_seq2seq",
+            f"Encoder-decoder decoding speed ({Path(a.seq2seq).name}, greedy, batch 1)",
+            rows,
+            provenance(
+                {"model": a.seq2seq, "sources": a.prompts, "new_tokens": a.new, "reps": a.reps}
+            ),
+            [
+                "model",
+                "decoder",
+                "tokens_per_s",
+                "speedup_vs_full",
+                "layers_used_pct",
+                "realized_over_ideal",
+                "agreement_pct",
+                "overhead_vs_transformers",
+            ],
+            notes=(
+                "Median of repetitions; exactly `new_tokens` per source (EOS ignored). overhead_vs_transformers: eexit full-depth "
+                "time / transformers generate time; realized_over_ideal: speedup x layers-used fraction.\n\n"
+            ),
+        )
         for r in rows:
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
         return
@@ -201,26 +345,69 @@ def main() -> None:
     for spec, label in zip(a.model, labels):
         print(f"generation bench: {label} ...", flush=True)
         rows += bench(spec, label, a.prompts, a.prompt_len, a.new, a.reps)
-    cols = ["model", "decoder", "batch", "tokens_per_s", "speedup_vs_full", "layers_used_pct", "realized_over_ideal", "agreement_pct",
-            "overhead_vs_transformers", "note"]
-    write_results(a.out, "generation", "Early-exit decoding speed (greedy, KV propagate)", rows,
-                  provenance({"models": a.model, "prompts": a.prompts, "prompt_len": a.prompt_len, "new_tokens": a.new, "reps": a.reps}), cols,
-                  notes=("Median of interleaved repetitions on the same prompts (wiki-gensim test split). speedup_vs_full: eexit full-depth time / this "
-                         "decoder's time; overhead_vs_transformers: eexit full-depth time / transformers generate time (target <= 1.05); "
-                         "realized_over_ideal: speedup x layers used fraction (target >= 0.9 at batch 1); agreement: share of tokens equal to "
-                         "the full-depth greedy output.\n\n"))
+    cols = [
+        "model",
+        "decoder",
+        "batch",
+        "tokens_per_s",
+        "speedup_vs_full",
+        "layers_used_pct",
+        "realized_over_ideal",
+        "agreement_pct",
+        "overhead_vs_transformers",
+        "note",
+    ]
+    write_results(
+        a.out,
+        "generation",
+        "Early-exit decoding speed (greedy, KV propagate)",
+        rows,
+        provenance(
+            {
+                "models": a.model,
+                "prompts": a.prompts,
+                "prompt_len": a.prompt_len,
+                "new_tokens": a.new,
+                "reps": a.reps,
+            }
+        ),
+        cols,
+        notes=(
+            "Median of interleaved repetitions on the same prompts (wiki-gensim test split). speedup_vs_full: eexit full-depth time / this "
+            "decoder's time; overhead_vs_transformers: eexit full-depth time / transformers generate time (target <= 1.05); "
+            "realized_over_ideal: speedup x layers used fraction (target >= 0.9 at batch 1); agreement: share of tokens equal to "
+            "the full-depth greedy output.\n\n"
+        ),
+    )
     series = {}
     for r in rows:
         if r["decoder"].startswith("eexit ") and "layers_used_pct" in r and r["batch"] == 1:
-            series.setdefault(r["model"], []).append((r["agreement_pct"], r["speedup_vs_full"], None))
-    plot_tradeoff(Path(a.out) / "generation.png", series, "agreement with full-depth output (%)", "speedup over full depth (x)",
-                  "Early-exit decoding: speed vs quality")
+            series.setdefault(r["model"], []).append(
+                (r["agreement_pct"], r["speedup_vs_full"], None)
+            )
+    plot_tradeoff(
+        Path(a.out) / "generation.png",
+        series,
+        "agreement with full-depth output (%)",
+        "speedup over full depth (x)",
+        "Early-exit decoding: speed vs quality",
+    )
     for r in rows:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
     if a.profile:
         for spec, label in zip(a.model, labels):
             L = load_model(spec)[0].num_layers
-            profile(spec, label, "saturation", 0.95, None, max(1, L // 3), a.prompt_len, a.new, Path(a.out))
+            profile(
+                spec,
+                label,
+                "saturation",
+                0.95,
+                None,
+                max(1, L // 3),
+                a.prompt_len,
+                a.new,
+                Path(a.out),
+            )
 
 
 if __name__ == "__main__":

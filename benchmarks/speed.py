@@ -8,6 +8,7 @@
 
     python -m eexit.bench --out results/bench
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,19 +18,26 @@ import time
 import torch
 
 from eexit import quiet
-from eexit.data import corpora as data_mod
 from eexit.config import LossConfig, RunConfig
+from eexit.data import corpora as data_mod
 from eexit.evaluation.records import collect_exit_table
-from eexit.training.losses import LossBatch, make_loss
 from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
 from eexit.models.loading import build_lm
 from eexit.policies.base import make_policy
 from eexit.reporting import provenance, write_results
+from eexit.training.losses import LossBatch, make_loss
 
 
-def bench_model(n_layers: int, d_model: int, vocab: int, seq_len: int) -> tuple[EarlyExitModel, RunConfig]:
+def bench_model(
+    n_layers: int, d_model: int, vocab: int, seq_len: int
+) -> tuple[EarlyExitModel, RunConfig]:
     cfg = RunConfig()
-    cfg.model.n_layers, cfg.model.d_model, cfg.model.d_ff, cfg.model.vocab_size = n_layers, d_model, 4 * d_model, vocab
+    cfg.model.n_layers, cfg.model.d_model, cfg.model.d_ff, cfg.model.vocab_size = (
+        n_layers,
+        d_model,
+        4 * d_model,
+        vocab,
+    )
     cfg.model.n_heads = max(1, d_model // 32)
     cfg.model.max_len = cfg.data.seq_len = seq_len
     torch.manual_seed(0)
@@ -61,32 +69,51 @@ def step_time(model, opt, loss_cfg, x, y) -> float:
     return time.perf_counter() - t0
 
 
-def training_bench(n_layers=4, d_model=128, vocab=4096, seq_len=128, batch=16, reps=12) -> list[dict]:
+def training_bench(
+    n_layers=4, d_model=128, vocab=4096, seq_len=128, batch=16, reps=12
+) -> list[dict]:
     model, cfg = bench_model(n_layers, d_model, vocab, seq_len)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq_len), generator=g)
     y = torch.randint(0, vocab, (batch, seq_len), generator=g)
-    variants = [("final", 1.0), ("weighted-ce", 1.0), ("weighted-ce", 0.25), ("weighted-ce", 0.1),
-                ("deep-supervision", 1.0), ("free-kd", 0.25)]
+    variants = [
+        ("final", 1.0),
+        ("weighted-ce", 1.0),
+        ("weighted-ce", 0.25),
+        ("weighted-ce", 0.1),
+        ("deep-supervision", 1.0),
+        ("free-kd", 0.25),
+    ]
     times: dict[tuple, list[float]] = {v: [] for v in variants}
     for v in variants:  # warm-up
         step_time(model, opt, LossConfig(name=v[0], exit_token_fraction=v[1]), x, y)
     for _ in range(reps):  # interleaved, so drift in machine load hits every variant alike
         for v in variants:
-            times[v].append(step_time(model, opt, LossConfig(name=v[0], exit_token_fraction=v[1]), x, y))
+            times[v].append(
+                step_time(model, opt, LossConfig(name=v[0], exit_token_fraction=v[1]), x, y)
+            )
     base = statistics.median(times[("final", 1.0)])
     rows = []
     for (name, frac), ts in times.items():
         med = statistics.median(ts)
-        rows.append({"loss": name, "exit_token_fraction": frac, "step_ms": 1000 * med, "ratio_vs_final": med / base,
-                     "tokens_per_s": batch * seq_len / med})
+        rows.append(
+            {
+                "loss": name,
+                "exit_token_fraction": frac,
+                "step_ms": 1000 * med,
+                "ratio_vs_final": med / base,
+                "tokens_per_s": batch * seq_len / med,
+            }
+        )
     return rows
 
 
 @torch.no_grad()
-def eval_bench(n_layers=4, d_model=128, vocab=4096, seq_len=128, batch=8, windows=48, reps=3) -> list[dict]:
+def eval_bench(
+    n_layers=4, d_model=128, vocab=4096, seq_len=128, batch=8, windows=48, reps=3
+) -> list[dict]:
     model, _ = bench_model(n_layers, d_model, vocab, seq_len)
     model.eval()
     g = torch.Generator().manual_seed(1)
@@ -97,18 +124,27 @@ def eval_bench(n_layers=4, d_model=128, vocab=4096, seq_len=128, batch=8, window
     def full():
         for i in range(0, len(x), batch):
             logits = model.lm(x[i : i + batch]).logits
-            torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), y[i : i + batch].reshape(-1))
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, vocab), y[i : i + batch].reshape(-1)
+            )
 
     def early():
         collect_exit_table(model, x, y, pol, batch_size=batch)
 
-    med = interleaved_medians({"full-model evaluation": full, "early-exit evaluation (all exits, max-prob)": early}, reps)
+    med = interleaved_medians(
+        {"full-model evaluation": full, "early-exit evaluation (all exits, max-prob)": early}, reps
+    )
     base = med["full-model evaluation"]
-    return [{"mode": k, "tokens_per_s": y.numel() / t, "time_ratio_vs_full": t / base} for k, t in med.items()]
+    return [
+        {"mode": k, "tokens_per_s": y.numel() / t, "time_ratio_vs_full": t / base}
+        for k, t in med.items()
+    ]
 
 
 @torch.no_grad()
-def analysis_bench(n_layers=8, d_model=128, vocab=4096, seq_len=128, batch=8, windows=32, reps=3) -> list[dict]:
+def analysis_bench(
+    n_layers=8, d_model=128, vocab=4096, seq_len=128, batch=8, windows=32, reps=3
+) -> list[dict]:
     """analyze-monotonicity's per-batch work against a plain forward with hidden states (same tokens)."""
     from eexit.analysis.monotonicity import forward_records
 
@@ -122,13 +158,22 @@ def analysis_bench(n_layers=8, d_model=128, vocab=4096, seq_len=128, batch=8, wi
             model.lm(x[i : i + batch], output_hidden_states=True)
 
     def analysis(sub):
-        return lambda: [forward_records(model, x[i : i + batch], x[i : i + batch], 5, sub) for i in range(0, windows, batch)]
+        return lambda: [
+            forward_records(model, x[i : i + batch], x[i : i + batch], 5, sub)
+            for i in range(0, windows, batch)
+        ]
 
-    fns = {"plain forward, output_hidden_states": plain, "analysis (top-5, no sub-layers)": analysis(False),
-           "analysis (top-5 + sub-layers)": analysis(True)}
+    fns = {
+        "plain forward, output_hidden_states": plain,
+        "analysis (top-5, no sub-layers)": analysis(False),
+        "analysis (top-5 + sub-layers)": analysis(True),
+    }
     med = interleaved_medians(fns, reps)
     base = med["plain forward, output_hidden_states"]
-    return [{"mode": k, "tokens_per_s": windows * seq_len / t, "time_ratio_vs_plain": t / base} for k, t in med.items()]
+    return [
+        {"mode": k, "tokens_per_s": windows * seq_len / t, "time_ratio_vs_plain": t / base}
+        for k, t in med.items()
+    ]
 
 
 def main() -> None:
@@ -142,20 +187,35 @@ def main() -> None:
     shape = {"n_layers": a.layers, "d_model": a.d_model, "vocab": a.vocab, "seq_len": 128}
     print("training step bench ...", flush=True)
     train_rows = training_bench(a.layers, a.d_model, a.vocab)
-    write_results(a.out, "training_step", f"Training step time over `final` ({a.layers} layers, d={a.d_model}, V={a.vocab}, batch 16x128, exits at every layer)",
-                  train_rows, provenance({"bench": "training_step", **shape, "batch": 16}),
-                  notes="Median of 12 interleaved steps (forward + backward + AdamW) per variant. Target: weighted-ce <= 1.15x final.\n\n")
+    write_results(
+        a.out,
+        "training_step",
+        f"Training step time over `final` ({a.layers} layers, d={a.d_model}, V={a.vocab}, batch 16x128, exits at every layer)",
+        train_rows,
+        provenance({"bench": "training_step", **shape, "batch": 16}),
+        notes="Median of 12 interleaved steps (forward + backward + AdamW) per variant. Target: weighted-ce <= 1.15x final.\n\n",
+    )
     print("evaluation throughput bench ...", flush=True)
     eval_rows = eval_bench(a.layers, a.d_model, a.vocab)
-    write_results(a.out, "evaluation", f"LM evaluation throughput ({a.layers} layers, d={a.d_model}, V={a.vocab}, 48 windows of 128)",
-                  eval_rows, provenance({"bench": "evaluation", **shape, "batch": 8}),
-                  notes="Median of 3 interleaved runs.\n\n")
+    write_results(
+        a.out,
+        "evaluation",
+        f"LM evaluation throughput ({a.layers} layers, d={a.d_model}, V={a.vocab}, 48 windows of 128)",
+        eval_rows,
+        provenance({"bench": "evaluation", **shape, "batch": 8}),
+        notes="Median of 3 interleaved runs.\n\n",
+    )
     print("analysis throughput bench ...", flush=True)
     ana_rows = analysis_bench(8, a.d_model, a.vocab)
-    write_results(a.out, "analysis", f"analyze-monotonicity throughput (8 layers, d={a.d_model}, V={a.vocab}, 32 windows of 128)",
-                  ana_rows, provenance({"bench": "analysis", **shape, "n_layers": 8, "batch": 8}),
-                  notes="Median of 3 interleaved runs; the plain forward computes the LM head once (all positions), "
-                        "the analysis once per layer. Target: <= 1.2x.\n\n")
+    write_results(
+        a.out,
+        "analysis",
+        f"analyze-monotonicity throughput (8 layers, d={a.d_model}, V={a.vocab}, 32 windows of 128)",
+        ana_rows,
+        provenance({"bench": "analysis", **shape, "n_layers": 8, "batch": 8}),
+        notes="Median of 3 interleaved runs; the plain forward computes the LM head once (all positions), "
+        "the analysis once per layer. Target: <= 1.2x.\n\n",
+    )
     for r in train_rows + eval_rows + ana_rows:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
 

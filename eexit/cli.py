@@ -47,7 +47,9 @@ def train(
         [], "--set", help="Override a config key: --set train.lr=3e-4 (repeatable)."
     ),
     out: Optional[str] = typer.Option(None, help="Output folder (default checkpoints/<run_name>)."),
-    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the output folder."),
+    resume: bool = typer.Option(
+        False, help="Continue from the newest checkpoint in the output folder."
+    ),
     overwrite: bool = typer.Option(False, help="Start again in an existing output folder."),
     stop_after: Optional[int] = typer.Option(
         None, help="Stop after this many steps, as if killed (resume later)."
@@ -94,7 +96,9 @@ _SEQ = typer.Option(None, "--seq-len", help="Window length (default: the trainin
 _MAXTOK = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens.")
 _BS = typer.Option(8, "--batch-size", help="Windows (or, with --generate, prompts) per batch.")
 _EXITS = typer.Option(None, "--exit-layers", help="Override the exits: all, or e.g. 1,3.")
-_EXAMPLES = typer.Option(32, "--examples", help="Task datasets: test examples decoded per threshold.")
+_EXAMPLES = typer.Option(
+    32, "--examples", help="Task datasets: test examples decoded per threshold."
+)
 _KV = typer.Option(
     "propagate", "--kv", help="KV of skipped layers when decoding: propagate, recompute or full."
 )
@@ -106,14 +110,33 @@ _NEW = typer.Option(
 _OVERWRITE = typer.Option(False, help="Replace an existing results folder.")
 
 
-def _request(model, policy, thresholds, min_exit_layer, param, dataset, split, seq_len,
-             max_tokens, batch_size, exit_layers):
+def _request(
+    model,
+    policy,
+    thresholds,
+    min_exit_layer,
+    param,
+    dataset,
+    split,
+    seq_len,
+    max_tokens,
+    batch_size,
+    exit_layers,
+):
     from eexit.evaluation.context import EvalRequest
 
     return EvalRequest(
-        model=model, policy=policy, thresholds=thresholds, min_exit_layer=min_exit_layer,
-        policy_params=_params(param), dataset=dataset, split=split, seq_len=seq_len,
-        max_tokens=max_tokens, batch_size=batch_size, exit_layers=exit_layers,
+        model=model,
+        policy=policy,
+        thresholds=thresholds,
+        min_exit_layer=min_exit_layer,
+        policy_params=_params(param),
+        dataset=dataset,
+        split=split,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        exit_layers=exit_layers,
     )
 
 
@@ -144,7 +167,8 @@ def evaluate(
         None, help="Use the policy and threshold chosen by `eexit calibrate --out DIR`."
     ),
     generate: bool = typer.Option(
-        False, "--generate",
+        False,
+        "--generate",
         help="Evaluate early-exit decoding against full-depth decoding instead of perplexity.",
     ),
     kv: str = _KV,
@@ -157,21 +181,39 @@ def evaluate(
     --generate, decoding speed and agreement). On a task dataset: the task metric of early-exit
     decoding."""
     _quiet()
-    from eexit.evaluation.entry import apply_calibrated, evaluate as run
+    from eexit.evaluation.entry import apply_calibrated
+    from eexit.evaluation.entry import evaluate as run
     from eexit.evaluation.generation import GenerationOptions
     from eexit.evaluation.tasks import TaskOptions
     from eexit.reporting import print_rows
 
-    r = _request(model, policy, [threshold], min_exit_layer, param, dataset, split, seq_len,
-                 max_tokens, batch_size, exit_layers)
+    r = _request(
+        model,
+        policy,
+        [threshold],
+        min_exit_layer,
+        param,
+        dataset,
+        split,
+        seq_len,
+        max_tokens,
+        batch_size,
+        exit_layers,
+    )
     if calibrated:
         apply_calibrated(r, calibrated)
     gen = None
     if generate:
-        gen = GenerationOptions(prompts=prompts, prompt_len=prompt_len, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens or 32, kv_mode=kv)
-    task = TaskOptions(examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv,
-                       batch_size=batch_size)
+        gen = GenerationOptions(
+            prompts=prompts,
+            prompt_len=prompt_len,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens or 32,
+            kv_mode=kv,
+        )
+    task = TaskOptions(
+        examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv, batch_size=batch_size
+    )
     res = run(r, out=out, overwrite=overwrite, generation=gen, task=task)
     at = f"{r.policy} @ {r.thresholds[0]}"
     if res.kind == "generation":
@@ -186,9 +228,7 @@ def evaluate(
 def sweep_threshold(
     model: str = _MODEL,
     policy: str = _POLICY,
-    thresholds: str = typer.Option(
-        "0.5:0.95", help="a:b (step 0.05), a:b:step, or a comma list."
-    ),
+    thresholds: str = typer.Option("0.5:0.95", help="a:b (step 0.05), a:b:step, or a comma list."),
     min_exit_layer: int = _MIN,
     param: List[str] = _PARAM,
     dataset: Optional[str] = _DATASET,
@@ -215,10 +255,22 @@ def sweep_threshold(
 
     values = parse_thresholds(thresholds)
     out = out or f"results/sweep-{Path(model).name}-{policy}"
-    r = _request(model, policy, values, min_exit_layer, param, dataset, split, seq_len,
-                 max_tokens, batch_size, exit_layers)
-    task = TaskOptions(examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv,
-                       batch_size=batch_size)
+    r = _request(
+        model,
+        policy,
+        values,
+        min_exit_layer,
+        param,
+        dataset,
+        split,
+        seq_len,
+        max_tokens,
+        batch_size,
+        exit_layers,
+    )
+    task = TaskOptions(
+        examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv, batch_size=batch_size
+    )
     res = run(r, out=out, overwrite=overwrite, sweep=True, task=task)
     where = f" on {res.dataset}" if res.kind == "task" else ""
     print_rows(_shown(res.rows), title=f"{policy} sweep{where} -> {out}")
@@ -259,13 +311,26 @@ def analyze_monotonicity(
 
     out = out or f"results/monotonicity-{Path(model[0]).stem}"
     s = AnalyzeSetup(
-        models=list(model), labels=list(label) or None, dataset=dataset, split=split,
-        seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, top_k=top_k,
-        examples=examples, sublayers=sublayers,
+        models=list(model),
+        labels=list(label) or None,
+        dataset=dataset,
+        split=split,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        top_k=top_k,
+        examples=examples,
+        sublayers=sublayers,
     )
     res = run_analysis(s, out, overwrite)
-    keep = ("model", "peak_before_last_pct", "monotone_everywhere_pct",
-            "topk_ordered_all_ranks_pct", "word_start_mean_exit", "continuation_mean_exit")
+    keep = (
+        "model",
+        "peak_before_last_pct",
+        "monotone_everywhere_pct",
+        "topk_ordered_all_ranks_pct",
+        "word_start_mean_exit",
+        "continuation_mean_exit",
+    )
     rows = [{k: r[k] for k in keep if k in r} for r in res["summary"]]
     print_rows(rows, title=f"monotonicity -> {out}")
 
@@ -315,15 +380,33 @@ def calibrate(
     names = [n.strip() for n in fit.split(",") if n.strip()] if fit else []
     ltt = None
     if policy:
-        ltt = CalibrateOptions(epsilon=epsilon, delta=delta, risk=risk,
-                               grid=parse_thresholds(grid), test_split=test_split)
+        ltt = CalibrateOptions(
+            epsilon=epsilon,
+            delta=delta,
+            risk=risk,
+            grid=parse_thresholds(grid),
+            test_split=test_split,
+        )
     out = out or f"results/calibrate-{Path(model).name}-{policy or 'fit'}"
-    r = _request(model, policy or "max-prob", [], min_exit_layer, param, dataset, split, seq_len,
-                 max_tokens, batch_size, exit_layers)
+    r = _request(
+        model,
+        policy or "max-prob",
+        [],
+        min_exit_layer,
+        param,
+        dataset,
+        split,
+        seq_len,
+        max_tokens,
+        batch_size,
+        exit_layers,
+    )
     res = run_calibration(r, CalibrationRun(fit=names, label=label, ltt=ltt), out, overwrite)
     for row in res["fit"]:
-        typer.echo(f"{row['classifier']}: held-out accuracy {row['heldout_accuracy']:.3f}, "
-                   f"saved {row['saved']}")
+        typer.echo(
+            f"{row['classifier']}: held-out accuracy {row['heldout_accuracy']:.3f}, "
+            f"saved {row['saved']}"
+        )
     summary = res.get("summary")
     if summary is not None:
         msg = summary.get("message") or (

@@ -3,6 +3,7 @@
 Precedence: command line > YAML file > the defaults below. Unknown keys are errors
 (with a "did you mean"), so a typo never silently falls back to a default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,9 @@ class ModelConfig:
     # family built from scratch (eexit/models/families/): gpt2 | llama | qwen2 | t5 (t5: exits on
     # the decoder blocks)
     arch: str = "gpt2"
-    pretrained: str | None = None  # hub name, local HF folder or .gguf file (then the size fields are ignored)
+    pretrained: str | None = (
+        None  # hub name, local HF folder or .gguf file (then the size fields are ignored)
+    )
     n_layers: int = 4  # transformer blocks (t5: decoder blocks, the ones with exits)
     n_encoder_layers: int = 0  # t5: encoder blocks (0 = n_layers)
     d_model: int = 128  # hidden size
@@ -30,7 +33,9 @@ class ModelConfig:
     d_ff: int = 512  # MLP inner size
     max_len: int = 256  # longest sequence (position embeddings)
     vocab_size: int = 4096  # size of the BPE vocabulary trained on the training split
-    exit_layers: Any = "all"  # "all" or a list of 1-based layers, e.g. [1, 3]; the last layer is always an exit
+    exit_layers: Any = (
+        "all"  # "all" or a list of 1-based layers, e.g. [1, 3]; the last layer is always an exit
+    )
     min_exit_layer: int = 1  # exits below this layer are not created
     exit_heads: str = "shared"  # shared: the model's final norm + LM head at every exit; separate: one norm+head per exit
     dropout: float = 0.0  # dropout in attention / MLP / embeddings
@@ -41,8 +46,12 @@ class DataConfig:
     dataset: str = "wiki-gensim"  # LM corpus (see `eexit.data.corpora`), a hub dataset, a .txt/.jsonl file, or a task dataset (see `eexit.data.task_data`)
     seq_len: int = 128  # tokens per training / evaluation window
     text_field: str = "text"  # field holding the text in .jsonl files and hub datasets
-    max_source_len: int = 192  # task datasets: source tokens kept (encoder input / the text inside the prompt)
-    max_target_len: int = 64  # task datasets: target tokens kept (training) / new tokens generated (evaluation)
+    max_source_len: int = (
+        192  # task datasets: source tokens kept (encoder input / the text inside the prompt)
+    )
+    max_target_len: int = (
+        64  # task datasets: target tokens kept (training) / new tokens generated (evaluation)
+    )
 
 
 @dataclass
@@ -102,7 +111,13 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise EexitError(f"config key {key!r} must be a number, got {value!r}")
         try:
-            return type(current)(value) if not (isinstance(current, int) and isinstance(value, float) and not value.is_integer()) else value
+            return (
+                type(current)(value)
+                if not (
+                    isinstance(current, int) and isinstance(value, float) and not value.is_integer()
+                )
+                else value
+            )
         except ValueError:
             raise EexitError(f"config key {key!r} must be a number, got {value!r}") from None
     return value
@@ -117,7 +132,9 @@ def fill_dataclass(obj, data: dict, prefix: str = ""):
 
 def _apply(obj, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
-        raise EexitError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {data!r}")
+        raise EexitError(
+            f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {data!r}"
+        )
     names = _field_names(obj)
     for key, value in data.items():
         full = f"{prefix}{key}"
@@ -180,7 +197,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # loss settings that earlier versions kept in LossConfig itself (older checkpoints' eexit.json)
-LEGACY_LOSS_KEYS = {"free-kd": ("kd_mapping", "kd_weight", "shallow_layer"), "ponder": ("ponder_beta",)}
+LEGACY_LOSS_KEYS = {
+    "free-kd": ("kd_mapping", "kd_weight", "shallow_layer"),
+    "ponder": ("ponder_beta",),
+}
 LEGACY_ALL = tuple(k for keys in LEGACY_LOSS_KEYS.values() for k in keys)
 
 
@@ -203,7 +223,9 @@ def validate(cfg: RunConfig) -> None:
     m, t, lo = cfg.model, cfg.train, cfg.loss
     FAMILIES.get(m.arch)
     if m.n_encoder_layers < 0:
-        raise EexitError(f"model.n_encoder_layers must be >= 0 (0 = n_layers); got {m.n_encoder_layers}")
+        raise EexitError(
+            f"model.n_encoder_layers must be >= 0 (0 = n_layers); got {m.n_encoder_layers}"
+        )
     if cfg.data.max_source_len < 1 or cfg.data.max_target_len < 1:
         raise EexitError("data.max_source_len and data.max_target_len must be positive")
     if m.exit_heads not in ("shared", "separate"):
@@ -212,16 +234,31 @@ def validate(cfg: RunConfig) -> None:
         if getattr(m, name) <= 0:
             raise EexitError(f"model.{name} must be positive; got {getattr(m, name)}")
     if m.d_model % m.n_heads:
-        raise EexitError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+        raise EexitError(
+            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})"
+        )
     if cfg.data.seq_len <= 1 or cfg.data.seq_len > m.max_len:
-        raise EexitError(f"data.seq_len must be in 2..model.max_len ({m.max_len}); got {cfg.data.seq_len}")
+        raise EexitError(
+            f"data.seq_len must be in 2..model.max_len ({m.max_len}); got {cfg.data.seq_len}"
+        )
     if t.steps <= 0 or t.batch_size <= 0 or t.lr <= 0:
         raise EexitError("train.steps, train.batch_size and train.lr must be positive")
-    for name in ("save_every", "eval_every", "log_every", "keep_checkpoints", "eval_batches", "warmup_steps"):
+    for name in (
+        "save_every",
+        "eval_every",
+        "log_every",
+        "keep_checkpoints",
+        "eval_batches",
+        "warmup_steps",
+    ):
         if getattr(t, name) < (0 if name == "warmup_steps" else 1):
-            raise EexitError(f"train.{name} must be >= {0 if name == 'warmup_steps' else 1}; got {getattr(t, name)}")
+            raise EexitError(
+                f"train.{name} must be >= {0 if name == 'warmup_steps' else 1}; got {getattr(t, name)}"
+            )
     if not 0 < lo.exit_token_fraction <= 1:
-        raise EexitError(f"loss.exit_token_fraction must be in (0, 1]; got {lo.exit_token_fraction}")
+        raise EexitError(
+            f"loss.exit_token_fraction must be in (0, 1]; got {lo.exit_token_fraction}"
+        )
 
 
 def to_dict(cfg) -> dict:

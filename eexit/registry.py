@@ -7,6 +7,7 @@
 
 Unknown names raise an `EexitError` that lists the valid names and a "did you mean" guess.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -1,5 +1,6 @@
 """Results folders: tables as Markdown / CSV / JSON, PNG plots, and the provenance of each run
 (command, commit, resolved config, environment) so every table says what made it."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,15 @@ from eexit.errors import EexitError
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha or "unknown") + ("+dirty" if dirty else "")
@@ -60,7 +68,9 @@ def prepare_dir(path: str | Path, overwrite: bool) -> Path:
     """Check a results folder can be written (before any work is done)."""
     p = Path(path)
     if p.exists() and any(p.iterdir()) and not overwrite:
-        raise EexitError(f"results folder {p} already exists and is not empty; pass --overwrite or choose another --out")
+        raise EexitError(
+            f"results folder {p} already exists and is not empty; pass --overwrite or choose another --out"
+        )
     if p.exists() and not p.is_dir():
         raise EexitError(f"{p} exists and is not a folder")
     return p
@@ -70,14 +80,21 @@ def _fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.3g}" if 0 < abs(v) < 1 else f"{v:.2f}"  # small values keep 3 significant digits
+        return (
+            f"{v:.3g}" if 0 < abs(v) < 1 else f"{v:.2f}"
+        )  # small values keep 3 significant digits
     return str(v)
 
 
-def markdown_table(rows: list[dict], columns: list[str] | None = None, headers: dict[str, str] | None = None) -> str:
+def markdown_table(
+    rows: list[dict], columns: list[str] | None = None, headers: dict[str, str] | None = None
+) -> str:
     columns = columns or list(rows[0])
     headers = headers or {}
-    out = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    out = [
+        "| " + " | ".join(headers.get(c, c) for c in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
     for r in rows:
         out.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
     return "\n".join(out)
@@ -102,9 +119,17 @@ def provenance_block(prov: dict) -> str:
     )
 
 
-def write_results(out_dir: str | Path, name: str, title: str, rows: list[dict], prov: dict,
-                  columns: list[str] | None = None, headers: dict[str, str] | None = None, notes: str = "",
-                  overwrite: bool = True) -> Path:
+def write_results(
+    out_dir: str | Path,
+    name: str,
+    title: str,
+    rows: list[dict],
+    prov: dict,
+    columns: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+    notes: str = "",
+    overwrite: bool = True,
+) -> Path:
     """Write <name>.md/.csv/.json plus provenance.json into out_dir (staged, then moved in)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,8 +147,14 @@ def write_results(out_dir: str | Path, name: str, title: str, rows: list[dict], 
     return out
 
 
-def plot_tradeoff(path: str | Path, series: dict[str, list[tuple[float, float, object]]], xlabel: str, ylabel: str, title: str,
-                  baselines: dict[str, tuple[float, float]] | None = None) -> None:
+def plot_tradeoff(
+    path: str | Path,
+    series: dict[str, list[tuple[float, float, object]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    baselines: dict[str, tuple[float, float]] | None = None,
+) -> None:
     """Line plot of (x, y, label) points per series, e.g. PPL against compute %."""
     import matplotlib
 
@@ -136,7 +167,13 @@ def plot_tradeoff(path: str | Path, series: dict[str, list[tuple[float, float, o
         ax.plot(xs, ys, marker="o", label=name)
         for x, y, lab in pts:
             if lab is not None:
-                ax.annotate(f"{lab:.2f}" if isinstance(lab, float) else str(lab), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    f"{lab:.2f}" if isinstance(lab, float) else str(lab),
+                    (x, y),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
     for name, (x, y) in (baselines or {}).items():
         ax.scatter([x], [y], marker="*", s=120, zorder=5, label=name)
     ax.set_xlabel(xlabel)
@@ -150,8 +187,13 @@ def plot_tradeoff(path: str | Path, series: dict[str, list[tuple[float, float, o
 
 
 SHORT = {
-    "threshold": "thr", "ppl": "PPL", "full_ppl": "full PPL", "compute_pct": "compute%",
-    "overhead_pct": "overhead%", "total_pct": "total%", "agreement_pct": "agree%",
+    "threshold": "thr",
+    "ppl": "PPL",
+    "full_ppl": "full PPL",
+    "compute_pct": "compute%",
+    "overhead_pct": "overhead%",
+    "total_pct": "total%",
+    "agreement_pct": "agree%",
     "eval_tokens_per_s": "tok/s",
 }
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny early-exit LM trained for a few steps on the packaged Wikipedia text."""
+
 from __future__ import annotations
 
 import io
@@ -10,9 +11,20 @@ from pathlib import Path
 import pytest
 
 TINY = [
-    "model.n_layers=3", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.max_len=32",
-    "model.vocab_size=256", "data.seq_len=32", "train.batch_size=4", "train.steps=6", "train.eval_every=3",
-    "train.save_every=3", "train.eval_batches=2", "train.warmup_steps=2", "train.log_every=1",
+    "model.n_layers=3",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.d_ff=64",
+    "model.max_len=32",
+    "model.vocab_size=256",
+    "data.seq_len=32",
+    "train.batch_size=4",
+    "train.steps=6",
+    "train.eval_every=3",
+    "train.save_every=3",
+    "train.eval_batches=2",
+    "train.warmup_steps=2",
+    "train.log_every=1",
 ]
 
 
@@ -66,9 +78,20 @@ def t5():
     from eexit.models.early_exit import EarlyExitModel
 
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=50, d_model=32, d_kv=16, d_ff=64, num_layers=3, num_decoder_layers=3, num_heads=2,
-                   relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
-                   decoder_start_token_id=0)
+    cfg = T5Config(
+        vocab_size=50,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=3,
+        num_decoder_layers=3,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     lm = T5ForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # large random weights: varied, confident predictions without training
         for p in lm.parameters():

@@ -1,4 +1,5 @@
 """Small models and policies shared by several test modules (fixtures live in conftest.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,9 @@ from eexit.policies.base import ExitPolicy
 def tiny(arch="gpt2", layers=3, exits="all", heads="shared", gate=False, seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(arch=arch, n_layers=layers, d_model=32, n_heads=2, d_ff=64, max_len=32)
-    return EarlyExitModel(build_lm(cfg, 97, 0, 0), resolve_exit_layers(exits, layers), heads, gate).eval()
+    return EarlyExitModel(
+        build_lm(cfg, 97, 0, 0), resolve_exit_layers(exits, layers), heads, gate
+    ).eval()
 
 
 class HiddenSign(ExitPolicy):

@@ -13,13 +13,16 @@ def one_line_error(code, err):
     return lines[0]
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["train", "--loss", "weighted_ce"], "did you mean 'weighted-ce'"),
-    (["train", "--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
-    (["train", "--set", "data.dataset=wiki"], "unknown dataset 'wiki'"),
-    (["train", "--config", "nope.yaml"], "config file not found"),
-    (["train", "--set", "lr"], "--set expects key=value"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["train", "--loss", "weighted_ce"], "did you mean 'weighted-ce'"),
+        (["train", "--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
+        (["train", "--set", "data.dataset=wiki"], "unknown dataset 'wiki'"),
+        (["train", "--config", "nope.yaml"], "config file not found"),
+        (["train", "--set", "lr"], "--set expects key=value"),
+    ],
+)
 def test_train_bad_input(args, expect, tmp_path):
     code, _, err = run_cli(*args, "--out", str(tmp_path / "x"))
     assert expect in one_line_error(code, err)
@@ -31,20 +34,30 @@ def test_empty_config_and_empty_dataset_file(tmp_path):
     code, _, err = run_cli("train", "--config", str(tmp_path / "e.yaml"))
     assert "is empty" in one_line_error(code, err)
     (tmp_path / "empty.txt").write_text("  \n")
-    code, _, err = run_cli("train", *tiny_overrides(f"data.dataset={tmp_path / 'empty.txt'}"), "--out", str(tmp_path / "o"))
+    code, _, err = run_cli(
+        "train",
+        *tiny_overrides(f"data.dataset={tmp_path / 'empty.txt'}"),
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert "dataset file is empty" in one_line_error(code, err)
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--policy", "maxprob"], "did you mean 'max-prob'"),
-    (["--thresholds", "0.5:"], "malformed thresholds"),
-    (["--thresholds", "0.5:1.5"], r"in [0, 1]"),
-    (["--thresholds", "0.9:0.5"], "below the start"),
-    (["--dataset", "nosuchcorpus"], "unknown dataset"),
-    (["--split", "dev"], "unknown split 'dev'"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--policy", "maxprob"], "did you mean 'max-prob'"),
+        (["--thresholds", "0.5:"], "malformed thresholds"),
+        (["--thresholds", "0.5:1.5"], r"in [0, 1]"),
+        (["--thresholds", "0.9:0.5"], "below the start"),
+        (["--dataset", "nosuchcorpus"], "unknown dataset"),
+        (["--split", "dev"], "unknown split 'dev'"),
+    ],
+)
 def test_sweep_bad_input(args, expect, tiny_checkpoint, tmp_path):
-    code, _, err = run_cli("sweep", "--model", str(tiny_checkpoint), *args, "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        "sweep", "--model", str(tiny_checkpoint), *args, "--out", str(tmp_path / "r")
+    )
     assert expect in one_line_error(code, err)
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
 
@@ -64,15 +77,28 @@ def test_evaluate_threshold_out_of_range(tiny_checkpoint):
 
 def test_sweep_writes_tables_plot_and_provenance(tiny_checkpoint, tmp_path):
     out = tmp_path / "sweep"
-    code, stdout, err = run_cli("sweep", "--model", str(tiny_checkpoint), "--thresholds", "0.0:1.0:0.25",
-                                "--max-tokens", "1024", "--out", str(out))
+    code, stdout, err = run_cli(
+        "sweep",
+        "--model",
+        str(tiny_checkpoint),
+        "--thresholds",
+        "0.0:1.0:0.25",
+        "--max-tokens",
+        "1024",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     for f in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png", "provenance.json"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0
     data = json.loads((out / "sweep.json").read_text())
     assert [r["threshold"] for r in data["rows"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert data["rows"][-1]["compute_pct"] == 100.0
-    assert data["command"].startswith("eexit sweep") and data["commit"] and data["config"]["policy"] == "max-prob"
+    assert (
+        data["command"].startswith("eexit sweep")
+        and data["commit"]
+        and data["config"]["policy"] == "max-prob"
+    )
     md = (out / "sweep.md").read_text()
     assert "| Threshold | PPL | Compute%" in md and "command: `eexit sweep" in md
     assert (out / "sweep.csv").read_text().count("\n") == 6
@@ -84,30 +110,58 @@ def test_sweep_writes_tables_plot_and_provenance(tiny_checkpoint, tmp_path):
 
 
 def test_sweep_alias_and_evaluate_output(tiny_checkpoint, tmp_path):
-    code, _, err = run_cli("sweep-threshold", "--model", str(tiny_checkpoint), "--policy", "saturation",
-                           "--thresholds", "0.9,0.99", "--max-tokens", "512", "--out", str(tmp_path / "s"))
+    code, _, err = run_cli(
+        "sweep-threshold",
+        "--model",
+        str(tiny_checkpoint),
+        "--policy",
+        "saturation",
+        "--thresholds",
+        "0.9,0.99",
+        "--max-tokens",
+        "512",
+        "--out",
+        str(tmp_path / "s"),
+    )
     assert code == 0, err
-    code, stdout, err = run_cli("evaluate", "--model", str(tiny_checkpoint), "--policy", "static", "--param", "layer=2",
-                                "--max-tokens", "512", "--out", str(tmp_path / "e"))
+    code, stdout, err = run_cli(
+        "evaluate",
+        "--model",
+        str(tiny_checkpoint),
+        "--policy",
+        "static",
+        "--param",
+        "layer=2",
+        "--max-tokens",
+        "512",
+        "--out",
+        str(tmp_path / "e"),
+    )
     assert code == 0, err
     row = json.loads((tmp_path / "e" / "evaluate.json").read_text())["rows"][0]
     assert row["exit@2_pct"] == 100.0 and row["compute_pct"] == pytest.approx(200 / 3)
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--policy", "topk-saturation", "--param", "k=abc"], "bad parameter"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--seq-len", "500"], "--seq-len must be in 1..32"),
-    (["--generate", "--prompt-len", "30", "--max-new-tokens", "8"], "must be <= 32"),
-    (["--generate", "--max-new-tokens", "1"], "--max-new-tokens >= 2"),
-    (["--calibrated", "nowhere"], "holds no calibrated.json"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--policy", "topk-saturation", "--param", "k=abc"], "bad parameter"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--seq-len", "500"], "--seq-len must be in 1..32"),
+        (["--generate", "--prompt-len", "30", "--max-new-tokens", "8"], "must be <= 32"),
+        (["--generate", "--max-new-tokens", "1"], "--max-new-tokens >= 2"),
+        (["--calibrated", "nowhere"], "holds no calibrated.json"),
+    ],
+)
 def test_evaluate_bad_numbers_and_params(tiny_checkpoint, args, expect):
     code, _, err = run_cli("evaluate", "--model", str(tiny_checkpoint), *args)
     assert expect in one_line_error(code, err)
 
 
 def test_bad_training_numbers():
-    for kv, msg in [("train.save_every=0", "train.save_every must be >= 1"), ("train.keep_checkpoints=0", "keep_checkpoints must be >= 1")]:
+    for kv, msg in [
+        ("train.save_every=0", "train.save_every must be >= 1"),
+        ("train.keep_checkpoints=0", "keep_checkpoints must be >= 1"),
+    ]:
         code, _, err = run_cli("train", "--set", kv)
         assert msg in one_line_error(code, err)

@@ -2,10 +2,10 @@ import pytest
 
 from eexit.config import load_config
 from eexit.errors import EexitError
-from eexit.training.losses import LOSSES
 from eexit.policies.base import POLICIES
-from eexit.registry import Registry
 from eexit.policies.thresholds import parse_thresholds
+from eexit.registry import Registry
+from eexit.training.losses import LOSSES
 
 
 def test_registry_did_you_mean_lists_valid_names():
@@ -15,7 +15,14 @@ def test_registry_did_you_mean_lists_valid_names():
     assert "did you mean 'weighted-ce'" in msg
     for name in ["final", "weighted-ce", "aux", "deep-supervision", "free-kd", "ponder"]:
         assert name in msg
-    assert set(POLICIES.names()) >= {"max-prob", "margin", "entropy", "saturation", "static", "oracle"}
+    assert set(POLICIES.names()) >= {
+        "max-prob",
+        "margin",
+        "entropy",
+        "saturation",
+        "static",
+        "oracle",
+    }
 
 
 def test_registry_rejects_double_registration():
@@ -55,20 +62,31 @@ def test_bad_config_values(tmp_path):
         load_config(empty)
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("0.5:0.95", [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]),
-    ("0.2:0.8:0.3", [0.2, 0.5, 0.8]),
-    ("0.5,0.7,0.9", [0.5, 0.7, 0.9]),
-    ("1.0", [1.0]),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("0.5:0.95", [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]),
+        ("0.2:0.8:0.3", [0.2, 0.5, 0.8]),
+        ("0.5,0.7,0.9", [0.5, 0.7, 0.9]),
+        ("1.0", [1.0]),
+    ],
+)
 def test_parse_thresholds(spec, expected):
     assert parse_thresholds(spec) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("0.5:", "not a number"), ("0.9:0.5", "below the start"), ("0.5:0.9:0", "step must be positive"),
-    ("1:2:3:4", "malformed"), ("0.5,1.5", r"in \[0, 1\]"), ("-0.1:0.5", r"in \[0, 1\]"), ("", "empty"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("0.5:", "not a number"),
+        ("0.9:0.5", "below the start"),
+        ("0.5:0.9:0", "step must be positive"),
+        ("1:2:3:4", "malformed"),
+        ("0.5,1.5", r"in \[0, 1\]"),
+        ("-0.1:0.5", r"in \[0, 1\]"),
+        ("", "empty"),
+    ],
+)
 def test_parse_thresholds_rejects(spec, match):
     with pytest.raises(EexitError, match=match):
         parse_thresholds(spec)

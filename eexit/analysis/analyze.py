@@ -1,5 +1,6 @@
 """Recipe behind `eexit analyze-monotonicity`: setup (models, data) -> one forward per batch ->
 statistics -> tables (Markdown / CSV / JSON) and figures styled like seed 001's."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,12 @@ def _progress(total: int):
 
 def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object, dict]:
     request = EvalRequest(
-        model=spec, dataset=s.dataset, split=s.split, seq_len=s.seq_len,
-        max_tokens=s.max_tokens, batch_size=s.batch_size,
+        model=spec,
+        dataset=s.dataset,
+        split=s.split,
+        seq_len=s.seq_len,
+        max_tokens=s.max_tokens,
+        batch_size=s.batch_size,
     )
     ctx = open_context(request, bind=False)
     model = ctx.model
@@ -59,9 +64,13 @@ def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object
             if bar:
                 bar.update(task, advance=1)
     info = {
-        "model": spec, "dataset": ctx.dataset, "split": s.split,
-        "seq_len": resolved.get("seq_len"), "tokens": sum(r.targets.numel() for r in records),
-        "num_layers": model.num_layers, "vocab_size": model.vocab_size,
+        "model": spec,
+        "dataset": ctx.dataset,
+        "split": s.split,
+        "seq_len": resolved.get("seq_len"),
+        "tokens": sum(r.targets.numel() for r in records),
+        "num_layers": model.num_layers,
+        "vocab_size": model.vocab_size,
     }
     return mono.concat(records), ctx.tokenizer, info
 
@@ -81,7 +90,9 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
         raise EexitError("give at least one --model")
     labels = s.labels or [Path(m).stem if m.endswith(".gguf") else Path(m).name for m in s.models]
     if len(labels) != len(s.models):
-        raise EexitError(f"--label given {len(labels)} times for {len(s.models)} models; give one per --model or none")
+        raise EexitError(
+            f"--label given {len(labels)} times for {len(s.models)} models; give one per --model or none"
+        )
     if s.top_k < 1 or s.examples < 0 or s.max_tokens < 1:
         raise EexitError("--top-k and --max-tokens must be >= 1 and --examples >= 0")
     prepare_dir(out, overwrite)
@@ -97,17 +108,42 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
         nm = mono.non_monotonic_share(rec)
         sw = mono.subword_exits(rec, tok)
         subword_all[label] = sw
-        summary_rows.append({"model": label, "layers": info["num_layers"], **nm, **{f"topk_{k}": v for k, v in order.items()},
-                             "word_start_mean_exit": sw["word_start"]["mean_exit_layer"], "continuation_mean_exit": sw["continuation"]["mean_exit_layer"]})
+        summary_rows.append(
+            {
+                "model": label,
+                "layers": info["num_layers"],
+                **nm,
+                **{f"topk_{k}": v for k, v in order.items()},
+                "word_start_mean_exit": sw["word_start"]["mean_exit_layer"],
+                "continuation_mean_exit": sw["continuation"]["mean_exit_layer"],
+            }
+        )
         n = rec.top1.shape[1]
-        positions = [int(p) for p in torch.linspace(min(10, n - 1), min(n - 1, 120), s.examples).tolist()] if s.examples else []
+        positions = (
+            [int(p) for p in torch.linspace(min(10, n - 1), min(n - 1, 120), s.examples).tolist()]
+            if s.examples
+            else []
+        )
         ex_all[label] = mono.examples(rec, tok, positions)
         sub = mono.sublayer_stats(rec)
         if sub is not None:
             sub_all[label] = sub
-    prov = provenance({"models": s.models, "labels": labels, **{k: v for k, v in s.__dict__.items() if k not in ("models", "labels")}, "data": infos})
-    write_results(out, "per_layer", "Per-layer monotonicity statistics", layer_rows, prov,
-                  notes="top1_equals_final / top1_never_changes_after: % of tokens (seed 001 figure 1); p_final: probability each layer gives the final prediction (figure 2); monotone_from_here: % of tokens whose p_final never drops by more than 0.001 from this layer on.\n\n")
+    prov = provenance(
+        {
+            "models": s.models,
+            "labels": labels,
+            **{k: v for k, v in s.__dict__.items() if k not in ("models", "labels")},
+            "data": infos,
+        }
+    )
+    write_results(
+        out,
+        "per_layer",
+        "Per-layer monotonicity statistics",
+        layer_rows,
+        prov,
+        notes="top1_equals_final / top1_never_changes_after: % of tokens (seed 001 figure 1); p_final: probability each layer gives the final prediction (figure 2); monotone_from_here: % of tokens whose p_final never drops by more than 0.001 from this layer on.\n\n",
+    )
     write_results(out, "topk_saturation", "Top-k saturation (seed 003)", sat_rows, prov)
     notes = f"drop_after_peak: the final-layer probability of the final prediction is more than {mono.DROP} below its peak over layers. topk_ordered_*: ranks saturate in order (rank k+1 fixes no earlier than rank k).\n\n"
     write_results(out, "summary", "Monotonicity summary", summary_rows, prov, notes=notes)
@@ -115,7 +151,13 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
     (Path(out) / "subword.json").write_text(json.dumps(subword_all, indent=2))
     if sub_all:
         rows = [{"model": m, **r} for m, rs in sub_all.items() for r in rs]
-        write_results(out, "sublayer", "Sub-layer exits (seed 004): after attention vs after the MLP", rows, prov)
+        write_results(
+            out,
+            "sublayer",
+            "Sub-layer exits (seed 004): after attention vs after the MLP",
+            rows,
+            prov,
+        )
     from eexit.analysis.plots import plot_all
 
     plot_all(Path(out), layer_rows, sat_rows, ex_all, subword_all, sub_all)

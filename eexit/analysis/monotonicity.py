@@ -7,6 +7,7 @@ layer's state goes through the model's own final norm + LM head, and only per-to
 are kept (top-K ids and probabilities, the probability of the final prediction). All
 statistics are tensor operations over tokens: no Python loop over tokens or the vocabulary.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -88,14 +89,18 @@ def forward_records(model, x, y: torch.Tensor, k: int, sublayers: bool = True) -
         for layer, h in enumerate(mids, start=1):
             logits = model.exit_logits(h, layer).reshape(n, -1).float()
             st.append(logits.argmax(-1))
-            sp.append((logits.gather(1, final[:, None]).squeeze(1) - torch.logsumexp(logits, -1)).exp())
+            sp.append(
+                (logits.gather(1, final[:, None]).squeeze(1) - torch.logsumexp(logits, -1)).exp()
+            )
         rec.sub_top1, rec.sub_p_final = torch.stack(st), torch.stack(sp)
     return rec
 
 
 def concat(records: list[LayerRecords]) -> LayerRecords:
     cat = lambda name, dim: torch.cat([getattr(r, name) for r in records], dim)  # noqa: E731
-    out = LayerRecords(cat("topk_ids", 1), cat("topk_probs", 1), cat("p_final", 1), cat("targets", 0))
+    out = LayerRecords(
+        cat("topk_ids", 1), cat("topk_probs", 1), cat("p_final", 1), cat("targets", 0)
+    )
     if all(r.sub_top1 is not None for r in records):
         out.sub_top1, out.sub_p_final = cat("sub_top1", 1), cat("sub_p_final", 1)
     return out
@@ -118,13 +123,21 @@ def per_layer_stats(r: LayerRecords) -> list[dict]:
     never = fixed_from(same).float().mean(1)
     p = r.p_final
     # non-decreasing from layer l on (within tolerance): no later step goes down by more than MONOTONE_TOL
-    down = (p[1:] < p[:-1] - MONOTONE_TOL)  # [L-1, N] step l -> l+1 goes down
+    down = p[1:] < p[:-1] - MONOTONE_TOL  # [L-1, N] step l -> l+1 goes down
     mono_from = torch.flip(torch.cumprod(torch.flip((~down).int(), [0]), 0), [0]).float().mean(1)
     mono_from = torch.cat([mono_from, torch.ones(1)])
     rows = []
     for l in range(L):
-        rows.append({"layer": l + 1, "top1_equals_final": 100 * same[l].float().mean().item(), "top1_never_changes_after": 100 * never[l].item(),
-                     "p_final_mean": p[l].mean().item(), "p_final_std": p[l].std().item(), "monotone_from_here": 100 * mono_from[l].item()})
+        rows.append(
+            {
+                "layer": l + 1,
+                "top1_equals_final": 100 * same[l].float().mean().item(),
+                "top1_never_changes_after": 100 * never[l].item(),
+                "p_final_mean": p[l].mean().item(),
+                "p_final_std": p[l].std().item(),
+                "monotone_from_here": 100 * mono_from[l].item(),
+            }
+        )
     return rows
 
 
@@ -132,26 +145,46 @@ def non_monotonic_share(r: LayerRecords) -> dict:
     p = r.p_final
     peak, where = p.max(0)
     drop = peak - p[-1]
-    return {"tokens": p.shape[1], "peak_before_last_pct": 100 * (where < p.shape[0] - 1).float().mean().item(),
-            f"drop_after_peak_gt_{DROP}_pct": 100 * (drop > DROP).float().mean().item(), "mean_drop_after_peak": drop.mean().item(),
-            "monotone_everywhere_pct": 100 * (~(p[1:] < p[:-1] - MONOTONE_TOL)).all(0).float().mean().item()}
+    return {
+        "tokens": p.shape[1],
+        "peak_before_last_pct": 100 * (where < p.shape[0] - 1).float().mean().item(),
+        f"drop_after_peak_gt_{DROP}_pct": 100 * (drop > DROP).float().mean().item(),
+        "mean_drop_after_peak": drop.mean().item(),
+        "monotone_everywhere_pct": 100
+        * (~(p[1:] < p[:-1] - MONOTONE_TOL)).all(0).float().mean().item(),
+    }
 
 
 def topk_saturation(r: LayerRecords) -> tuple[list[dict], dict]:
     """Seed 003: per rank k, the layer where the rank-k token becomes fixed, and whether ranks saturate in order."""
     K = r.topk_ids.shape[2]
-    sat = torch.stack([saturation_layer(r.topk_ids[:, :, k] == r.topk_ids[-1:, :, k]) for k in range(K)])  # [K, N]
-    rows = [{"rank": k + 1, "mean_saturation_layer": sat[k].float().mean().item(),
-             "median_saturation_layer": sat[k].float().median().item()} for k in range(K)]
+    sat = torch.stack(
+        [saturation_layer(r.topk_ids[:, :, k] == r.topk_ids[-1:, :, k]) for k in range(K)]
+    )  # [K, N]
+    rows = [
+        {
+            "rank": k + 1,
+            "mean_saturation_layer": sat[k].float().mean().item(),
+            "median_saturation_layer": sat[k].float().median().item(),
+        }
+        for k in range(K)
+    ]
     pairs = sat[1:] >= sat[:-1]
     strict = sat[1:] > sat[:-1]
     L = r.topk_ids.shape[0]
     # only tokens whose top-1 saturates before the last layer can show an order
     early = sat[0] < L
-    summary = {"K": K, "ordered_all_ranks_pct": 100 * pairs.all(0).float().mean().item(),
-               "ordered_pairs_pct": 100 * pairs.float().mean().item(), "strictly_ordered_pairs_pct": 100 * strict.float().mean().item(),
-               "ordered_all_ranks_pct_when_top1_saturates_early": 100 * pairs[:, early].all(0).float().mean().item() if early.any() else None,
-               "tokens_top1_saturates_early_pct": 100 * early.float().mean().item()}
+    summary = {
+        "K": K,
+        "ordered_all_ranks_pct": 100 * pairs.all(0).float().mean().item(),
+        "ordered_pairs_pct": 100 * pairs.float().mean().item(),
+        "strictly_ordered_pairs_pct": 100 * strict.float().mean().item(),
+        "ordered_all_ranks_pct_when_top1_saturates_early": 100
+        * pairs[:, early].all(0).float().mean().item()
+        if early.any()
+        else None,
+        "tokens_top1_saturates_early_pct": 100 * early.float().mean().item(),
+    }
     return rows, summary
 
 
@@ -181,8 +214,11 @@ def subword_exits(r: LayerRecords, tokenizer) -> dict:
     for name, mask in (("word_start", start), ("continuation", ~start)):
         e = exit_layer[mask].float()
         hist = torch.bincount(exit_layer[mask] - 1, minlength=L).float()
-        out[name] = {"tokens": int(mask.sum()), "mean_exit_layer": e.mean().item() if len(e) else None,
-                     "exit_histogram_pct": (100 * hist / max(1, len(e))).tolist()}
+        out[name] = {
+            "tokens": int(mask.sum()),
+            "mean_exit_layer": e.mean().item() if len(e) else None,
+            "exit_histogram_pct": (100 * hist / max(1, len(e))).tolist(),
+        }
     return out
 
 
@@ -193,14 +229,32 @@ def sublayer_stats(r: LayerRecords) -> list[dict] | None:
     final = r.top1[-1]
     rows = []
     for l in range(r.top1.shape[0]):
-        for part, top, p in (("attention", r.sub_top1[l], r.sub_p_final[l]), ("mlp", r.top1[l], r.p_final[l])):
-            rows.append({"point": l + (0.5 if part == "attention" else 1.0), "layer": l + 1, "after": part,
-                         "top1_equals_final": 100 * (top == final).float().mean().item(), "p_final_mean": p.mean().item()})
+        for part, top, p in (
+            ("attention", r.sub_top1[l], r.sub_p_final[l]),
+            ("mlp", r.top1[l], r.p_final[l]),
+        ):
+            rows.append(
+                {
+                    "point": l + (0.5 if part == "attention" else 1.0),
+                    "layer": l + 1,
+                    "after": part,
+                    "top1_equals_final": 100 * (top == final).float().mean().item(),
+                    "p_final_mean": p.mean().item(),
+                }
+            )
     # the earliest sub-layer point after which the top-1 never changes
     seq = torch.stack([t for l in range(r.top1.shape[0]) for t in (r.sub_top1[l], r.top1[l])])
     sat = saturation_layer(seq == final[None]) - 1  # index into the 2L points
     after_attn = (sat % 2 == 0).float().mean().item()
-    rows.append({"point": None, "layer": None, "after": "oracle exit point is an attention half (%)", "top1_equals_final": 100 * after_attn, "p_final_mean": None})
+    rows.append(
+        {
+            "point": None,
+            "layer": None,
+            "after": "oracle exit point is an attention half (%)",
+            "top1_equals_final": 100 * after_attn,
+            "p_final_mean": None,
+        }
+    )
     return rows
 
 
@@ -210,8 +264,20 @@ def examples(r: LayerRecords, tokenizer, positions: list[int], top: int = 3) -> 
     for pos in positions:
         ids = r.topk_ids[:, pos, :top]
         probs = r.topk_probs[:, pos, :top]
-        out.append({"position": pos, "target": tokenizer.decode([int(r.targets[pos])]),
-                    "final": tokenizer.decode([int(r.top1[-1, pos])]),
-                    "layers": [{"layer": l + 1, "top": [(tokenizer.decode([int(i)]), float(p)) for i, p in zip(ids[l], probs[l])]}
-                               for l in range(ids.shape[0])]})
+        out.append(
+            {
+                "position": pos,
+                "target": tokenizer.decode([int(r.targets[pos])]),
+                "final": tokenizer.decode([int(r.top1[-1, pos])]),
+                "layers": [
+                    {
+                        "layer": l + 1,
+                        "top": [
+                            (tokenizer.decode([int(i)]), float(p)) for i, p in zip(ids[l], probs[l])
+                        ],
+                    }
+                    for l in range(ids.shape[0])
+                ],
+            }
+        )
     return out

@@ -11,6 +11,7 @@ Risks per token at a threshold (both in [0, 1]):
 - `loss` (risk consistency): the relative drop of the probability of the correct next token,
   max(0, 1 - p_exit(y) / p_full(y)); tested with Hoeffding-Bentkus p-values.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,13 @@ def fit(ctx: EvalContext, names: list[str], label: str) -> list[dict]:
     rows = []
     for name in names:
         clf, metrics = fit_classifier(name, feats, labels, model.exit_layers)
-        meta = {"label": label, "hidden_size": model.hidden_size,
-                "exit_layers": model.exit_layers, "metrics": metrics, "data": resolved}
+        meta = {
+            "label": label,
+            "hidden_size": model.hidden_size,
+            "exit_layers": model.exit_layers,
+            "metrics": metrics,
+            "data": resolved,
+        }
         path = save_classifier(folder, name, clf, meta)
         rows.append({"classifier": name, "label": label, **metrics, "saved": str(path)})
     return rows
@@ -103,9 +109,7 @@ def check_options(opts: CalibrateOptions, policy: str) -> None:
     if opts.risk not in RISKS:
         raise EexitError(f"unknown risk {opts.risk!r}; valid: {', '.join(RISKS)}")
     if not 0 < opts.epsilon < 1 or not 0 < opts.delta < 1:
-        raise EexitError(
-            f"epsilon and delta must lie in (0, 1); got {opts.epsilon}, {opts.delta}"
-        )
+        raise EexitError(f"epsilon and delta must lie in (0, 1); got {opts.epsilon}, {opts.delta}")
 
 
 def calibrate(
@@ -125,10 +129,16 @@ def calibrate(
     xt, yt, _ = teacher_forced_inputs(ctx, opts.test_split)
     test = collect_exit_table(model, xt, yt, policy, r.batch_size)
     summary = {
-        "policy": r.policy, "policy_params": r.policy_params or {},
-        "min_exit_layer": r.min_exit_layer, "risk": opts.risk, "method": RISKS[opts.risk],
-        "epsilon": opts.epsilon, "delta": opts.delta, "calibration_tokens": cal.tokens,
-        "test_tokens": test.tokens, "threshold": result.threshold,
+        "policy": r.policy,
+        "policy_params": r.policy_params or {},
+        "min_exit_layer": r.min_exit_layer,
+        "risk": opts.risk,
+        "method": RISKS[opts.risk],
+        "epsilon": opts.epsilon,
+        "delta": opts.delta,
+        "calibration_tokens": cal.tokens,
+        "test_tokens": test.tokens,
+        "threshold": result.threshold,
     }
     if result.threshold is None:
         summary["message"] = no_threshold_message(result)
@@ -159,7 +169,15 @@ def write_calibration(out: str, summary: dict, tested: list[dict], fit_rows: lis
     )
     write_results(out, "calibration", title, [summary], prov, notes=notes)
     if summary["threshold"] is not None:
-        keys = ("policy", "policy_params", "min_exit_layer", "threshold", "risk", "epsilon", "delta")
+        keys = (
+            "policy",
+            "policy_params",
+            "min_exit_layer",
+            "threshold",
+            "risk",
+            "epsilon",
+            "delta",
+        )
         keep = {k: summary[k] for k in keys}
         keep.update({k: resolved.get(k) for k in ("model", "exit_layers", "seq_len", "dataset")})
         (Path(out) / CALIBRATED_FILE).write_text(json.dumps(keep, indent=2))

@@ -22,6 +22,7 @@ P-values (``n`` examples, empirical risk ``risk_hat``, tolerance ``eps``):
 
 Binomial CDFs are summed in log space (``lgamma`` + ``logsumexp``), so n up to 10**6 is fine.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,12 +41,16 @@ _ROUND_SLACK = 1e-9  # n * risk_hat is an integer up to float error for binary l
 
 def _check_eps(eps: float) -> None:
     if not (isinstance(eps, numbers.Real) and 0.0 < eps < 1.0):
-        raise EexitError(f"bad risk tolerance epsilon {eps!r}; it must be a number with 0 < epsilon < 1")
+        raise EexitError(
+            f"bad risk tolerance epsilon {eps!r}; it must be a number with 0 < epsilon < 1"
+        )
 
 
 def _check_delta(delta: float) -> None:
     if not (isinstance(delta, numbers.Real) and 0.0 < delta < 1.0):
-        raise EexitError(f"bad delta {delta!r}; it must be a number with 0 < delta < 1 (confidence = 1 - delta)")
+        raise EexitError(
+            f"bad delta {delta!r}; it must be a number with 0 < delta < 1 (confidence = 1 - delta)"
+        )
 
 
 def _check_common(risk_hat: float, n: int, eps: float) -> None:
@@ -63,8 +68,13 @@ def _log_binom_cdf(k: int, n: int, p: float) -> float:
     if k >= n:
         return 0.0
     j = torch.arange(k + 1, dtype=torch.float64)
-    log_pmf = (math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1)
-               + j * math.log(p) + (n - j) * math.log1p(-p))
+    log_pmf = (
+        math.lgamma(n + 1)
+        - torch.lgamma(j + 1)
+        - torch.lgamma(n - j + 1)
+        + j * math.log(p)
+        + (n - j) * math.log1p(-p)
+    )
     return min(0.0, float(torch.logsumexp(log_pmf, dim=0)))
 
 
@@ -134,8 +144,13 @@ class CalibrationResult:
         return 1.0 - self.delta
 
 
-def fixed_sequence_test(thresholds: list[float], risks: torch.Tensor | np.ndarray, eps: float,
-                        delta: float, method: str = "binomial") -> CalibrationResult:
+def fixed_sequence_test(
+    thresholds: list[float],
+    risks: torch.Tensor | np.ndarray,
+    eps: float,
+    delta: float,
+    method: str = "binomial",
+) -> CalibrationResult:
     """Pick the smallest threshold whose risk is certified <= eps with probability >= 1 - delta.
 
     ``risks[t, i]`` is the loss in [0, 1] of calibration example i at ``thresholds[t]``
@@ -160,12 +175,16 @@ def fixed_sequence_test(thresholds: list[float], risks: torch.Tensor | np.ndarra
     r = torch.as_tensor(np.asarray(risks) if not isinstance(risks, torch.Tensor) else risks)
     r = r.detach().to("cpu", torch.float64)
     if r.dim() != 2 or r.shape[0] != len(thr) or r.shape[1] < 1:
-        raise EexitError(f"risks must have shape [n_thresholds={len(thr)}, n_examples>=1]; got {list(r.shape)}")
+        raise EexitError(
+            f"risks must have shape [n_thresholds={len(thr)}, n_examples>=1]; got {list(r.shape)}"
+        )
     lo, hi = torch.aminmax(r)
     if not (float(lo) >= 0.0 and float(hi) <= 1.0):  # also false for NaN
         raise EexitError("risks must lie in [0, 1] (bounded per-example losses)")
     if method == "binomial" and not torch.equal(r, r.round()):
-        raise EexitError("method 'binomial' needs binary (0/1) risks; use 'hoeffding-bentkus' for losses in [0, 1]")
+        raise EexitError(
+            "method 'binomial' needs binary (0/1) risks; use 'hoeffding-bentkus' for losses in [0, 1]"
+        )
 
     n = int(r.shape[1])
     pvalue = _PVALUES[method]
@@ -190,11 +209,15 @@ def no_threshold_message(result: CalibrationResult) -> str:
     """A one-line explanation of a calibration result, meant for ``result.threshold is None``."""
     conf = f"confidence {result.confidence:g}"
     if result.threshold is not None:
-        return (f"threshold {_num(result.threshold)} satisfies risk <= {result.eps:g} with {conf} "
-                f"on {result.n} calibration examples ({result.method} test)")
+        return (
+            f"threshold {_num(result.threshold)} satisfies risk <= {result.eps:g} with {conf} "
+            f"on {result.n} calibration examples ({result.method} test)"
+        )
     head = f"no threshold satisfies risk <= {result.eps:g} with {conf} on {result.n} calibration examples"
     if result.tested:
         first = result.tested[0]
-        head += (f" (the most conservative threshold {_num(first.threshold)} has empirical risk "
-                 f"{first.risk_hat:.3g}, p = {first.p_value:.2g})")
+        head += (
+            f" (the most conservative threshold {_num(first.threshold)} has empirical risk "
+            f"{first.risk_hat:.3g}, p = {first.p_value:.2g})"
+        )
     return head + "; raise epsilon or delta, or use more calibration data"

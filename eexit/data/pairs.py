@@ -6,6 +6,7 @@ Decoder-only models: one sequence prompt + target + EOS; labels are the next tok
 prompt positions ignored (-100), so the loss covers the answer only. The source text is cut to
 `max_source_len` tokens before it goes into the prompt, so the instruction is never lost.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ class EncodedPairs:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, part: slice) -> "EncodedPairs":
-        return EncodedPairs(self.seq2seq, self.sources[part], self.targets[part], self.pad_id, self.start_id)
+    def __getitem__(self, part: slice) -> EncodedPairs:
+        return EncodedPairs(
+            self.seq2seq, self.sources[part], self.targets[part], self.pad_id, self.start_id
+        )
 
     @property
     def longest_target(self) -> int:
@@ -41,22 +44,38 @@ def shorten(tokenizer, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
-def model_inputs(tokenizer, task: Task, ex: Example, seq2seq: bool, max_source_len: int) -> list[int]:
+def model_inputs(
+    tokenizer, task: Task, ex: Example, seq2seq: bool, max_source_len: int
+) -> list[int]:
     """The ids a model reads for one example (encoder input, or the prompt of a decoder-only model)."""
-    short = Example(shorten(tokenizer, ex.source, max_source_len), ex.target, ex.question, ex.answers, ex.id)
+    short = Example(
+        shorten(tokenizer, ex.source, max_source_len), ex.target, ex.question, ex.answers, ex.id
+    )
     if seq2seq:
-        return tokenizer(task.source_text(short), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return tokenizer(task.source_text(short), add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
     text = task.prompt_text(short, tokenizer if getattr(tokenizer, "chat_template", None) else None)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_pairs(tokenizer, task: Task, examples: list[Example], seq2seq: bool, max_source_len: int, max_target_len: int,
-                 start_id: int | None = None) -> EncodedPairs:
+def encode_pairs(
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    seq2seq: bool,
+    max_source_len: int,
+    max_target_len: int,
+    start_id: int | None = None,
+) -> EncodedPairs:
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sources = [model_inputs(tokenizer, task, ex, seq2seq, max_source_len) for ex in examples]
     lead = "" if seq2seq else " "  # decoder-only: the answer follows the prompt after a space
-    targets = [tokenizer(lead + ex.target, add_special_tokens=False)["input_ids"][:max_target_len] + [eos] for ex in examples]
+    targets = [
+        tokenizer(lead + ex.target, add_special_tokens=False)["input_ids"][:max_target_len] + [eos]
+        for ex in examples
+    ]
     return EncodedPairs(seq2seq, sources, targets, pad, start_id if start_id is not None else pad)
 
 
@@ -75,8 +94,12 @@ def collate(p: EncodedPairs, idx: list[int]) -> tuple[dict, torch.Tensor]:
     seqs = [p.sources[i] + p.targets[i] for i in idx]
     T = max(map(len, seqs)) - 1
     ids = torch.tensor([s[:-1] + [p.pad_id] * (T - len(s) + 1) for s in seqs])
-    labels = torch.tensor([[IGNORE] * (len(p.sources[i]) - 1) + p.targets[i] + [IGNORE] * (T - len(s) + 1)
-                           for i, s in zip(idx, seqs)])
+    labels = torch.tensor(
+        [
+            [IGNORE] * (len(p.sources[i]) - 1) + p.targets[i] + [IGNORE] * (T - len(s) + 1)
+            for i, s in zip(idx, seqs)
+        ]
+    )
     return {"input_ids": ids}, labels
 
 
@@ -87,11 +110,15 @@ def batches(p: EncodedPairs, batch_size: int, limit: int | None = None):
         yield collate(p, list(range(i, min(i + batch_size, n))))
 
 
-def random_batch(p: EncodedPairs, batch_size: int, generator: torch.Generator) -> tuple[dict, torch.Tensor]:
+def random_batch(
+    p: EncodedPairs, batch_size: int, generator: torch.Generator
+) -> tuple[dict, torch.Tensor]:
     return collate(p, torch.randint(len(p), (batch_size,), generator=generator).tolist())
 
 
-def keep_labelled(states: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def keep_labelled(
+    states: list[torch.Tensor], labels: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Drop ignored positions: states become [1, n_labelled, d] and labels [1, n_labelled], so every
     loss (per-position means) covers the labelled tokens only."""
     keep = labels.reshape(-1) != IGNORE

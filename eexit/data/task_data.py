@@ -9,17 +9,17 @@ Offline (data shipped inside packages, nothing downloaded):
   paragraphs (see `cloze_questions`): the answer is a span of the context.
 Hub (needs network access): `wmt15` (fr-en), `cnn_dailymail` (3.0.0), `squad`.
 """
+
 from __future__ import annotations
 
 import re
 import sqlite3
 import zlib
-from typing import Callable
 
 from eexit.data.corpora import SPLITS, packaged_file, split_of
-from eexit.errors import EexitError
 from eexit.data.names import TASK_DATA
 from eexit.data.tasks import Example
+from eexit.errors import EexitError
 
 TaskData = tuple[str, dict[str, list[Example]]]  # (task name, {split: examples})
 register_task_data = TASK_DATA.register
@@ -57,11 +57,17 @@ def bible_pairs(src: str = "4", tgt: str = "l") -> list[Example]:
         rows = con.execute(
             "SELECT a.bNumber, a.cNumber, a.vNumber, a.vText, b.vText FROM bible a JOIN bible b "
             "ON a.bNumber = b.bNumber AND a.cNumber = b.cNumber AND a.vNumber = b.vNumber "
-            "WHERE a.bbName = ? AND b.bbName = ? ORDER BY a.bNumber, a.cNumber, a.vNumber", (src, tgt)).fetchall()
+            "WHERE a.bbName = ? AND b.bbName = ? ORDER BY a.bNumber, a.cNumber, a.vNumber",
+            (src, tgt),
+        ).fetchall()
     finally:
         con.close()
     clean = lambda s: " ".join(s.split())
-    return [Example(clean(e), clean(f), id=f"{b}:{c}:{v}") for b, c, v, e, f in rows if e.strip() and f.strip()]
+    return [
+        Example(clean(e), clean(f), id=f"{b}:{c}:{v}")
+        for b, c, v, e, f in rows
+        if e.strip() and f.strip()
+    ]
 
 
 @register_task_data("bible-en-fr")
@@ -74,12 +80,22 @@ def bible_en_fr() -> TaskData:
 def wmt15() -> TaskData:
     """WMT15 French-English from the hub, used English -> French."""
     ds = _hub("wmt/wmt15", "fr-en")
-    return "translation", {s: [Example(r["translation"]["en"], r["translation"]["fr"], id=f"{s}#{i}") for i, r in enumerate(ds[s])]
-                           for s in SPLITS if s in ds}
+    return "translation", {
+        s: [
+            Example(r["translation"]["en"], r["translation"]["fr"], id=f"{s}#{i}")
+            for i, r in enumerate(ds[s])
+        ]
+        for s in SPLITS
+        if s in ds
+    }
 
 
 # ---------------------------------------------------------------------------- summarization
-_DETOK = [(re.compile(r" ([.,;:!?%)\]])"), r"\1"), (re.compile(r"([(\[]) "), r"\1"), (re.compile(r" (n't|'s|'re|'ve|'ll|'d)\b"), r"\1")]
+_DETOK = [
+    (re.compile(r" ([.,;:!?%)\]])"), r"\1"),
+    (re.compile(r"([(\[]) "), r"\1"),
+    (re.compile(r" (n't|'s|'re|'ve|'ll|'d)\b"), r"\1"),
+]
 
 
 def detokenize(text: str) -> str:
@@ -98,8 +114,14 @@ def aclsum() -> TaskData:
     for split, fname in (("train", "train"), ("validation", "val"), ("test", "test")):
         path = packaged_file("aclsum", f"dataset/{fname}.jsonl")
         rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        out[split] = [Example(detokenize(" ".join(r["sentences"]["abstract"])),
-                              " ".join(r["summary"][k] for k in ("challenge", "approach", "outcome")), id=r["id"]) for r in rows]
+        out[split] = [
+            Example(
+                detokenize(" ".join(r["sentences"]["abstract"])),
+                " ".join(r["summary"][k] for k in ("challenge", "approach", "outcome")),
+                id=r["id"],
+            )
+            for r in rows
+        ]
     return "summarization", out
 
 
@@ -107,12 +129,18 @@ def aclsum() -> TaskData:
 def cnn_dailymail() -> TaskData:
     """CNN / Daily Mail 3.0.0 from the hub: article -> highlights."""
     ds = _hub("abisee/cnn_dailymail", "3.0.0")
-    return "summarization", {s: [Example(r["article"], r["highlights"], id=r["id"]) for r in ds[s]] for s in SPLITS if s in ds}
+    return "summarization", {
+        s: [Example(r["article"], r["highlights"], id=r["id"]) for r in ds[s]]
+        for s in SPLITS
+        if s in ds
+    }
 
 
 # ---------------------------------------------------------------------------- open-book QA
 _YEAR = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
-_NAME = re.compile(r"\b[A-Z][a-z]+(?: (?:of |de |von )?[A-Z][a-z]+)+\b")  # two or more capitalised words
+_NAME = re.compile(
+    r"\b[A-Z][a-z]+(?: (?:of |de |von )?[A-Z][a-z]+)+\b"
+)  # two or more capitalised words
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 BLANK = "_____"
 
@@ -136,7 +164,9 @@ def cloze_questions(key: str, paragraph: str) -> list[Example]:
     si, start, answer = cands[zlib.crc32(key.encode()) % len(cands)]
     sent = sentences[si]
     kind = "year" if _YEAR.fullmatch(answer) else "name"
-    question = f"Which {kind} fills the blank in: \"{sent[:start]}{BLANK}{sent[start + len(answer):]}\"?"
+    question = (
+        f'Which {kind} fills the blank in: "{sent[:start]}{BLANK}{sent[start + len(answer) :]}"?'
+    )
     return [Example(paragraph, answer, question=question, answers=[answer], id=key)]
 
 
@@ -145,7 +175,10 @@ def wiki_cloze_qa() -> TaskData:
     """Cloze questions over the gensim Wikipedia paragraphs (same 90/5/5 split as `wiki-gensim`)."""
     from eexit.data.wikimarkup import load_wikipedia_articles
 
-    path = packaged_file("gensim", "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    path = packaged_file(
+        "gensim",
+        "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    )
     out: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for title, prose in load_wikipedia_articles(path):
         for i, para in enumerate(prose.split("\n\n")):
@@ -158,8 +191,16 @@ def wiki_cloze_qa() -> TaskData:
 def squad() -> TaskData:
     """SQuAD v1.1 from the hub (train / validation; the validation set doubles as test)."""
     ds = _hub("rajpurkar/squad", None)
-    conv = lambda rows: [Example(r["context"], r["answers"]["text"][0], question=r["question"], answers=list(r["answers"]["text"]),
-                                 id=r["id"]) for r in rows]
+    conv = lambda rows: [
+        Example(
+            r["context"],
+            r["answers"]["text"][0],
+            question=r["question"],
+            answers=list(r["answers"]["text"]),
+            id=r["id"],
+        )
+        for r in rows
+    ]
     val = conv(ds["validation"])
     return "qa", {"train": conv(ds["train"]), "validation": val, "test": val}
 
@@ -170,4 +211,6 @@ def _hub(name: str, config: str | None):
 
         return datasets.load_dataset(name, config)
     except Exception as e:  # network, unknown name, ... -> one line
-        raise EexitError(f"could not load hub dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise EexitError(
+            f"could not load hub dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None

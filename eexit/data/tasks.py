@@ -11,6 +11,7 @@ one), and scores predictions with the library the papers use:
 - translation: corpus BLEU and chrF (`sacrebleu`, default 13a tokenisation), signature kept;
 - qa: SQuAD exact match / F1 with the official answer normalisation (max over gold answers).
 """
+
 from __future__ import annotations
 
 import collections
@@ -48,7 +49,9 @@ class Task:
         """Prompt of a decoder-only model: the tokenizer's chat template when it has one."""
         user = self.user_text(ex)
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+            )
         return f"{user}\nAnswer:"
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict:
@@ -99,8 +102,12 @@ class Translation(Task):
         refs = [[ex.target for ex in examples]]
         bleu, chrf = BLEU(), CHRF()
         b, c = bleu.corpus_score(predictions, refs), chrf.corpus_score(predictions, refs)
-        return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
-                "chrf_signature": str(chrf.get_signature())}
+        return {
+            "bleu": b.score,
+            "chrf": c.score,
+            "bleu_signature": str(bleu.get_signature()),
+            "chrf_signature": str(chrf.get_signature()),
+        }
 
 
 # ---------------------------------------------------------------------------- SQuAD metric
@@ -140,8 +147,14 @@ class OpenBookQA(Task):
 
     def score(self, predictions, examples):
         n = max(1, len(predictions))
-        em = sum(max(squad_em(p, a) for a in (ex.answers or [ex.target])) for p, ex in zip(predictions, examples))
-        f1 = sum(max(squad_f1(p, a) for a in (ex.answers or [ex.target])) for p, ex in zip(predictions, examples))
+        em = sum(
+            max(squad_em(p, a) for a in (ex.answers or [ex.target]))
+            for p, ex in zip(predictions, examples)
+        )
+        f1 = sum(
+            max(squad_f1(p, a) for a in (ex.answers or [ex.target]))
+            for p, ex in zip(predictions, examples)
+        )
         return {"exact_match": 100 * em / n, "f1": 100 * f1 / n}
 
 

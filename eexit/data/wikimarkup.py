@@ -1,4 +1,5 @@
 """Turn a MediaWiki XML dump into plain prose (small, dependency-free cleaner)."""
+
 from __future__ import annotations
 
 import bz2
@@ -8,11 +9,31 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Iterator
 
-_CUT_SECTIONS = {"references", "external links", "see also", "further reading",
-                 "notes", "bibliography"}
+_CUT_SECTIONS = {
+    "references",
+    "external links",
+    "see also",
+    "further reading",
+    "notes",
+    "bibliography",
+}
 # Tags whose whole content is dropped (everything else keeps its inner text).
-_DROP_TAGS = ("math", "gallery", "timeline", "table", "imagemap", "score", "chem", "ce",
-              "syntaxhighlight", "source", "hiero", "graph", "mapframe", "references")
+_DROP_TAGS = (
+    "math",
+    "gallery",
+    "timeline",
+    "table",
+    "imagemap",
+    "score",
+    "chem",
+    "ce",
+    "syntaxhighlight",
+    "source",
+    "hiero",
+    "graph",
+    "mapframe",
+    "references",
+)
 _SKIP_LINK_NS = ("file", "image", "category", "media")
 
 _COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
@@ -50,8 +71,12 @@ def iter_pages(xml_text: str) -> Iterator[tuple[str, str]]:
         elif tag == "text":
             text = elem.text or ""
         elif tag == "page":
-            if ns == "0" and not redirect and text is not None \
-                    and not text.lstrip().upper().startswith("#REDIRECT"):
+            if (
+                ns == "0"
+                and not redirect
+                and text is not None
+                and not text.lstrip().upper().startswith("#REDIRECT")
+            ):
                 yield title, text
             title, ns, text, redirect = None, None, None, False
             elem.clear()
@@ -113,7 +138,7 @@ def _remove_media_links(text: str) -> str:
         if not m:
             out.append(text[i:])
             return "".join(out)
-        out.append(text[i:m.start()])
+        out.append(text[i : m.start()])
         depth, j = 0, m.start()
         while j < n:
             if text.startswith("[[", j):
@@ -151,7 +176,7 @@ def _replace_links(text: str) -> str:
 def _cut_sections(text: str) -> str:
     for m in re.finditer(r"^[ \t]*=+[ \t]*(.*?)[ \t]*=+[ \t]*$", text, re.M):
         if m.group(1).strip().lower() in _CUT_SECTIONS:
-            return text[:m.start()]
+            return text[: m.start()]
     return text
 
 

@@ -92,7 +92,11 @@ def open_context(r: EvalRequest, model=None, tokenizer=None, bind: bool = True) 
     else:
         policy = make_policy(r.policy, 0.5, r.min_exit_layer, **(r.policy_params or {}))
     return EvalContext(
-        request=r, model=model, tokenizer=tokenizer, checkpoint=checkpoint, policy=policy,
+        request=r,
+        model=model,
+        tokenizer=tokenizer,
+        checkpoint=checkpoint,
+        policy=policy,
         dataset=dataset,
     )
 
@@ -136,8 +140,13 @@ def task_pairs(ctx: EvalContext, split: str | None = None):
     task_name, examples = task_split(ctx.dataset, split)
     start = model.lm.config.decoder_start_token_id if model.is_seq2seq else None
     pairs = encode_pairs(
-        ctx.tokenizer, get_task(task_name), examples, model.is_seq2seq, data.max_source_len,
-        data.max_target_len, start,
+        ctx.tokenizer,
+        get_task(task_name),
+        examples,
+        model.is_seq2seq,
+        data.max_source_len,
+        data.max_target_len,
+        start,
     )
     if r.max_tokens:
         total, n = 0, 0
@@ -145,7 +154,9 @@ def task_pairs(ctx: EvalContext, split: str | None = None):
             total, n = total + len(pairs.targets[n]), n + 1
         pairs = pairs[:n]
     resolved = ctx.resolved(
-        split=split, task=task_name, max_source_len=data.max_source_len,
+        split=split,
+        task=task_name,
+        max_source_len=data.max_source_len,
         max_target_len=data.max_target_len,
     )
     return pairs, None, resolved

@@ -1,6 +1,7 @@
 """Generation evaluation: early-exit decoding against full-depth decoding of the same model on
 the same prompts (per sample and in total): tokens/s, mean exit layer, compute % with the
 decision overhead and KV filling counted in layer-equivalents, agreement with the full output."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,16 +44,25 @@ def prompts_from(tokenizer, dataset: str, split: str, n: int, length: int) -> to
     return torch.tensor(out)
 
 
-def token_costs(model, decoder: EarlyExitDecoder, res: GenerationResult, context: float) -> torch.Tensor:
+def token_costs(
+    model, decoder: EarlyExitDecoder, res: GenerationResult, context: float
+) -> torch.Tensor:
     """Executed layer-equivalents per generated token (excluding the first, which is full depth)."""
     L = res.num_layers
     exit_l = res.exit_layers[:, 1:].float()
     policy = decoder.policy
     lm = layer_macs(model, context)
-    dec_cost = policy.decision_macs(model.hidden_size, model.vocab_size) / lm if policy is not None else 0.0
+    dec_cost = (
+        policy.decision_macs(model.hidden_size, model.vocab_size) / lm
+        if policy is not None
+        else 0.0
+    )
     reuse = dec_cost if (policy is not None and policy.needs_logits) else 0.0
     overhead = res.decisions[:, 1:].float() * dec_cost - (exit_l < L).float() * reuse
-    if decoder.kv_mode in ("full", "recompute"):  # recompute runs the skipped layers later, for the pending positions
+    if decoder.kv_mode in (
+        "full",
+        "recompute",
+    ):  # recompute runs the skipped layers later, for the pending positions
         layers = torch.full_like(exit_l, float(L))
     else:  # propagate: skipped layers cost their key/value projections only
         kv = 2 * model.hidden_size * decoder.blocks.n_kv_heads * decoder.blocks.head_dim / lm
@@ -60,9 +70,27 @@ def token_costs(model, decoder: EarlyExitDecoder, res: GenerationResult, context
     return layers + overhead
 
 
-def compare(model, decoder: EarlyExitDecoder, reference: EarlyExitDecoder, prompts: torch.Tensor, g: GenerationOptions,
-            eos: int | None, pad: int | None) -> tuple[list[dict], dict]:
-    rows, totals = [], {"ee_tokens": 0, "ee_seconds": 0.0, "full_seconds": 0.0, "agree": 0.0, "cost": 0.0, "exit": 0.0, "n": 0}
+def compare(
+    model,
+    decoder: EarlyExitDecoder,
+    reference: EarlyExitDecoder,
+    prompts: torch.Tensor,
+    g: GenerationOptions,
+    eos: int | None,
+    pad: int | None,
+) -> tuple[list[dict], dict]:
+    rows, totals = (
+        [],
+        {
+            "ee_tokens": 0,
+            "ee_seconds": 0.0,
+            "full_seconds": 0.0,
+            "agree": 0.0,
+            "cost": 0.0,
+            "exit": 0.0,
+            "n": 0,
+        },
+    )
     L = model.num_layers
     reference.generate(prompts[:1], None, 2, pad_token_id=pad)  # warm-up
     decoder.generate(prompts[:1], None, 2, pad_token_id=pad)
@@ -75,10 +103,18 @@ def compare(model, decoder: EarlyExitDecoder, reference: EarlyExitDecoder, promp
         for b in range(len(x)):
             same = (ee.new_tokens[b] == full.new_tokens[b]).float()
             prefix = int(same.cumprod(0).sum())
-            rows.append({"sample": i + b, "tokens_per_s": len(x) * g.max_new_tokens / ee.seconds if g.batch_size == 1 else None,
-                         "mean_exit_layer": ee.exit_layers[b, 1:].float().mean().item(),
-                         "compute_pct": 100 * cost[b].mean().item() / L, "agreement_pct": 100 * same.mean().item(),
-                         "identical_prefix": prefix})
+            rows.append(
+                {
+                    "sample": i + b,
+                    "tokens_per_s": len(x) * g.max_new_tokens / ee.seconds
+                    if g.batch_size == 1
+                    else None,
+                    "mean_exit_layer": ee.exit_layers[b, 1:].float().mean().item(),
+                    "compute_pct": 100 * cost[b].mean().item() / L,
+                    "agreement_pct": 100 * same.mean().item(),
+                    "identical_prefix": prefix,
+                }
+            )
             totals["agree"] += same.sum().item()
             totals["cost"] += cost[b].sum().item()
             totals["exit"] += ee.exit_layers[b, 1:].float().sum().item()
@@ -87,9 +123,14 @@ def compare(model, decoder: EarlyExitDecoder, reference: EarlyExitDecoder, promp
         totals["ee_seconds"] += ee.seconds
         totals["full_seconds"] += full.seconds
     n_new = totals["ee_tokens"]
-    total = {"tokens_per_s": n_new / totals["ee_seconds"], "full_tokens_per_s": n_new / totals["full_seconds"],
-             "speedup": totals["full_seconds"] / totals["ee_seconds"], "mean_exit_layer": totals["exit"] / totals["n"],
-             "compute_pct": 100 * totals["cost"] / (totals["n"] * L), "agreement_pct": 100 * totals["agree"] / (len(prompts) * g.max_new_tokens)}
+    total = {
+        "tokens_per_s": n_new / totals["ee_seconds"],
+        "full_tokens_per_s": n_new / totals["full_seconds"],
+        "speedup": totals["full_seconds"] / totals["ee_seconds"],
+        "mean_exit_layer": totals["exit"] / totals["n"],
+        "compute_pct": 100 * totals["cost"] / (totals["n"] * L),
+        "agreement_pct": 100 * totals["agree"] / (len(prompts) * g.max_new_tokens),
+    }
     total["realized_over_ideal"] = total["speedup"] * total["compute_pct"] / 100
     return rows, total
 

@@ -16,8 +16,11 @@ def table_columns(exit_layers: list[int]) -> tuple[list[str], dict[str, str]]:
     shares = [f"exit@{layer}_pct" for layer in exit_layers]
     cols = ["threshold", "ppl", "compute_pct", "overhead_pct", "agreement_pct"] + shares
     headers = {
-        "threshold": "Threshold", "ppl": "PPL", "compute_pct": "Compute%",
-        "overhead_pct": "Decision overhead%", "agreement_pct": "Top-1 agreement%",
+        "threshold": "Threshold",
+        "ppl": "PPL",
+        "compute_pct": "Compute%",
+        "overhead_pct": "Decision overhead%",
+        "agreement_pct": "Top-1 agreement%",
         **{f"exit@{layer}_pct": f"Exit@{layer}%" for layer in exit_layers},
     }
     return cols, headers
@@ -59,13 +62,23 @@ def run_lm(ctx: EvalContext, out: str | None, sweep: bool) -> list[dict]:
         }
         points = [(row["compute_pct"], row["ppl"], row["threshold"]) for row in rows]
         plot_tradeoff(
-            Path(out) / "sweep.png", {r.policy: points}, "compute % (layers used / layers)",
-            "perplexity", title, statics,
+            Path(out) / "sweep.png",
+            {r.policy: points},
+            "compute % (layers used / layers)",
+            "perplexity",
+            title,
+            statics,
         )
     else:
         title = f"Early-exit evaluation: {r.policy} on {where}"
         write_results(
-            out, "evaluate", title, rows, provenance(resolved), cols + ["full_ppl"],
-            headers | {"full_ppl": "Full PPL"}, per_exit_notes(table),
+            out,
+            "evaluate",
+            title,
+            rows,
+            provenance(resolved),
+            cols + ["full_ppl"],
+            headers | {"full_ppl": "Full PPL"},
+            per_exit_notes(table),
         )
     return rows

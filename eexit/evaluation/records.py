@@ -10,6 +10,7 @@ earlier tokens (the `full` KV mode of decoding); each token's own compute is the
 its exit. Compute % counts transformer layers; the exit-decision overhead (LM-head matmuls of
 softmax-based measures, classifiers, ...) is reported separately in layer-equivalents.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,9 @@ class ExitTable:
     score: torch.Tensor  # [K, N] policy confidence at each exit
     decision_cost: float  # one decision, in layer-equivalents
     reuses_logits: bool  # an exit's decision logits are also its output (no extra head at the exit)
-    positions: torch.Tensor | None = None  # [N] position of each token in its window (decaying threshold)
+    positions: torch.Tensor | None = (
+        None  # [N] position of each token in its window (decaying threshold)
+    )
     max_steps: int | None = None  # window length
 
     @property
@@ -44,7 +47,9 @@ def layer_macs(model, context: float) -> float:
     return params + 2.0 * context * model.hidden_size
 
 
-def forward_batches(model, inputs, targets: torch.Tensor | None, batch_size: int, with_inputs: bool = True):
+def forward_batches(
+    model, inputs, targets: torch.Tensor | None, batch_size: int, with_inputs: bool = True
+):
     """Teacher-forced passes: yield (states [each n x d], targets [n], positions [n]) per batch.
     `inputs`: LM windows [N, T] with `targets`, or `EncodedPairs` of a task (labelled positions only)."""
     from eexit.data.pairs import IGNORE, EncodedPairs, batches, keep_labelled
@@ -72,29 +77,57 @@ def window_length(inputs) -> int:
 
 
 @torch.no_grad()
-def collect_exit_table(model, inputs, targets: torch.Tensor | None, policy: ExitPolicy,
-                       batch_size: int = 8) -> ExitTable:
+def collect_exit_table(
+    model, inputs, targets: torch.Tensor | None, policy: ExitPolicy, batch_size: int = 8
+) -> ExitTable:
     model.eval()
     exits = model.exit_layers
     T = window_length(inputs)
     nll, top1, score, all_pos = [[] for _ in exits], [[] for _ in exits], [[] for _ in exits], []
-    for flat, y, positions in forward_batches(model, inputs, targets, batch_size):  # flat: [input of block 1, output of block 1, ...]
+    for flat, y, positions in forward_batches(
+        model, inputs, targets, batch_size
+    ):  # flat: [input of block 1, output of block 1, ...]
         all_pos.append(positions.cpu())
         state: dict = {}
         for k, layer in enumerate(exits):
             h = flat[layer]
-            view = ExitView(layer, model.num_layers, flat[: layer + 1], lambda h=h, layer=layer: model.exit_logits(h, layer),
-                            model, state, positions, T)
+            view = ExitView(
+                layer,
+                model.num_layers,
+                flat[: layer + 1],
+                lambda h=h, layer=layer: model.exit_logits(h, layer),
+                model,
+                state,
+                positions,
+                T,
+            )
             logits = view.logits
-            nll[k].append((torch.logsumexp(logits, -1) - logits.gather(1, y[:, None]).squeeze(1)).cpu())
+            nll[k].append(
+                (torch.logsumexp(logits, -1) - logits.gather(1, y[:, None]).squeeze(1)).cpu()
+            )
             top1[k].append(logits.argmax(-1).cpu())
             if not policy.needs_future:
                 score[k].append(policy.score(view).float().cpu())
     top1_t = torch.stack([torch.cat(t) for t in top1])
-    score_t = policy.scores_from_top1(top1_t) if policy.needs_future else torch.stack([torch.cat(s) for s in score])
-    cost = policy.decision_macs(model.hidden_size, model.vocab_size) / layer_macs(model, (T + 1) / 2.0)
-    return ExitTable(exits, model.num_layers, torch.stack([torch.cat(v) for v in nll]), top1_t, score_t, cost,
-                     policy.needs_logits, torch.cat(all_pos), T)
+    score_t = (
+        policy.scores_from_top1(top1_t)
+        if policy.needs_future
+        else torch.stack([torch.cat(s) for s in score])
+    )
+    cost = policy.decision_macs(model.hidden_size, model.vocab_size) / layer_macs(
+        model, (T + 1) / 2.0
+    )
+    return ExitTable(
+        exits,
+        model.num_layers,
+        torch.stack([torch.cat(v) for v in nll]),
+        top1_t,
+        score_t,
+        cost,
+        policy.needs_logits,
+        torch.cat(all_pos),
+        T,
+    )
 
 
 def exit_indices(table: ExitTable, policy: ExitPolicy) -> torch.Tensor:
@@ -138,4 +171,6 @@ def exit_metrics(table: ExitTable, policy: ExitPolicy) -> dict:
 
 def per_exit_ppl(table: ExitTable) -> dict[int, float]:
     """PPL if every token exited at the given exit (the static baselines)."""
-    return {layer: math.exp(table.nll[k].mean().item()) for k, layer in enumerate(table.exit_layers)}
+    return {
+        layer: math.exp(table.nll[k].mean().item()) for k, layer in enumerate(table.exit_layers)
+    }

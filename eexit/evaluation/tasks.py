@@ -9,6 +9,7 @@ uses the full depth); cost % adds the exit decisions and the KV filling of skipp
 layer-equivalents (`gen_eval.token_costs`). Decoder-only models read the task's prompt (chat
 template when the tokenizer has one) and their answer is cut at the first line break.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from eexit.evaluation.context import EvalContext
-from eexit.models.decoding import EarlyExitDecoder, check_kv_mode
-from eexit.errors import EexitError
-from eexit.evaluation.generation import token_costs
 from eexit.data.pairs import model_inputs
-from eexit.reporting import plot_tradeoff, provenance, write_results
 from eexit.data.task_data import task_split
 from eexit.data.tasks import clean_prediction, get_task
+from eexit.errors import EexitError
+from eexit.evaluation.context import EvalContext
+from eexit.evaluation.generation import token_costs
+from eexit.models.decoding import EarlyExitDecoder, check_kv_mode
+from eexit.reporting import plot_tradeoff, provenance, write_results
 
 
 @dataclass(kw_only=True)
@@ -69,15 +70,26 @@ def _batches(model, tokenizer, task, examples, o: TaskOptions):
             yield {"input_ids": x, "attention_mask": mask}
 
 
-def decode_all(model, tokenizer, task, examples, decoder: EarlyExitDecoder, o: TaskOptions) -> Decoded:
+def decode_all(
+    model, tokenizer, task, examples, decoder: EarlyExitDecoder, o: TaskOptions
+) -> Decoded:
     eos = tokenizer.eos_token_id
     vocab = tokenizer.get_vocab()
-    stop = {eos} | {vocab[s] for s in ("<|im_end|>", "<|endoftext|>") if s in vocab}  # chat models end a turn with <|im_end|>
+    stop = {eos} | {
+        vocab[s] for s in ("<|im_end|>", "<|endoftext|>") if s in vocab
+    }  # chat models end a turn with <|im_end|>
     out = Decoded([], [], [], [], 0.0)
     for batch in _batches(model, tokenizer, task, examples, o):
         b = batch["input_ids"].shape[0]
-        res = decoder.generate(batch["input_ids"], batch.get("attention_mask"), o.max_new_tokens, eos_token_id=sorted(stop),
-                               pad_token_id=eos, source_ids=batch.get("source_ids"), source_mask=batch.get("source_mask"))
+        res = decoder.generate(
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            o.max_new_tokens,
+            eos_token_id=sorted(stop),
+            pad_token_id=eos,
+            source_ids=batch.get("source_ids"),
+            source_mask=batch.get("source_mask"),
+        )
         out.seconds += res.seconds
         ctx = batch.get("attention_mask", batch["input_ids"]).shape[1] + o.max_new_tokens / 2
         cost = token_costs(model, decoder, res, ctx)
@@ -93,22 +105,30 @@ def decode_all(model, tokenizer, task, examples, decoder: EarlyExitDecoder, o: T
     return out
 
 
-def summarize(task, examples, d: Decoded, full: Decoded | None, L: int, exit_layers: list[int]) -> dict:
+def summarize(
+    task, examples, d: Decoded, full: Decoded | None, L: int, exit_layers: list[int]
+) -> dict:
     row = {k: v for k, v in task.score(d.texts, examples).items() if not k.endswith("signature")}
     layers = [l for ex in d.exit_layers for l in ex]
     costs = [c for ex in d.cost for c in ex]
     n = len(layers)
     row["compute_pct"] = 100 * sum(layers) / (n * L)
-    row["cost_pct"] = 100 * (sum(costs) + L * len(d.exit_layers)) / (n * L)  # the full-depth first tokens included
+    row["cost_pct"] = (
+        100 * (sum(costs) + L * len(d.exit_layers)) / (n * L)
+    )  # the full-depth first tokens included
     row["tokens_per_s"] = n / d.seconds
     row["mean_exit_layer"] = sum(layers) / n
     for l in exit_layers:
         row[f"exit@{l}_pct"] = 100 * sum(1 for x in layers if x == l) / n
     row["tokens"] = n
     if full is not None:
-        row["speedup"] = full.seconds / d.seconds * (n / sum(map(len, full.tokens)))  # per-token time ratio
+        row["speedup"] = (
+            full.seconds / d.seconds * (n / sum(map(len, full.tokens)))
+        )  # per-token time ratio
         same = sum(a == b for e, f in zip(d.tokens, full.tokens) for a, b in zip(e, f))
-        row["agreement_pct"] = 100 * same / sum(max(len(e), len(f)) for e, f in zip(d.tokens, full.tokens))
+        row["agreement_pct"] = (
+            100 * same / sum(max(len(e), len(f)) for e, f in zip(d.tokens, full.tokens))
+        )
     return row
 
 
@@ -161,7 +181,11 @@ def run_task_sweep(ctx: EvalContext, o: TaskOptions, out: str | None, plot: bool
         if plot:
             points = [(x["compute_pct"], x[task.primary], x["threshold"]) for x in rows[1:]]
             plot_tradeoff(
-                Path(out) / "sweep.png", {r.policy: points}, "compute % (layers per generated token)",
-                task.primary, title, {"full depth": (100.0, rows[0][task.primary])},
+                Path(out) / "sweep.png",
+                {r.policy: points},
+                "compute % (layers per generated token)",
+                task.primary,
+                title,
+                {"full depth": (100.0, rows[0][task.primary])},
             )
     return rows

@@ -48,7 +48,9 @@ class BlockAdapter:
         """Only the keys and values of block l for hidden h (CALM's state propagation)."""
         raise NotImplementedError
 
-    def finish(self, l: int, h: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def finish(
+        self, l: int, h: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         """Attention output ctx [B, H, t, dh] -> block output (output projection, residuals, MLP).
         `rows`: the batch rows of h (encoder-decoder models attend to those rows' encoder output)."""
         raise NotImplementedError
@@ -64,7 +66,7 @@ class BlockAdapter:
 
     @property
     def scaling(self) -> float:
-        return self.head_dim ** -0.5
+        return self.head_dim**-0.5
 
     def window(self, l: int) -> int | None:
         """Sliding-window size of block l's attention (None: the block sees the whole cache)."""

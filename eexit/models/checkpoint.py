@@ -40,7 +40,7 @@ class CheckpointInfo:
         return self.train_config.data.dataset if self.train_config else None
 
     @classmethod
-    def read(cls, spec: str) -> "CheckpointInfo":
+    def read(cls, spec: str) -> CheckpointInfo:
         path = Path(spec)
         folder = path if path.is_dir() else None
         meta_file = path / EEXIT_META if folder else None

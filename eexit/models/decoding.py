@@ -12,6 +12,7 @@ and values the skipped layers would have produced are handled by `kv_mode`:
 The prompt (prefill) and the first generated token use the full depth. Positions follow
 `transformers` for left-padded batches (cumulative attention mask - 1).
 """
+
 from __future__ import annotations
 
 import time
@@ -35,7 +36,9 @@ def check_kv_mode(mode: str) -> None:
 class GenerationResult:
     sequences: torch.Tensor  # [B, prompt + new] left-padded prompts followed by the new tokens
     new_tokens: torch.Tensor  # [B, new]
-    exit_layers: torch.Tensor  # [B, new] layer whose prediction was emitted (0 = row already finished)
+    exit_layers: (
+        torch.Tensor
+    )  # [B, new] layer whose prediction was emitted (0 = row already finished)
     decisions: torch.Tensor  # [B, new] exit decisions taken for the token
     seconds: float  # wall-clock time of the whole generation
     num_layers: int
@@ -71,12 +74,16 @@ class EarlyExitDecoder:
     def __init__(self, model, policy: ExitPolicy | None, kv_mode: str = "propagate"):
         check_kv_mode(kv_mode)
         if policy is not None and policy.needs_future:
-            raise EexitError(f"policy {policy.registered_name!r} needs every layer and cannot decide during decoding")
+            raise EexitError(
+                f"policy {policy.registered_name!r} needs every layer and cannot decide during decoding"
+            )
         self.model, self.policy, self.kv_mode = model, policy, kv_mode
         self.blocks = model.family.adapter(model)
         self.L = self.blocks.num_layers
         # the exits where the policy is asked (stateful ones: every exit, for their history)
-        self.exits = {l for l in model.exit_layers if policy is not None and policy.scored_at(l, self.L)}
+        self.exits = {
+            l for l in model.exit_layers if policy is not None and policy.scored_at(l, self.L)
+        }
 
     # ------------------------------------------------------------------ attention over our cache
     def _attend(self, l, q, k_new, v_new, rows, slots, qvalid=None):
@@ -94,9 +101,17 @@ class EarlyExitDecoder:
             if window is not None and s0 + 1 > window:
                 valid = valid.clone()
                 valid[:, : s0 + 1 - window] = False
-            mask = self._with_bias(None if bool(valid.all()) else valid[:, None, None, :], slots, s0 + 1)
-            return F.scaled_dot_product_attention(q, c["k"][l][:, :, : s0 + 1], c["v"][l][:, :, : s0 + 1], attn_mask=mask,
-                                                  scale=self.blocks.scaling, enable_gqa=gqa)
+            mask = self._with_bias(
+                None if bool(valid.all()) else valid[:, None, None, :], slots, s0 + 1
+            )
+            return F.scaled_dot_product_attention(
+                q,
+                c["k"][l][:, :, : s0 + 1],
+                c["v"][l][:, :, : s0 + 1],
+                attn_mask=mask,
+                scale=self.blocks.scaling,
+                enable_gqa=gqa,
+            )
         if qvalid is None:
             c["k"][l][rows[:, None], :, slots] = k_new.transpose(1, 2)
             c["v"][l][rows[:, None], :, slots] = v_new.transpose(1, 2)
@@ -109,13 +124,19 @@ class EarlyExitDecoder:
         S = int(slots.max()) + 1
         k, v = c["k"][l][rows, :, :S], c["v"][l][rows, :, :S]
         ar = torch.arange(S, device=q.device)
-        mask = c["valid"][l][rows, None, None, :S] & (ar[None, None, None, :] <= slots[:, None, :, None])
+        mask = c["valid"][l][rows, None, None, :S] & (
+            ar[None, None, None, :] <= slots[:, None, :, None]
+        )
         window = self.blocks.window(l)
         if window is not None:  # sliding-window attention: keys within the last `window` slots
             mask = mask & (ar[None, None, None, :] > slots[:, None, :, None] - window)
-        mask = mask | (ar[None, None, None, :] == slots[:, None, :, None])  # a query always sees itself
+        mask = mask | (
+            ar[None, None, None, :] == slots[:, None, :, None]
+        )  # a query always sees itself
         mask = self._with_bias(mask, slots, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.blocks.scaling, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.blocks.scaling, enable_gqa=gqa
+        )
 
     def _with_bias(self, mask, slots, S):
         """Fold the block's additive position bias (T5) into the attention mask."""
@@ -130,10 +151,20 @@ class EarlyExitDecoder:
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, seed: int = 0, source_ids: torch.Tensor | None = None,
-                 source_mask: torch.Tensor | None = None) -> GenerationResult:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        source_ids: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+    ) -> GenerationResult:
         """Encoder-decoder models: `source_ids` / `source_mask` are the encoder input and
         `input_ids` the decoder's start ([B, 1] decoder start token)."""
         model, blocks, L = self.model, self.blocks, self.L
@@ -142,28 +173,55 @@ class EarlyExitDecoder:
         dev = model.device
         ids = input_ids.to(dev)
         B, T0 = ids.shape
-        mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(dev).bool()
-        stops = None if eos_token_id is None else torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
-        pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops is not None else 0)
+        mask = (
+            torch.ones_like(ids, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.to(dev).bool()
+        )
+        stops = (
+            None
+            if eos_token_id is None
+            else torch.tensor(
+                [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev
+            )
+        )
+        pad = (
+            pad_token_id
+            if pad_token_id is not None
+            else (int(stops[0]) if stops is not None else 0)
+        )
         Tmax = T0 + max_new_tokens
         d = model.hidden_size
         dtype = model.parts.lm_head.weight.dtype
         kv_shape = (B, blocks.n_kv_heads, Tmax, blocks.head_dim)
-        self.cache = {"k": [torch.zeros(kv_shape, device=dev, dtype=dtype) for _ in range(L)],
-                      "v": [torch.zeros(kv_shape, device=dev, dtype=dtype) for _ in range(L)],
-                      "valid": [torch.zeros(B, Tmax, dtype=torch.bool, device=dev) for _ in range(L)]}
+        self.cache = {
+            "k": [torch.zeros(kv_shape, device=dev, dtype=dtype) for _ in range(L)],
+            "v": [torch.zeros(kv_shape, device=dev, dtype=dtype) for _ in range(L)],
+            "valid": [torch.zeros(B, Tmax, dtype=torch.bool, device=dev) for _ in range(L)],
+        }
         pos = torch.zeros(B, Tmax, dtype=torch.long, device=dev)
         pos[:, :T0] = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
         # recompute mode: hidden state of pending positions, and the layer they were computed to
-        frontier = torch.zeros(B, Tmax, d, device=dev, dtype=dtype) if self.kv_mode == "recompute" else None
+        frontier = (
+            torch.zeros(B, Tmax, d, device=dev, dtype=dtype)
+            if self.kv_mode == "recompute"
+            else None
+        )
         depth = torch.full((B, Tmax), L, dtype=torch.long, device=dev)
         gen = torch.Generator(device=dev).manual_seed(seed) if do_sample else None
         self.max_steps = max_new_tokens
         t0 = time.perf_counter()
-        blocks.begin(None if source_ids is None else source_ids.to(dev), None if source_mask is None else source_mask.to(dev))
+        blocks.begin(
+            None if source_ids is None else source_ids.to(dev),
+            None if source_mask is None else source_mask.to(dev),
+        )
         # relative position bias (T5) of every (query slot, key slot) pair, looked up per layer
-        bias = blocks.attn_bias(torch.arange(Tmax, device=dev)[None], torch.arange(Tmax, device=dev))
-        self.bias_cache = None if bias is None else bias[0].permute(1, 2, 0).to(dtype)  # [Tmax, Tmax, H]
+        bias = blocks.attn_bias(
+            torch.arange(Tmax, device=dev)[None], torch.arange(Tmax, device=dev)
+        )
+        self.bias_cache = (
+            None if bias is None else bias[0].permute(1, 2, 0).to(dtype)
+        )  # [Tmax, Tmax, H]
 
         # prefill: the whole prompt through every layer; pad slots are never valid keys
         all_rows = torch.arange(B, device=dev)
@@ -186,13 +244,21 @@ class EarlyExitDecoder:
             rows = (~finished).nonzero().squeeze(1)
             if len(rows) == 0:
                 break
-            logits_out, layer_out, n_dec = self._step(out_tokens[rows, step - 1], rows, slot, pos, frontier, depth, step)
+            logits_out, layer_out, n_dec = self._step(
+                out_tokens[rows, step - 1], rows, slot, pos, frontier, depth, step
+            )
             tok = self._pick(logits_out, do_sample, temperature, top_k, gen)
-            out_tokens[rows, step], exit_layer[rows, step], decisions[rows, step] = tok, layer_out, n_dec
+            out_tokens[rows, step], exit_layer[rows, step], decisions[rows, step] = (
+                tok,
+                layer_out,
+                n_dec,
+            )
             if stops is not None:
                 finished[rows] |= torch.isin(tok, stops)
         seconds = time.perf_counter() - t0
-        return GenerationResult(torch.cat([ids, out_tokens], 1), out_tokens, exit_layer, decisions, seconds, L)
+        return GenerationResult(
+            torch.cat([ids, out_tokens], 1), out_tokens, exit_layer, decisions, seconds, L
+        )
 
     def _pick(self, logits, do_sample, temperature, top_k, gen):
         if not do_sample:
@@ -213,7 +279,9 @@ class EarlyExitDecoder:
         out_layer = torch.full((n,), L, dtype=torch.long, device=dev)
         n_dec = torch.zeros(n, dtype=torch.long, device=dev)
         active = torch.arange(n, device=dev)  # indices into rows
-        emitted = torch.zeros(n, dtype=torch.bool, device=dev)  # full mode: output fixed, still computing KV
+        emitted = torch.zeros(
+            n, dtype=torch.bool, device=dev
+        )  # full mode: output fixed, still computing KV
         hist = [h[:, 0]]
         state: dict = {}
         for l in range(L):
@@ -221,7 +289,9 @@ class EarlyExitDecoder:
             if self.kv_mode == "recompute":
                 h = self._recompute_layer(l, h, r, slot, pos, frontier, depth)
             else:
-                h = self._layer(l, h, r, torch.full((len(r), 1), slot, device=dev), pos[r, slot : slot + 1])
+                h = self._layer(
+                    l, h, r, torch.full((len(r), 1), slot, device=dev), pos[r, slot : slot + 1]
+                )
             layer = l + 1
             full_h = torch.zeros(n, h.shape[-1], device=dev, dtype=h.dtype)
             full_h[active] = h[:, 0]
@@ -237,13 +307,25 @@ class EarlyExitDecoder:
             if not deciding.any():
                 continue
             sel = active[deciding]
-            view = ExitView(layer, L, _Rows(hist, sel), lambda hh=h[deciding, 0], la=layer: model.exit_logits(hh, la), model, state,
-                            torch.full((len(sel),), step, device=dev), self.max_steps)
+            view = ExitView(
+                layer,
+                L,
+                _Rows(hist, sel),
+                lambda hh=h[deciding, 0], la=layer: model.exit_logits(hh, la),
+                model,
+                state,
+                torch.full((len(sel),), step, device=dev),
+                self.max_steps,
+            )
             go = policy.decide(view)
             n_dec[sel] += 1
             if go.any():
                 done = sel[go]
-                logits = view.logits[go] if "logits" in view.__dict__ else model.exit_logits(h[deciding, 0][go], layer)
+                logits = (
+                    view.logits[go]
+                    if "logits" in view.__dict__
+                    else model.exit_logits(h[deciding, 0][go], layer)
+                )
                 out_logits[done] = logits.to(out_logits.dtype)
                 out_layer[done] = layer
             _subset_state(state, ~go)
@@ -277,13 +359,33 @@ class EarlyExitDecoder:
         counts = pending.sum(1)
         P = int(counts.max()) if len(counts) else 0
         if P == 0:
-            return self._layer(l, h, r, torch.full((len(r), 1), slot, device=dev), pos[r, slot : slot + 1])
+            return self._layer(
+                l, h, r, torch.full((len(r), 1), slot, device=dev), pos[r, slot : slot + 1]
+            )
         # chunk per row: its pending slots (ascending, padded) then the current slot
-        order = torch.sort(torch.where(pending, torch.arange(slot, device=dev), slot + 1 + torch.arange(slot, device=dev)), 1).values[:, :P]
-        qvalid = torch.cat([torch.arange(P, device=dev)[None] < counts[:, None], torch.ones(len(r), 1, dtype=torch.bool, device=dev)], 1)
+        order = torch.sort(
+            torch.where(
+                pending, torch.arange(slot, device=dev), slot + 1 + torch.arange(slot, device=dev)
+            ),
+            1,
+        ).values[:, :P]
+        qvalid = torch.cat(
+            [
+                torch.arange(P, device=dev)[None] < counts[:, None],
+                torch.ones(len(r), 1, dtype=torch.bool, device=dev),
+            ],
+            1,
+        )
         slots = torch.cat([order.clamp(max=slot - 1), torch.full((len(r), 1), slot, device=dev)], 1)
         chunk = torch.cat([frontier[r[:, None], slots[:, :P]], h], 1)
-        out = self._layer(l, chunk, r, torch.where(qvalid, slots, torch.full_like(slots, slot)), pos[r[:, None], slots], qvalid)
+        out = self._layer(
+            l,
+            chunk,
+            r,
+            torch.where(qvalid, slots, torch.full_like(slots, slot)),
+            pos[r[:, None], slots],
+            qvalid,
+        )
         rr, ss = r[:, None].expand(-1, P)[qvalid[:, :P]], slots[:, :P][qvalid[:, :P]]
         frontier[rr, ss] = out[:, :P][qvalid[:, :P]]
         depth[rr, ss] = l + 1

@@ -7,6 +7,7 @@ Llama, Mistral, Qwen, SmolLM2 GGUF, ...), built from a small config or loaded pr
 Encoder-decoder models (T5): the exits are on the decoder blocks, through the decoder's final
 norm (and T5's d_model^-0.5 output scaling) + LM head; the encoder always runs in full.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,7 +22,6 @@ from eexit.models.checkpoint import EEXIT_META, EXTRA_WEIGHTS
 from eexit.models.families import family_of
 
 
-
 def resolve_exit_layers(spec, num_layers: int, min_exit_layer: int = 1) -> list[int]:
     """'all' or a list of 1-based layers -> sorted list that always ends with the last layer."""
     if spec in (None, "all"):
@@ -31,7 +31,9 @@ def resolve_exit_layers(spec, num_layers: int, min_exit_layer: int = 1) -> list[
             try:
                 spec = [int(s) for s in spec.replace(" ", "").split(",") if s]
             except ValueError:
-                raise EexitError(f"exit layers must be 'all' or a comma list of layer numbers, got {spec!r}") from None
+                raise EexitError(
+                    f"exit layers must be 'all' or a comma list of layer numbers, got {spec!r}"
+                ) from None
         if isinstance(spec, int):
             spec = [spec]
         bad = [x for x in spec if not isinstance(x, int) or not 1 <= x <= num_layers]
@@ -47,7 +49,13 @@ def resolve_exit_layers(spec, num_layers: int, min_exit_layer: int = 1) -> list[
 class EarlyExitModel(nn.Module):
     """A causal LM whose hidden state can be read out (exited) after chosen layers."""
 
-    def __init__(self, lm: nn.Module, exit_layers: list[int], exit_heads: str = "shared", halting_gate: bool = False):
+    def __init__(
+        self,
+        lm: nn.Module,
+        exit_layers: list[int],
+        exit_heads: str = "shared",
+        halting_gate: bool = False,
+    ):
         super().__init__()
         self.lm = lm
         self.family = family_of(lm)
@@ -61,7 +69,9 @@ class EarlyExitModel(nn.Module):
             for layer in self.exit_layers[:-1]:
                 head = nn.Linear(d, self.vocab_size, bias=False)
                 head.weight.data.copy_(self.parts.lm_head.weight.data)
-                self.exit_heads[str(layer)] = nn.Sequential(copy.deepcopy(self.parts.final_norm), head)
+                self.exit_heads[str(layer)] = nn.Sequential(
+                    copy.deepcopy(self.parts.final_norm), head
+                )
         # seed 000's exit gate: halting probability per layer, trained by the `ponder` loss
         self.halting_gate = nn.Linear(d, 1) if halting_gate else None
 
@@ -81,12 +91,22 @@ class EarlyExitModel(nn.Module):
     def device(self) -> torch.device:
         return self.parts.lm_head.weight.device
 
-    def encode(self, source_ids: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, source_ids: torch.Tensor, source_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Encoder output of an encoder-decoder model."""
-        return self.parts.encoder(input_ids=source_ids, attention_mask=source_mask).last_hidden_state
+        return self.parts.encoder(
+            input_ids=source_ids, attention_mask=source_mask
+        ).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, with_inputs: bool = False,
-                source_ids: torch.Tensor | None = None, source_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        with_inputs: bool = False,
+        source_ids: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
         """Run the whole stack once; return every block's output hidden state (before the final norm),
         preceded by the input of block 1 (embeddings, positions included) when `with_inputs`.
         Encoder-decoder models: `input_ids` are the decoder inputs and `source_ids` the encoder's."""
@@ -100,14 +120,21 @@ class EarlyExitModel(nn.Module):
 
         hooks = [layer.register_forward_hook(grab) for layer in self.parts.layers]
         if with_inputs:
-            hooks.append(self.parts.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True))
+            hooks.append(
+                self.parts.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True)
+            )
         extra = {}
         if self.is_seq2seq:
             if source_ids is None:
                 raise EexitError("an encoder-decoder model needs source_ids (the encoder input)")
-            extra = {"encoder_hidden_states": self.encode(source_ids, source_mask), "encoder_attention_mask": source_mask}
+            extra = {
+                "encoder_hidden_states": self.encode(source_ids, source_mask),
+                "encoder_attention_mask": source_mask,
+            }
         try:
-            self.parts.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+            self.parts.base(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
+            )
         finally:
             for h in hooks:
                 h.remove()
@@ -135,7 +162,11 @@ class EarlyExitModel(nn.Module):
         self.lm.save_pretrained(out)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-        extras = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("lm.")}
+        extras = {
+            k: v.detach().contiguous().cpu()
+            for k, v in self.state_dict().items()
+            if not k.startswith("lm.")
+        }
         if extras:
             save_file(extras, str(out / EXTRA_WEIGHTS))
         meta = {

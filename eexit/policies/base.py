@@ -29,7 +29,7 @@ import torch
 from eexit.errors import EexitError
 from eexit.registry import Registry
 
-POLICIES: Registry[type["ExitPolicy"]] = Registry("policy")
+POLICIES: Registry[type[ExitPolicy]] = Registry("policy")
 register_policy = POLICIES.register
 
 
@@ -139,7 +139,7 @@ class ExitPolicy:
         layer, or everywhere for stateful policies (their score needs the earlier exits)."""
         return layer < num_layers and (self.stateful or layer >= self.min_exit_layer)
 
-    def at(self, threshold: float) -> "ExitPolicy":
+    def at(self, threshold: float) -> ExitPolicy:
         """The same policy (same fitted classifier) with another threshold."""
         other = copy.copy(self)
         other.threshold = check_threshold(threshold)
@@ -165,9 +165,7 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
-def make_policy(
-    name: str, threshold: float = 0.9, min_exit_layer: int = 1, **params
-) -> ExitPolicy:
+def make_policy(name: str, threshold: float = 0.9, min_exit_layer: int = 1, **params) -> ExitPolicy:
     cls = POLICIES.get(name)
     try:
         return cls(threshold=threshold, min_exit_layer=min_exit_layer, **params)

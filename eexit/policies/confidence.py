@@ -1,5 +1,6 @@
 """Confidence measures computed from one exit: the softmax-based ones (max-prob, margin, entropy),
 the hidden-state saturation that needs no LM head, and the reference rules static and oracle."""
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ class Saturation(ExitPolicy):
     needs_logits = False
 
     def score(self, view):
-        return F.cosine_similarity(view.hidden.float(), view.prev_hidden.float(), dim=-1).clamp_min(0.0)
+        return F.cosine_similarity(view.hidden.float(), view.prev_hidden.float(), dim=-1).clamp_min(
+            0.0
+        )
 
     def decision_macs(self, hidden_size, vocab_size):
         return 3.0 * hidden_size
@@ -58,13 +61,21 @@ class Static(ExitPolicy):
     needs_logits = False
     threshold_free = True
 
-    def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, decay_tau: float = 0.0, layer: int | None = None):
+    def __init__(
+        self,
+        threshold: float = 0.9,
+        min_exit_layer: int = 1,
+        decay_tau: float = 0.0,
+        layer: int | None = None,
+    ):
         super().__init__(threshold, min_exit_layer, decay_tau)
         self.layer = int(layer) if layer is not None else None
 
     def score(self, view):
         target = self.layer if self.layer is not None else view.num_layers
-        return torch.full((view.hidden.shape[0],), float(view.layer >= target), device=view.hidden.device)
+        return torch.full(
+            (view.hidden.shape[0],), float(view.layer >= target), device=view.hidden.device
+        )
 
     def decision_macs(self, hidden_size, vocab_size):
         return 0.0
@@ -79,7 +90,9 @@ class Oracle(ExitPolicy):
     threshold_free = True
 
     def score(self, view):
-        raise EexitError("the oracle policy needs every layer's prediction: use it with evaluate / sweep, not decoding")
+        raise EexitError(
+            "the oracle policy needs every layer's prediction: use it with evaluate / sweep, not decoding"
+        )
 
     @staticmethod
     def scores_from_top1(top1: torch.Tensor) -> torch.Tensor:

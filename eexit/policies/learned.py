@@ -12,6 +12,7 @@ layer's top-1; `stable` = ... and it never changes after. `eexit calibrate --fit
 (class-balanced, early stopping on a held-out part) and saves them beside the checkpoint in
 `exit_classifiers/<name>.pt`; `--policy meta|lstm|mlp3` then loads them by name.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,7 +36,9 @@ class MetaClassifier(nn.Module):
         super().__init__()
         self.linear = nn.Linear(d, 1)
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:  # seq [N, l, d] -> exit logit per step [N, l]
+    def forward(
+        self, seq: torch.Tensor
+    ) -> torch.Tensor:  # seq [N, l, d] -> exit logit per step [N, l]
         return self.linear(seq).squeeze(-1)
 
     def macs(self, d: int) -> float:
@@ -90,8 +93,17 @@ def exit_labels(top1: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.flip(torch.cumprod(torch.flip(same, [0]), 0), [0]).float()
 
 
-def fit_classifier(name: str, feats: torch.Tensor, labels: torch.Tensor, layers: list[int], seed: int = 0,
-                   max_epochs: int = 40, patience: int = 5, lr: float = 3e-3, batch: int = 128) -> tuple[nn.Module, dict]:
+def fit_classifier(
+    name: str,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    layers: list[int],
+    seed: int = 0,
+    max_epochs: int = 40,
+    patience: int = 5,
+    lr: float = 3e-3,
+    batch: int = 128,
+) -> tuple[nn.Module, dict]:
     """feats [N, L, d] normed states of every layer; labels [L, N]; trained on the given exit layers."""
     torch.manual_seed(seed)
     n, L, d = feats.shape
@@ -101,11 +113,15 @@ def fit_classifier(name: str, feats: torch.Tensor, labels: torch.Tensor, layers:
     val, tr = idx[:n_val], idx[n_val:]
     cols = torch.tensor([l - 1 for l in layers if l < L], dtype=torch.long)
     if len(cols) == 0:
-        raise EexitError("fitting exit classifiers needs an exit below the last layer (see --exit-layers)")
+        raise EexitError(
+            "fitting exit classifiers needs an exit below the last layer (see --exit-layers)"
+        )
     y = labels.T  # [N, L]
     pos = y[tr][:, cols].mean().item()
     if pos in (0.0, 1.0):
-        raise EexitError(f"cannot fit {name}: every calibration label is {int(pos)} (use more data or another label)")
+        raise EexitError(
+            f"cannot fit {name}: every calibration label is {int(pos)} (use more data or another label)"
+        )
     pos_weight = torch.tensor((1 - pos) / pos)
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
 
@@ -135,7 +151,13 @@ def fit_classifier(name: str, feats: torch.Tensor, labels: torch.Tensor, layers:
     with torch.no_grad():
         pred = (step_logits(clf, feats[val])[:, cols] > 0).float()
         acc = (pred == y[val][:, cols]).float().mean().item()
-    return clf, {"heldout_loss": best, "heldout_accuracy": acc, "positive_share": pos, "epochs": epochs, "train_tokens": len(tr)}
+    return clf, {
+        "heldout_loss": best,
+        "heldout_accuracy": acc,
+        "positive_share": pos,
+        "epochs": epochs,
+        "train_tokens": len(tr),
+    }
 
 
 def save_classifier(model_dir: str | Path, name: str, clf: nn.Module, meta: dict) -> Path:
@@ -146,10 +168,14 @@ def save_classifier(model_dir: str | Path, name: str, clf: nn.Module, meta: dict
     return path
 
 
-def load_classifier(path: str | Path, hidden_size: int, kind: str | None = None) -> tuple[nn.Module, dict]:
+def load_classifier(
+    path: str | Path, hidden_size: int, kind: str | None = None
+) -> tuple[nn.Module, dict]:
     p = Path(path)
     if not p.is_file():
-        raise EexitError(f"no fitted exit classifier at {p}; fit one with: eexit calibrate --model <checkpoint> --fit {p.stem}")
+        raise EexitError(
+            f"no fitted exit classifier at {p}; fit one with: eexit calibrate --model <checkpoint> --fit {p.stem}"
+        )
     try:
         blob = torch.load(p, weights_only=False)
         clf = CLASSIFIERS.get(blob["kind"])(hidden_size)
@@ -157,7 +183,9 @@ def load_classifier(path: str | Path, hidden_size: int, kind: str | None = None)
     except EexitError:
         raise
     except Exception as e:  # corrupt file, or fit on a model with another hidden size
-        raise EexitError(f"cannot load exit classifier {p}: {str(e).splitlines()[0][:200]}") from None
+        raise EexitError(
+            f"cannot load exit classifier {p}: {str(e).splitlines()[0][:200]}"
+        ) from None
     if kind is not None and blob["kind"] != kind:
         raise EexitError(f"{p} holds a {blob['kind']!r} classifier, not {kind!r}")
     return clf.eval(), blob
@@ -170,16 +198,26 @@ class LearnedPolicy(ExitPolicy):
     needs_classifier = True
     kind = "?"
 
-    def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, decay_tau: float = 0.0, classifier: str | None = None):
+    def __init__(
+        self,
+        threshold: float = 0.9,
+        min_exit_layer: int = 1,
+        decay_tau: float = 0.0,
+        classifier: str | None = None,
+    ):
         super().__init__(threshold, min_exit_layer, decay_tau)
         self.classifier_path = classifier
         self.clf: nn.Module | None = None
         self.hidden_size = 0
 
     def bind(self, model, model_dir: str | Path | None) -> None:
-        path = self.classifier_path or (Path(model_dir) / CLASSIFIER_DIR / f"{self.kind}.pt" if model_dir else None)
+        path = self.classifier_path or (
+            Path(model_dir) / CLASSIFIER_DIR / f"{self.kind}.pt" if model_dir else None
+        )
         if path is None:
-            raise EexitError(f"policy {self.kind!r} needs a fitted classifier: --param classifier=PATH")
+            raise EexitError(
+                f"policy {self.kind!r} needs a fitted classifier: --param classifier=PATH"
+            )
         self.clf, _ = load_classifier(path, model.hidden_size, self.kind)
         self.clf.to(model.device)
         self.norm = model.parts.final_norm
@@ -190,7 +228,9 @@ class LearnedPolicy(ExitPolicy):
 
     def score(self, view: ExitView) -> torch.Tensor:
         if self.clf is None:
-            raise EexitError(f"policy {self.kind!r} has no classifier loaded (bind it to a model first)")
+            raise EexitError(
+                f"policy {self.kind!r} has no classifier loaded (bind it to a model first)"
+            )
         return torch.sigmoid(self.logit(view))
 
     def logit(self, view: ExitView) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Measures whose score depends on earlier exits of the same token (`stateful = True`): they are
 scored at every exit, below the minimum exit layer too, so that their history is complete."""
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,9 @@ class HaltingCDF(ExitPolicy):
     def score(self, view):
         model = view.model
         if model is None or getattr(model, "halting_gate", None) is None:
-            raise EexitError("policy halting-cdf needs a model trained with --loss ponder (it has no halting gate)")
+            raise EexitError(
+                "policy halting-cdf needs a model trained with --loss ponder (it has no halting gate)"
+            )
         lam = torch.sigmoid(model.halting_gate(view.hidden).squeeze(-1).float())
         if view.layer == view.num_layers:
             lam = torch.ones_like(lam)
@@ -58,7 +61,13 @@ class Patience(ExitPolicy):
     stateful = True
     threshold_free = True
 
-    def __init__(self, threshold: float = 0.9, min_exit_layer: int = 1, decay_tau: float = 0.0, patience: int = 2):
+    def __init__(
+        self,
+        threshold: float = 0.9,
+        min_exit_layer: int = 1,
+        decay_tau: float = 0.0,
+        patience: int = 2,
+    ):
         super().__init__(threshold, min_exit_layer, decay_tau)
         self.patience = positive_int("patience", patience)
 
@@ -66,7 +75,11 @@ class Patience(ExitPolicy):
         top1 = view.logits.argmax(-1)
         prev = view.state.get("top1")
         count = view.state.get("count", torch.zeros_like(top1))
-        count = torch.where(prev == top1, count + 1, torch.zeros_like(count)) if prev is not None else count
+        count = (
+            torch.where(prev == top1, count + 1, torch.zeros_like(count))
+            if prev is not None
+            else count
+        )
         view.state["top1"], view.state["count"] = top1, count
         return (count >= self.patience).float()
 
@@ -80,7 +93,9 @@ class TopKSaturation(ExitPolicy):
 
     stateful = True
 
-    def __init__(self, threshold: float = 0.99, min_exit_layer: int = 1, decay_tau: float = 0.0, k: int = 3):
+    def __init__(
+        self, threshold: float = 0.99, min_exit_layer: int = 1, decay_tau: float = 0.0, k: int = 3
+    ):
         super().__init__(threshold, min_exit_layer, decay_tau)
         self.k = positive_int("k", k)
 

@@ -1,4 +1,5 @@
 """Parse threshold lists: `0.5:0.95` (step 0.05), `a:b:s`, or `0.5,0.7,0.9`."""
+
 from __future__ import annotations
 
 from eexit.errors import EexitError
@@ -11,7 +12,9 @@ def _num(text: str, spec: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise EexitError(f"malformed thresholds {spec!r}: {text!r} is not a number; use {ALLOWED}") from None
+        raise EexitError(
+            f"malformed thresholds {spec!r}: {text!r} is not a number; use {ALLOWED}"
+        ) from None
 
 
 def parse_thresholds(spec: str) -> list[float]:
@@ -25,9 +28,13 @@ def parse_thresholds(spec: str) -> list[float]:
         a, b = _num(parts[0], spec), _num(parts[1], spec)
         step = _num(parts[2], spec) if len(parts) == 3 else DEFAULT_STEP
         if step <= 0:
-            raise EexitError(f"malformed thresholds {spec!r}: the step must be positive; use {ALLOWED}")
+            raise EexitError(
+                f"malformed thresholds {spec!r}: the step must be positive; use {ALLOWED}"
+            )
         if b < a:
-            raise EexitError(f"malformed thresholds {spec!r}: the end is below the start; use {ALLOWED}")
+            raise EexitError(
+                f"malformed thresholds {spec!r}: the end is below the start; use {ALLOWED}"
+            )
         n = int(round((b - a) / step + 1e-9))
         values = [round(a + i * step, 10) for i in range(n + 1)]
         if values[-1] < b - 1e-9:

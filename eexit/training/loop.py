@@ -5,6 +5,7 @@ Batches are a pure function of (seed, step): the global batch of step s is drawn
 seeded with (seed, s) and each process takes its share, so a resumed run sees exactly the
 batches an uninterrupted run would, and N processes see the same global batch as one.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eexit.config import RunConfig, to_dict
 from eexit.data import corpora as data_mod
 from eexit.data import pairs as pairs_mod
-from eexit.config import RunConfig, to_dict
 from eexit.errors import EexitError, TrainingDiverged
 from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
 from eexit.models.families import FAMILIES
@@ -63,7 +64,10 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
 
 
@@ -72,8 +76,18 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-RUN_FILES = ("train_log.jsonl", "metrics.json", "eexit.json", "exit_modules.safetensors", "model.safetensors", "config.json",
-             "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+RUN_FILES = (
+    "train_log.jsonl",
+    "metrics.json",
+    "eexit.json",
+    "exit_modules.safetensors",
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def clear_run(out: Path) -> None:
@@ -87,7 +101,11 @@ def clear_run(out: Path) -> None:
 def trim_log(path: Path, step: int) -> None:
     """--resume: drop log lines past the checkpoint (they are written again)."""
     if path.is_file():
-        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        keep = [
+            l
+            for l in path.read_text().splitlines()
+            if l.strip() and json.loads(l).get("step", 0) <= step
+        ]
         path.write_text("".join(l + "\n" for l in keep))
 
 
@@ -97,7 +115,9 @@ def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
         if not checkpoints(out):
             raise EexitError(f"--resume: no checkpoint found in {out}")
     elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise EexitError(f"output folder {out} already exists; pass --resume to continue it or --overwrite to start again")
+        raise EexitError(
+            f"output folder {out} already exists; pass --resume to continue it or --overwrite to start again"
+        )
 
 
 def prepare_data(cfg: RunConfig, tokenizer=None, seq2seq: bool = False):
@@ -107,7 +127,9 @@ def prepare_data(cfg: RunConfig, tokenizer=None, seq2seq: bool = False):
     if cfg.data.dataset in TASK_DATA:
         return prepare_task_data(cfg, tokenizer, seq2seq, *load_task_data(cfg.data.dataset))
     if seq2seq:
-        raise EexitError(f"an encoder-decoder model trains on a task dataset (one of {', '.join(TASK_DATA.names())}); got {cfg.data.dataset!r}")
+        raise EexitError(
+            f"an encoder-decoder model trains on a task dataset (one of {', '.join(TASK_DATA.names())}); got {cfg.data.dataset!r}"
+        )
     corpus = data_mod.load_corpus(cfg.data.dataset, cfg.data.text_field)
     train_docs = data_mod.corpus_split(corpus, "train", cfg.data.dataset)
     val_docs = data_mod.corpus_split(corpus, "validation", cfg.data.dataset)
@@ -128,22 +150,31 @@ def prepare_task_data(cfg: RunConfig, tokenizer, seq2seq: bool, task_name: str, 
     if tokenizer is None:  # BPE on both sides of the training pairs
         texts = [task.source_text(e) for e in train_ex] + [e.target for e in train_ex]
         tokenizer = data_mod.train_tokenizer(texts, cfg.model.vocab_size)
-    encode = lambda exs: pairs_mod.encode_pairs(tokenizer, task, exs, seq2seq, d.max_source_len, d.max_target_len)
+    encode = lambda exs: pairs_mod.encode_pairs(
+        tokenizer, task, exs, seq2seq, d.max_source_len, d.max_target_len
+    )
     train, val = encode(train_ex), encode(val_ex)
     longest = max(len(s) + len(t) for s, t in zip(train.sources, train.targets))
     fixed_positions = FAMILIES.get(cfg.model.arch).learned_positions and not cfg.model.pretrained
     if not seq2seq and fixed_positions and longest > cfg.model.max_len:
-        raise EexitError(f"prompt + target reach {longest} tokens but model.max_len is {cfg.model.max_len}; "
-                         "raise model.max_len or lower data.max_source_len / data.max_target_len")
+        raise EexitError(
+            f"prompt + target reach {longest} tokens but model.max_len is {cfg.model.max_len}; "
+            "raise model.max_len or lower data.max_source_len / data.max_target_len"
+        )
     return tokenizer, train, val
 
 
-def build_model(cfg: RunConfig, tokenizer, pretrained: EarlyExitModel | None = None) -> EarlyExitModel:
+def build_model(
+    cfg: RunConfig, tokenizer, pretrained: EarlyExitModel | None = None
+) -> EarlyExitModel:
     """The model to train: the pretrained backbone when given, else a fresh one from the config."""
     if pretrained is not None:
         lm, depth = pretrained.lm, pretrained.num_layers
     else:
-        lm, depth = build_lm(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id), cfg.model.n_layers
+        lm, depth = (
+            build_lm(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id),
+            cfg.model.n_layers,
+        )
     layers = resolve_exit_layers(cfg.model.exit_layers, depth, cfg.model.min_exit_layer)
     gate = make_loss(cfg.loss).needs_halting_gate
     return EarlyExitModel(lm, layers, cfg.model.exit_heads, halting_gate=gate)
@@ -158,9 +189,13 @@ def validation_losses(model: EarlyExitModel, val: torch.Tensor, cfg: RunConfig) 
         n += yb.numel()
         for l in model.exit_layers:
             logits = model.exit_logits(states[l - 1], l).float()
-            sums[l] += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="sum").item()
+            sums[l] += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="sum"
+            ).item()
     model.train()
-    return {f"val_ce@{l}": s / n for l, s in sums.items()} | {f"val_ppl@{l}": math.exp(s / n) for l, s in sums.items()}
+    return {f"val_ce@{l}": s / n for l, s in sums.items()} | {
+        f"val_ppl@{l}": math.exp(s / n) for l, s in sums.items()
+    }
 
 
 def _validation_batches(model, val, cfg: RunConfig):
@@ -168,14 +203,20 @@ def _validation_batches(model, val, cfg: RunConfig):
     bs, dev = cfg.train.batch_size, model.device
     if isinstance(val, pairs_mod.EncodedPairs):
         for inputs, y in pairs_mod.batches(val, bs, cfg.train.eval_batches * bs):
-            yield pairs_mod.keep_labelled(model(**{k: v.to(dev) for k, v in inputs.items()}), y.to(dev))
+            yield pairs_mod.keep_labelled(
+                model(**{k: v.to(dev) for k, v in inputs.items()}), y.to(dev)
+            )
         return
-    x, y = data_mod.eval_windows(val, cfg.data.seq_len, max_tokens=cfg.train.eval_batches * bs * cfg.data.seq_len)
+    x, y = data_mod.eval_windows(
+        val, cfg.data.seq_len, max_tokens=cfg.train.eval_batches * bs * cfg.data.seq_len
+    )
     for i in range(0, len(x), bs):
         yield model(x[i : i + bs].to(dev)), y[i : i + bs].to(dev)
 
 
-def save_checkpoint(acc, module: TrainingModule, optimizer, step: int, tokenizer, cfg: RunConfig) -> None:
+def save_checkpoint(
+    acc, module: TrainingModule, optimizer, step: int, tokenizer, cfg: RunConfig
+) -> None:
     out = cfg.output_dir / f"checkpoint-{step}"
     if acc.is_main_process:
         tmp = cfg.output_dir / f".tmp-checkpoint-{step}"
@@ -185,7 +226,10 @@ def save_checkpoint(acc, module: TrainingModule, optimizer, step: int, tokenizer
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     acc.wait_for_everyone()
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    rng = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
     torch.save(rng, out / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -193,26 +237,41 @@ def save_checkpoint(acc, module: TrainingModule, optimizer, step: int, tokenizer
             shutil.rmtree(old, ignore_errors=True)
 
 
-def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
-                 show_progress: bool = True) -> dict:
+def run_training(
+    cfg: RunConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+) -> dict:
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
     # ---- setup
     check_output_dir(cfg, resume, overwrite)
-    make_loss(cfg.loss)  # unknown loss ("did you mean") or bad loss.params: an error before any work
+    make_loss(
+        cfg.loss
+    )  # unknown loss ("did you mean") or bad loss.params: an error before any work
     # torchrun / accelerate launch without GPUs: accelerate takes the multi-process run only with cpu=True
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     from accelerate.utils import DistributedDataParallelKwargs
 
     # exits / heads a loss does not use get no gradient: let DDP tolerate that
-    acc = Accelerator(cpu=multi_cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = Accelerator(
+        cpu=multi_cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+    )
     world, rank = acc.num_processes, acc.process_index
     if cfg.train.batch_size % world:
-        raise EexitError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes ({world})")
+        raise EexitError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes ({world})"
+        )
     torch.manual_seed(cfg.seed)
-    pretrained, pretrained_tok = load_model(cfg.model.pretrained)[:2] if cfg.model.pretrained else (None, None)
-    seq2seq = pretrained.is_seq2seq if pretrained is not None else FAMILIES.get(cfg.model.arch).seq2seq
+    pretrained, pretrained_tok = (
+        load_model(cfg.model.pretrained)[:2] if cfg.model.pretrained else (None, None)
+    )
+    seq2seq = (
+        pretrained.is_seq2seq if pretrained is not None else FAMILIES.get(cfg.model.arch).seq2seq
+    )
     tokenizer, train_tokens, val_tokens = prepare_data(cfg, pretrained_tok, seq2seq)
     model = build_model(cfg, tokenizer, pretrained)
     out = cfg.output_dir
@@ -234,7 +293,9 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         if acc.is_main_process:
             trim_log(out / "train_log.jsonl", start)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg), last_epoch=start - 1)
-    torch.manual_seed(cfg.seed * 1000 + rank)  # loss-side sampling (exit_token_fraction) per process
+    torch.manual_seed(
+        cfg.seed * 1000 + rank
+    )  # loss-side sampling (exit_token_fraction) per process
     if resume and (ck / f"rng-{rank}.pt").is_file():
         rng = torch.load(ck / f"rng-{rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
@@ -250,7 +311,11 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     seen = 0.0  # target tokens trained on in this run
     progress = _progress(show_progress and acc.is_main_process)
-    task = progress.add_task("train", total=cfg.train.steps, completed=start, info="") if progress else None
+    task = (
+        progress.add_task("train", total=cfg.train.steps, completed=start, info="")
+        if progress
+        else None
+    )
     t0, last_logs = time.perf_counter(), {}
     with progress if progress else _null():
         for step in range(start, end):
@@ -264,11 +329,19 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
                 x = x[share].to(acc.device)
             y = y[share].to(acc.device)
             loss, logs = wrapped(x, y)
-            bad = acc.reduce(torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0, device=acc.device), "sum").item()
+            bad = acc.reduce(
+                torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0, device=acc.device), "sum"
+            ).item()
             if bad:
                 good = checkpoints(out)
-                where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint had been written yet"
-                raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; training stopped ({where}); lower train.lr or raise warmup")
+                where = (
+                    f"the last good checkpoint is {good[-1]}"
+                    if good
+                    else "no checkpoint had been written yet"
+                )
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at step {step + 1}; training stopped ({where}); lower train.lr or raise warmup"
+                )
             acc.backward(loss)
             if cfg.train.grad_clip > 0:
                 acc.clip_grad_norm_(wrapped.parameters(), cfg.train.grad_clip)
@@ -278,9 +351,17 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
             done = step + 1
             mean_loss = acc.reduce(loss.detach(), "mean").item()
             tps = seen / (time.perf_counter() - t0)
-            last_logs = {"step": done, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps, **logs}
+            last_logs = {
+                "step": done,
+                "loss": mean_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tps,
+                **logs,
+            }
             if progress:
-                progress.update(task, completed=done, info=f"loss {mean_loss:.3f}  {tps:,.0f} tok/s")
+                progress.update(
+                    task, completed=done, info=f"loss {mean_loss:.3f}  {tps:,.0f} tok/s"
+                )
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 history.append(last_logs)
                 if acc.is_main_process:
@@ -293,16 +374,28 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
                     with log_path.open("a") as f:
                         f.write(json.dumps({"step": done, **val}) + "\n")
                     if not progress:
-                        print(f"step {done}: loss {mean_loss:.4f} " + " ".join(f"{k}={v:.2f}" for k, v in val.items() if "ppl" in k), flush=True)
+                        print(
+                            f"step {done}: loss {mean_loss:.4f} "
+                            + " ".join(f"{k}={v:.2f}" for k, v in val.items() if "ppl" in k),
+                            flush=True,
+                        )
             if done % cfg.train.save_every == 0 and done < cfg.train.steps:
                 save_checkpoint(acc, acc.unwrap_model(wrapped), optimizer, done, tokenizer, cfg)
 
     # ---- save
-    result = {"step": end, "finished": end == cfg.train.steps, "processes": world, "main_process": acc.is_main_process, **last_logs}
+    result = {
+        "step": end,
+        "finished": end == cfg.train.steps,
+        "processes": world,
+        "main_process": acc.is_main_process,
+        **last_logs,
+    }
     if end == cfg.train.steps:
         acc.wait_for_everyone()
         if acc.is_main_process:
-            model.save(out, tokenizer, {"train_config": to_dict(cfg), "step": end, "final": last_logs})
+            model.save(
+                out, tokenizer, {"train_config": to_dict(cfg), "step": end, "final": last_logs}
+            )
             (out / "metrics.json").write_text(json.dumps(result, indent=2))
         acc.wait_for_everyone()
     acc.end_training()
@@ -321,11 +414,23 @@ def _progress(enabled: bool):
         return None
     import sys
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     if not sys.stderr.isatty():
         return None
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
 
 
 class _null:

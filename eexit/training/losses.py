@@ -33,7 +33,7 @@ from eexit.config import LossConfig, fill_dataclass
 from eexit.errors import EexitError
 from eexit.registry import Registry
 
-LOSSES: Registry[type["Loss"]] = Registry("loss")
+LOSSES: Registry[type[Loss]] = Registry("loss")
 register_loss = LOSSES.register
 
 
@@ -54,7 +54,7 @@ class Loss:
     def check(self) -> None:
         """Validate `self.params` (raise EexitError with what is allowed)."""
 
-    def __call__(self, b: "LossBatch") -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, b: LossBatch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
 
@@ -64,7 +64,9 @@ def make_loss(cfg: LossConfig) -> Loss:
 
 @dataclass
 class ExitCE:
-    per_layer: dict[int, torch.Tensor]  # layer -> per-position CE (intermediate: sampled positions; last: all)
+    per_layer: dict[
+        int, torch.Tensor
+    ]  # layer -> per-position CE (intermediate: sampled positions; last: all)
     sample: torch.Tensor | None  # flat indices of the sampled positions (None = all)
     last: int
 
@@ -78,7 +80,7 @@ class ExitCE:
 
 @dataclass
 class LossBatch:
-    model: "torch.nn.Module"  # EarlyExitModel
+    model: torch.nn.Module  # EarlyExitModel
     states: list[torch.Tensor]  # every block's output [B, T, d]
     targets: torch.Tensor  # [B, T] next-token ids
     exit_token_fraction: float = 1.0  # share of positions scored at intermediate exits
@@ -113,17 +115,25 @@ def compute_exit_ce(b: LossBatch, layers: list[int]) -> ExitCE:
         if frac < 1.0:
             k = max(1, int(round(frac * n)))
             sample = torch.randperm(n, device=targets.device)[:k]
-        pick = (lambda h: h.reshape(n, -1)[sample]) if sample is not None else (lambda h: h.reshape(n, -1))
+        pick = (
+            (lambda h: h.reshape(n, -1)[sample])
+            if sample is not None
+            else (lambda h: h.reshape(n, -1))
+        )
         tgt = targets[sample] if sample is not None else targets
         shared = [l for l in inter if str(l) not in model.exit_heads]
         if shared:  # one LM-head matmul for all shared-head exits
             h = torch.cat([pick(b.states[l - 1]) for l in shared])
-            ce = F.cross_entropy(model.exit_logits(h, shared[0]).float(), tgt.repeat(len(shared)), reduction="none")
+            ce = F.cross_entropy(
+                model.exit_logits(h, shared[0]).float(), tgt.repeat(len(shared)), reduction="none"
+            )
             for l, part in zip(shared, ce.chunk(len(shared))):
                 out[l] = part
         for l in inter:
             if l not in out:
-                out[l] = F.cross_entropy(model.exit_logits(pick(b.states[l - 1]), l).float(), tgt, reduction="none")
+                out[l] = F.cross_entropy(
+                    model.exit_logits(pick(b.states[l - 1]), l).float(), tgt, reduction="none"
+                )
     return ExitCE(out, sample, last)
 
 

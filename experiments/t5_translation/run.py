@@ -11,6 +11,7 @@ BLEU / chrF against compute % and measured tokens/s.
    (token-level disagreement with the full model <= epsilon w.p. >= 1 - delta), then decode the test verses.
 Every row decodes the same verses; "full" is full-depth decoding of the same model in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,22 @@ from eexit.reporting import plot_tradeoff, prepare_dir, provenance, write_result
 from experiments.common import LTT_GRID as GRID  # noqa: E402
 from experiments.common import calibrate_policy  # noqa: E402
 
-GROUPS = {"margin": "CALM", "saturation": "CALM", "meta": "CALM", "heuristic": "monotonic", "lstm": "monotonic", "mlp3": "monotonic"}
-THRESHOLDS = {"margin": [0.1, 0.3, 0.5, 0.7, 0.9], "saturation": [0.9, 0.95, 0.99, 0.999], "meta": [0.3, 0.5, 0.7, 0.9],
-              "heuristic": [0.1, 0.3, 0.5, 0.7], "lstm": [0.3, 0.5, 0.7, 0.9], "mlp3": [0.3, 0.5, 0.7, 0.9]}
+GROUPS = {
+    "margin": "CALM",
+    "saturation": "CALM",
+    "meta": "CALM",
+    "heuristic": "monotonic",
+    "lstm": "monotonic",
+    "mlp3": "monotonic",
+}
+THRESHOLDS = {
+    "margin": [0.1, 0.3, 0.5, 0.7, 0.9],
+    "saturation": [0.9, 0.95, 0.99, 0.999],
+    "meta": [0.3, 0.5, 0.7, 0.9],
+    "heuristic": [0.1, 0.3, 0.5, 0.7],
+    "lstm": [0.3, 0.5, 0.7, 0.9],
+    "mlp3": [0.3, 0.5, 0.7, 0.9],
+}
 
 
 def main() -> None:
@@ -55,20 +69,35 @@ def main() -> None:
     model, tok = ctx.model, ctx.tokenizer
     task, examples = prepare(ctx, o)
     L = model.num_layers
-    decode = lambda pol: decode_all(model, tok, task, examples, EarlyExitDecoder(model, pol, a.kv), o)  # noqa: E731
+    decode = lambda pol: decode_all(
+        model, tok, task, examples, EarlyExitDecoder(model, pol, a.kv), o
+    )  # noqa: E731
     decode_all(model, tok, task, examples[:2], EarlyExitDecoder(model, None, "full"), o)  # warm-up
     full = decode(None)
-    full_row = {"group": "-", "policy": "full depth", "threshold": None, **summarize(task, examples, full, None, L, model.exit_layers),
-                "speedup": 1.0, "agreement_pct": 100.0}
+    full_row = {
+        "group": "-",
+        "policy": "full depth",
+        "threshold": None,
+        **summarize(task, examples, full, None, L, model.exit_layers),
+        "speedup": 1.0,
+        "agreement_pct": 100.0,
+    }
     print(full_row, flush=True)
     sweep, calibrated = [full_row], [full_row]
     for policy, group in GROUPS.items():
         pol = make_bound_policy(EvalRequest(model=a.model, policy=policy), model, ctx.checkpoint)
         for t in THRESHOLDS[policy]:
-            row = {"group": group, "policy": policy, "threshold": t, **summarize(task, examples, decode(pol.at(t)), full, L, model.exit_layers)}
+            row = {
+                "group": group,
+                "policy": policy,
+                "threshold": t,
+                **summarize(task, examples, decode(pol.at(t)), full, L, model.exit_layers),
+            }
             sweep.append(row)
             print(row, flush=True)
-        opts = CalibrateOptions(epsilon=a.epsilon, delta=a.delta, risk="consistency", grid=GRID, test_split="validation")
+        opts = CalibrateOptions(
+            epsilon=a.epsilon, delta=a.delta, risk="consistency", grid=GRID, test_split="validation"
+        )
         summary = calibrate_policy(EvalRequest(policy=policy, **val), opts, model, tok)
         thr = summary["threshold"]
         row = {"group": group, "policy": policy, "threshold": thr}
@@ -78,29 +107,82 @@ def main() -> None:
         calibrated.append(row)
         print("calibrated", row, flush=True)
 
-    metric_cols = ["bleu", "chrf", "compute_pct", "cost_pct", "mean_exit_layer", "tokens_per_s", "speedup", "agreement_pct"]
-    cols = ["group", "policy", "threshold"] + metric_cols + [f"exit@{l}_pct" for l in model.exit_layers]
+    metric_cols = [
+        "bleu",
+        "chrf",
+        "compute_pct",
+        "cost_pct",
+        "mean_exit_layer",
+        "tokens_per_s",
+        "speedup",
+        "agreement_pct",
+    ]
+    cols = (
+        ["group", "policy", "threshold"]
+        + metric_cols
+        + [f"exit@{l}_pct" for l in model.exit_layers]
+    )
     sig = {k: v for k, v in task.score(full.texts, examples).items() if k.endswith("signature")}
-    fit_md = "\n".join(f"- {r['classifier']}: held-out accuracy {r['heldout_accuracy']:.3f} (positives {r['positive_share']:.2f})" for r in fit_rows)
-    notes = (f"{len(examples)} test verses (bible-en-fr), greedy decoding at batch 1, KV of skipped layers: {a.kv}. "
-             f"BLEU signature `{sig['bleu_signature']}`; chrF `{sig['chrf_signature']}`.\n\n"
-             "Compute% = decoder layers run per generated token / layers (first token always full depth); Cost% adds exit "
-             "decisions and KV filling in layer-equivalents; Speedup = full-depth seconds per token / early-exit seconds per "
-             "token, same run; Agreement = tokens equal to the full-depth output at the same position.\n\n"
-             f"Classifiers (fit on even validation pairs, teacher-forced):\n{fit_md}\n\n")
-    prov = provenance({"model": a.model, "examples": a.examples, "kv": a.kv, "thresholds": THRESHOLDS, "epsilon": a.epsilon,
-                       "delta": a.delta, "calibration_tokens": a.calibration_tokens})
-    write_results(a.out, "sweep", f"EN->FR early-exit T5 ({Path(a.model).name}): BLEU vs compute", sweep, prov, cols, notes=notes)
-    cal_notes = (f"Thresholds from Learn-then-Test on the odd validation pairs (teacher-forced): token disagreement with the full "
-                 f"model <= {a.epsilon} with probability >= {1 - a.delta:.2f} (binomial tail, fixed-sequence over {len(GRID)} thresholds); "
-                 "teacher_forced_risk = the calibration risk at that threshold. Then free-running decoding of the test verses.\n\n" + notes)
-    write_results(a.out, "calibrated", f"EN->FR early-exit T5: LTT-calibrated thresholds (epsilon {a.epsilon})", calibrated, prov,
-                  cols + ["teacher_forced_risk"], notes=cal_notes)
+    fit_md = "\n".join(
+        f"- {r['classifier']}: held-out accuracy {r['heldout_accuracy']:.3f} (positives {r['positive_share']:.2f})"
+        for r in fit_rows
+    )
+    notes = (
+        f"{len(examples)} test verses (bible-en-fr), greedy decoding at batch 1, KV of skipped layers: {a.kv}. "
+        f"BLEU signature `{sig['bleu_signature']}`; chrF `{sig['chrf_signature']}`.\n\n"
+        "Compute% = decoder layers run per generated token / layers (first token always full depth); Cost% adds exit "
+        "decisions and KV filling in layer-equivalents; Speedup = full-depth seconds per token / early-exit seconds per "
+        "token, same run; Agreement = tokens equal to the full-depth output at the same position.\n\n"
+        f"Classifiers (fit on even validation pairs, teacher-forced):\n{fit_md}\n\n"
+    )
+    prov = provenance(
+        {
+            "model": a.model,
+            "examples": a.examples,
+            "kv": a.kv,
+            "thresholds": THRESHOLDS,
+            "epsilon": a.epsilon,
+            "delta": a.delta,
+            "calibration_tokens": a.calibration_tokens,
+        }
+    )
+    write_results(
+        a.out,
+        "sweep",
+        f"EN->FR early-exit T5 ({Path(a.model).name}): BLEU vs compute",
+        sweep,
+        prov,
+        cols,
+        notes=notes,
+    )
+    cal_notes = (
+        f"Thresholds from Learn-then-Test on the odd validation pairs (teacher-forced): token disagreement with the full "
+        f"model <= {a.epsilon} with probability >= {1 - a.delta:.2f} (binomial tail, fixed-sequence over {len(GRID)} thresholds); "
+        "teacher_forced_risk = the calibration risk at that threshold. Then free-running decoding of the test verses.\n\n"
+        + notes
+    )
+    write_results(
+        a.out,
+        "calibrated",
+        f"EN->FR early-exit T5: LTT-calibrated thresholds (epsilon {a.epsilon})",
+        calibrated,
+        prov,
+        cols + ["teacher_forced_risk"],
+        notes=cal_notes,
+    )
     series = {}
     for r in sweep[1:]:
-        series.setdefault(f"{r['policy']} ({r['group']})", []).append((r["compute_pct"], r["bleu"], r["threshold"]))
-    plot_tradeoff(Path(a.out) / "sweep.png", series, "compute % (decoder layers per generated token)", "BLEU",
-                  "EN->FR T5: BLEU vs compute", {"full depth": (100.0, full_row["bleu"])})
+        series.setdefault(f"{r['policy']} ({r['group']})", []).append(
+            (r["compute_pct"], r["bleu"], r["threshold"])
+        )
+    plot_tradeoff(
+        Path(a.out) / "sweep.png",
+        series,
+        "compute % (decoder layers per generated token)",
+        "BLEU",
+        "EN->FR T5: BLEU vs compute",
+        {"full depth": (100.0, full_row["bleu"])},
+    )
 
 
 if __name__ == "__main__":

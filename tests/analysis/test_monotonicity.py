@@ -13,7 +13,9 @@ def records(top1_rows, p_rows, k2_rows=None):
     k2 = torch.tensor(k2_rows) if k2_rows is not None else top1 + 100
     ids = torch.stack([top1, k2], -1)
     probs = torch.stack([torch.tensor(p_rows), torch.tensor(p_rows) / 2], -1)
-    return mono.LayerRecords(ids, probs, torch.tensor(p_rows), torch.zeros(top1.shape[1], dtype=torch.long))
+    return mono.LayerRecords(
+        ids, probs, torch.tensor(p_rows), torch.zeros(top1.shape[1], dtype=torch.long)
+    )
 
 
 def test_never_changes_and_equals_final():
@@ -21,12 +23,19 @@ def test_never_changes_and_equals_final():
     rows = mono.per_layer_stats(r)
     assert [row["top1_equals_final"] for row in rows] == pytest.approx([100 / 3, 100 / 3, 100, 100])
     # token 0 fixed from layer 2, token 1 from 3, token 2 from 3 (7 -> 8 -> 7)
-    assert [row["top1_never_changes_after"] for row in rows] == pytest.approx([0, 100 / 3, 100, 100])
+    assert [row["top1_never_changes_after"] for row in rows] == pytest.approx(
+        [0, 100 / 3, 100, 100]
+    )
     assert mono.saturation_layer(r.top1 == r.top1[-1:]).tolist() == [2, 3, 3]
 
 
 def test_probability_curves_and_non_monotonic_tokens():
-    p = [[0.1, 0.5], [0.4, 0.9], [0.8, 0.6], [0.9, 0.62]]  # token 0 rises; token 1 peaks at layer 2 then drops 0.28
+    p = [
+        [0.1, 0.5],
+        [0.4, 0.9],
+        [0.8, 0.6],
+        [0.9, 0.62],
+    ]  # token 0 rises; token 1 peaks at layer 2 then drops 0.28
     r = records([[0, 0]] * 4, p)
     rows = mono.per_layer_stats(r)
     assert rows[0]["p_final_mean"] == pytest.approx(0.3)
@@ -43,7 +52,10 @@ def test_topk_saturation_order():
     top1 = [[3, 9], [3, 8], [3, 4], [3, 4]]
     k2 = [[5, 6], [6, 6], [7, 6], [7, 6]]
     rows, summary = mono.topk_saturation(records(top1, [[0.5, 0.5]] * 4, k2))
-    assert [r["mean_saturation_layer"] for r in rows] == [2.0, 2.0]  # rank 1: (1 + 3) / 2; rank 2: (3 + 1) / 2
+    assert [r["mean_saturation_layer"] for r in rows] == [
+        2.0,
+        2.0,
+    ]  # rank 1: (1 + 3) / 2; rank 2: (3 + 1) / 2
     assert summary["ordered_all_ranks_pct"] == 50.0 and summary["ordered_pairs_pct"] == 50.0
 
 
@@ -53,16 +65,45 @@ def test_word_start_mask():
             table = {0: "Ġthe", 1: "vable", 2: ",", 3: "▁word", 4: "##ing", 5: "Ċ"}
             return [table[i] for i in ids]
 
-    assert mono.word_start_mask(Tok(), torch.tensor([0, 1, 2, 3, 4, 5])).tolist() == [True, False, True, True, False, True]
+    assert mono.word_start_mask(Tok(), torch.tensor([0, 1, 2, 3, 4, 5])).tolist() == [
+        True,
+        False,
+        True,
+        True,
+        False,
+        True,
+    ]
 
 
 def test_analyze_command_on_a_trained_checkpoint(tiny_checkpoint, tmp_path):
     out = tmp_path / "mono"
-    code, stdout, err = run_cli("analyze-monotonicity", "--model", str(tiny_checkpoint), "--model", str(tiny_checkpoint),
-                                "--label", "a", "--label", "b", "--max-tokens", "1024", "--out", str(out))
+    code, stdout, err = run_cli(
+        "analyze-monotonicity",
+        "--model",
+        str(tiny_checkpoint),
+        "--model",
+        str(tiny_checkpoint),
+        "--label",
+        "a",
+        "--label",
+        "b",
+        "--max-tokens",
+        "1024",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
-    for f in ("fig1_fraction_no_change.png", "fig2_mean_top1.png", "fig3_examples.png", "topk_saturation.png",
-              "subword_exits.png", "sublayer.png", "per_layer.csv", "summary.md", "examples.json"):
+    for f in (
+        "fig1_fraction_no_change.png",
+        "fig2_mean_top1.png",
+        "fig3_examples.png",
+        "topk_saturation.png",
+        "subword_exits.png",
+        "sublayer.png",
+        "per_layer.csv",
+        "summary.md",
+        "examples.json",
+    ):
         assert (out / f).is_file(), f
     per_layer = json.loads((out / "per_layer.json").read_text())["rows"]
     a = [r for r in per_layer if r["model"] == "a"]
@@ -91,5 +132,15 @@ def test_sublayer_attention_point_matches_a_manual_split(tiny_checkpoint):
 
 
 def test_analyze_bad_input(tiny_checkpoint, tmp_path):
-    code, _, err = run_cli("analyze-monotonicity", "--model", str(tiny_checkpoint), "--label", "a", "--label", "b", "--out", str(tmp_path / "x"))
+    code, _, err = run_cli(
+        "analyze-monotonicity",
+        "--model",
+        str(tiny_checkpoint),
+        "--label",
+        "a",
+        "--label",
+        "b",
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert code == 2 and "one per --model" in err

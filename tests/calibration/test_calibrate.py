@@ -6,8 +6,8 @@ import torch
 from eexit.calibration.calibrate import token_risks
 from eexit.errors import EexitError
 from eexit.evaluation.records import ExitTable
-from eexit.policies.learned import CLASSIFIERS, LSTMPolicy, exit_labels, fit_classifier
 from eexit.policies.base import ExitView, make_policy
+from eexit.policies.learned import CLASSIFIERS, LSTMPolicy, exit_labels, fit_classifier
 from tests.conftest import run_cli
 
 
@@ -24,7 +24,9 @@ def test_classifiers_learn_a_separable_rule(name):
     torch.manual_seed(0)
     n, L, d = 2000, 4, 8
     feats = torch.randn(n, L, d)
-    labels = (feats[:, :, 0] > 0).float().T  # exit iff the first feature of the current state is positive
+    labels = (
+        (feats[:, :, 0] > 0).float().T
+    )  # exit iff the first feature of the current state is positive
     clf, metrics = fit_classifier(name, feats, labels, [1, 2, 3, 4], max_epochs=60)
     assert metrics["heldout_accuracy"] > 0.85, metrics
     assert 0.3 < metrics["positive_share"] < 0.7
@@ -57,7 +59,9 @@ def test_lstm_policy_carries_state_across_exits_like_one_pass():
     pol.clf, pol.norm = clf, torch.nn.Identity()
     states = [torch.randn(3, 4) for _ in range(5)]  # embeddings + 4 layers
     st: dict = {}
-    scores = [pol.score(ExitView(l, 4, states[: l + 1], lambda: None, None, st)) for l in (2, 4)]  # exits at 2 and 4
+    scores = [
+        pol.score(ExitView(l, 4, states[: l + 1], lambda: None, None, st)) for l in (2, 4)
+    ]  # exits at 2 and 4
     one_pass, _ = clf(torch.stack(states[1:], 1))
     assert torch.allclose(scores[0], torch.sigmoid(one_pass[:, 1]), atol=1e-6)
     assert torch.allclose(scores[1], torch.sigmoid(one_pass[:, 3]), atol=1e-6)
@@ -73,8 +77,15 @@ def toy_table(n=1000):
     g = torch.Generator().manual_seed(0)
     score1 = torch.rand(n, generator=g)
     wrong = torch.rand(n, generator=g) < 0.5 * (1 - score1)
-    top1 = torch.stack([torch.where(wrong, torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)), torch.zeros(n, dtype=torch.long)])
-    nll = torch.stack([torch.where(wrong, torch.full((n,), 3.0), torch.full((n,), 1.0)), torch.ones(n)])
+    top1 = torch.stack(
+        [
+            torch.where(wrong, torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)),
+            torch.zeros(n, dtype=torch.long),
+        ]
+    )
+    nll = torch.stack(
+        [torch.where(wrong, torch.full((n,), 3.0), torch.full((n,), 1.0)), torch.ones(n)]
+    )
     return ExitTable([1, 2], 2, nll, top1, torch.stack([score1, torch.ones(n)]), 0.0, False)
 
 
@@ -91,16 +102,38 @@ def test_token_risks():
 
 def test_calibrate_end_to_end_and_evaluate_with_it(tiny_checkpoint, tmp_path):
     out = tmp_path / "cal"
-    code, stdout, err = run_cli("calibrate", "--model", str(tiny_checkpoint), "--policy", "max-prob", "--epsilon", "0.3",
-                                "--delta", "0.2", "--max-tokens", "2048", "--out", str(out))
+    code, stdout, err = run_cli(
+        "calibrate",
+        "--model",
+        str(tiny_checkpoint),
+        "--policy",
+        "max-prob",
+        "--epsilon",
+        "0.3",
+        "--delta",
+        "0.2",
+        "--max-tokens",
+        "2048",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     summary = json.loads((out / "calibration.json").read_text())["rows"][0]
     chosen = json.loads((out / "calibrated.json").read_text())
     assert chosen["threshold"] == summary["threshold"] is not None
     assert summary["calibration_risk"] <= 0.3
     assert "test_risk" in summary and 0 <= summary["test_compute_pct"] <= 100
-    code, stdout, err = run_cli("evaluate", "--model", str(tiny_checkpoint), "--calibrated", str(out), "--max-tokens", "2048",
-                                "--out", str(tmp_path / "ev"))
+    code, stdout, err = run_cli(
+        "evaluate",
+        "--model",
+        str(tiny_checkpoint),
+        "--calibrated",
+        str(out),
+        "--max-tokens",
+        "2048",
+        "--out",
+        str(tmp_path / "ev"),
+    )
     assert code == 0, err
     row = json.loads((tmp_path / "ev" / "evaluate.json").read_text())["rows"][0]
     assert row["threshold"] == chosen["threshold"]
@@ -108,19 +141,47 @@ def test_calibrate_end_to_end_and_evaluate_with_it(tiny_checkpoint, tmp_path):
 
 
 def test_calibrate_impossible_epsilon_says_so(tiny_checkpoint, tmp_path):
-    code, stdout, err = run_cli("calibrate", "--model", str(tiny_checkpoint), "--policy", "max-prob", "--epsilon", "1e-6",
-                                "--grid", "0:0.5:0.1", "--max-tokens", "2048", "--out", str(tmp_path / "c"))
+    code, stdout, err = run_cli(
+        "calibrate",
+        "--model",
+        str(tiny_checkpoint),
+        "--policy",
+        "max-prob",
+        "--epsilon",
+        "1e-6",
+        "--grid",
+        "0:0.5:0.1",
+        "--max-tokens",
+        "2048",
+        "--out",
+        str(tmp_path / "c"),
+    )
     assert code == 0, err
     assert "no threshold satisfies" in stdout
     assert not (tmp_path / "c" / "calibrated.json").exists()
 
 
 def test_calibrate_bad_input(tiny_checkpoint, tmp_path):
-    for args, msg in [(["--policy", "margn"], "did you mean 'margin'"), (["--fit", "lstmm"], "unknown exit classifier"),
-                      ([], "nothing to do"), (["--policy", "margin", "--risk", "bleu"], "unknown risk"),
-                      (["--policy", "margin", "--epsilon", "2"], "epsilon and delta"),
-                      (["--fit", "meta", "--policy", "static"], "no threshold to calibrate"),
-                      (["--fit", "meta", "--policy", "meta", "--epsilon", "2"], "epsilon and delta")]:
-        code, _, err = run_cli("calibrate", "--model", str(tiny_checkpoint), *args, "--max-tokens", "512", "--out", str(tmp_path / "x"))
+    for args, msg in [
+        (["--policy", "margn"], "did you mean 'margin'"),
+        (["--fit", "lstmm"], "unknown exit classifier"),
+        ([], "nothing to do"),
+        (["--policy", "margin", "--risk", "bleu"], "unknown risk"),
+        (["--policy", "margin", "--epsilon", "2"], "epsilon and delta"),
+        (["--fit", "meta", "--policy", "static"], "no threshold to calibrate"),
+        (["--fit", "meta", "--policy", "meta", "--epsilon", "2"], "epsilon and delta"),
+    ]:
+        code, _, err = run_cli(
+            "calibrate",
+            "--model",
+            str(tiny_checkpoint),
+            *args,
+            "--max-tokens",
+            "512",
+            "--out",
+            str(tmp_path / "x"),
+        )
         assert code == 2 and msg in err, (args, err)
-    assert not (tiny_checkpoint / "exit_classifiers" / "meta.pt").exists()  # nothing was fitted before the error
+    assert not (
+        tiny_checkpoint / "exit_classifiers" / "meta.pt"
+    ).exists()  # nothing was fitted before the error

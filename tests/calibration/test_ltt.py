@@ -1,4 +1,5 @@
 """Learn-then-Test threshold calibration: exact p-values, fixed-sequence testing, the coverage guarantee."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from eexit.errors import EexitError
 from eexit.calibration.ltt import (
     CalibrationResult,
     binomial_tail_pvalue,
@@ -15,6 +15,7 @@ from eexit.calibration.ltt import (
     hoeffding_bentkus_pvalue,
     no_threshold_message,
 )
+from eexit.errors import EexitError
 
 
 def exact_cdf(k: int, n: int, p: float) -> float:
@@ -23,9 +24,12 @@ def exact_cdf(k: int, n: int, p: float) -> float:
 
 # ---------------------------------------------------------------- p-values
 
+
 def test_binomial_pvalue_matches_hand_computation():
     # n=10, k=1, eps=0.3: C(10,0) 0.7^10 + C(10,1) 0.3 0.7^9
-    assert binomial_tail_pvalue(0.1, 10, 0.3) == pytest.approx(0.7**10 + 10 * 0.3 * 0.7**9, rel=1e-12)
+    assert binomial_tail_pvalue(0.1, 10, 0.3) == pytest.approx(
+        0.7**10 + 10 * 0.3 * 0.7**9, rel=1e-12
+    )
     assert binomial_tail_pvalue(0.1, 10, 0.3) == pytest.approx(0.1493083459, rel=1e-9)
     for n, k, eps in [(50, 0, 0.1), (50, 3, 0.1), (200, 7, 0.05), (37, 20, 0.6)]:
         assert binomial_tail_pvalue(k / n, n, eps) == pytest.approx(exact_cdf(k, n, eps), rel=1e-9)
@@ -56,7 +60,12 @@ def test_hoeffding_bentkus_pvalue():
     assert expected == pytest.approx(0.005287, rel=1e-3)  # the Bentkus term wins here
     # h1(0, eps) = -log(1 - eps): the Hoeffding term is (1 - eps)^n; Bentkus is e (1 - eps)^n
     assert hoeffding_bentkus_pvalue(0.0, 50, 0.1) == pytest.approx(0.9**50, rel=1e-9)
-    grid = [(rh, n, e) for rh in (0.0, 0.01, 0.05, 0.099, 0.1, 0.3, 1.0) for n in (1, 10, 1000) for e in (0.05, 0.1, 0.5)]
+    grid = [
+        (rh, n, e)
+        for rh in (0.0, 0.01, 0.05, 0.099, 0.1, 0.3, 1.0)
+        for n in (1, 10, 1000)
+        for e in (0.05, 0.1, 0.5)
+    ]
     for rh, n, e in grid:
         p = hoeffding_bentkus_pvalue(rh, n, e)
         assert 0.0 <= p <= 1.0
@@ -69,8 +78,18 @@ def test_hoeffding_bentkus_pvalue():
     assert ps[-1] < 1e-30
 
 
-@pytest.mark.parametrize("args", [(0.1, 10, 0.0), (0.1, 10, 1.0), (-0.1, 10, 0.3), (1.5, 10, 0.3),
-                                  (0.1, 0, 0.3), (0.1, 2.5, 0.3), (float("nan"), 10, 0.3)])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (0.1, 10, 0.0),
+        (0.1, 10, 1.0),
+        (-0.1, 10, 0.3),
+        (1.5, 10, 0.3),
+        (0.1, 0, 0.3),
+        (0.1, 2.5, 0.3),
+        (float("nan"), 10, 0.3),
+    ],
+)
 def test_pvalue_bad_inputs(args):
     for fn in (binomial_tail_pvalue, hoeffding_bentkus_pvalue):
         with pytest.raises(EexitError):
@@ -78,6 +97,7 @@ def test_pvalue_bad_inputs(args):
 
 
 # ---------------------------------------------------------------- fixed-sequence testing
+
 
 def errors_matrix(n: int, counts: list[int]) -> torch.Tensor:
     rows = torch.zeros(len(counts), n)
@@ -100,11 +120,16 @@ def test_fixed_sequence_picks_smallest_rejected_threshold():
     assert res.tested[2].p_value == pytest.approx(exact_cdf(3, 100, 0.1), rel=1e-9)
     assert (res.eps, res.delta, res.method, res.n) == (0.1, 0.1, "binomial", 100)
     # numpy input, Hoeffding-Bentkus: e * P(Bin(100, .1) <= 3) = 0.0212 still passes at delta = 0.1
-    hb = fixed_sequence_test(thresholds, risks.numpy(), eps=0.1, delta=0.1, method="hoeffding-bentkus")
+    hb = fixed_sequence_test(
+        thresholds, risks.numpy(), eps=0.1, delta=0.1, method="hoeffding-bentkus"
+    )
     assert hb.threshold == 0.5
     # at delta = 0.01 binomial still certifies 0.5 (p = 0.0078) but HB (p = 0.0212) stops at 0.7
     assert fixed_sequence_test(thresholds, risks, eps=0.1, delta=0.01).threshold == 0.5
-    assert fixed_sequence_test(thresholds, risks, 0.1, 0.01, method="hoeffding-bentkus").threshold == 0.7
+    assert (
+        fixed_sequence_test(thresholds, risks, 0.1, 0.01, method="hoeffding-bentkus").threshold
+        == 0.7
+    )
 
 
 def test_fixed_sequence_stops_at_first_failure():
@@ -116,8 +141,12 @@ def test_fixed_sequence_stops_at_first_failure():
 
 def test_fractional_risks_with_hoeffding_bentkus():
     torch.manual_seed(0)
-    risks = torch.stack([torch.rand(2000) * s for s in (0.0, 0.05, 0.1, 0.4)])  # means 0, .025, .05, .2
-    res = fixed_sequence_test([1.0, 0.8, 0.6, 0.4], risks, eps=0.1, delta=0.05, method="hoeffding-bentkus")
+    risks = torch.stack(
+        [torch.rand(2000) * s for s in (0.0, 0.05, 0.1, 0.4)]
+    )  # means 0, .025, .05, .2
+    res = fixed_sequence_test(
+        [1.0, 0.8, 0.6, 0.4], risks, eps=0.1, delta=0.05, method="hoeffding-bentkus"
+    )
     assert res.threshold == 0.6
     with pytest.raises(EexitError, match="binary"):
         fixed_sequence_test([1.0, 0.8, 0.6, 0.4], risks, eps=0.1, delta=0.05, method="binomial")
@@ -131,25 +160,39 @@ def test_impossible_eps_gives_none_and_message():
     assert len(res.tested) == 1 and not res.tested[0].rejected
     msg = no_threshold_message(res)
     assert "no threshold satisfies" in msg
-    assert msg.startswith("no threshold satisfies risk <= 0.001 with confidence 0.95 on 2000 calibration examples")
+    assert msg.startswith(
+        "no threshold satisfies risk <= 0.001 with confidence 0.95 on 2000 calibration examples"
+    )
     assert "the most conservative threshold 1.00 has empirical risk 0.05, p = 1" in msg
     assert msg.endswith("raise epsilon or delta, or use more calibration data")
     ok = fixed_sequence_test([1.0, 0.5], errors_matrix(100, [0, 1]), eps=0.1, delta=0.1)
     assert no_threshold_message(ok).startswith("threshold 0.50 satisfies risk <= 0.1")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(eps=0.0), "epsilon"), (dict(eps=1.2), "epsilon"), (dict(delta=0.0), "delta"), (dict(delta=1.0), "delta"),
-    (dict(method="bonferroni"), "binomial, hoeffding-bentkus"),
-    (dict(risks=torch.full((3, 10), 1.5)), r"\[0, 1\]"), (dict(risks=torch.full((3, 10), -0.5)), r"\[0, 1\]"),
-    (dict(risks=torch.full((3, 10), float("nan"))), r"\[0, 1\]"),
-    (dict(risks=torch.full((3, 10), 0.5)), "binary"), (dict(risks=torch.zeros(2, 10)), "shape"),
-    (dict(risks=torch.zeros(30)), "shape"), (dict(risks=torch.zeros(3, 0)), "shape"),
-    (dict(thresholds=[]), "at least one"), (dict(thresholds=[0.9, 0.9, 0.5]), "distinct"),
-    (dict(thresholds=[0.9, float("inf"), 0.5]), "finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(eps=0.0), "epsilon"),
+        (dict(eps=1.2), "epsilon"),
+        (dict(delta=0.0), "delta"),
+        (dict(delta=1.0), "delta"),
+        (dict(method="bonferroni"), "binomial, hoeffding-bentkus"),
+        (dict(risks=torch.full((3, 10), 1.5)), r"\[0, 1\]"),
+        (dict(risks=torch.full((3, 10), -0.5)), r"\[0, 1\]"),
+        (dict(risks=torch.full((3, 10), float("nan"))), r"\[0, 1\]"),
+        (dict(risks=torch.full((3, 10), 0.5)), "binary"),
+        (dict(risks=torch.zeros(2, 10)), "shape"),
+        (dict(risks=torch.zeros(30)), "shape"),
+        (dict(risks=torch.zeros(3, 0)), "shape"),
+        (dict(thresholds=[]), "at least one"),
+        (dict(thresholds=[0.9, 0.9, 0.5]), "distinct"),
+        (dict(thresholds=[0.9, float("inf"), 0.5]), "finite"),
+    ],
+)
 def test_fixed_sequence_bad_inputs(kwargs, match):
-    args = dict(thresholds=[0.9, 0.7, 0.5], risks=torch.zeros(3, 10), eps=0.1, delta=0.1, method="binomial")
+    args = dict(
+        thresholds=[0.9, 0.7, 0.5], risks=torch.zeros(3, 10), eps=0.1, delta=0.1, method="binomial"
+    )
     args.update(kwargs)
     with pytest.raises(EexitError, match=match):
         fixed_sequence_test(**args)
@@ -203,7 +246,9 @@ def one_thread():
 @pytest.mark.parametrize("method", ["binomial", "hoeffding-bentkus"])
 def test_risk_control_guarantee(method, one_thread):
     rate, mean_lam, mean_risk = run_guarantee(method)
-    print(f"\n{method}: violation rate {rate:.4f}, mean threshold {mean_lam:.4f}, mean test risk {mean_risk:.4f}")
+    print(
+        f"\n{method}: violation rate {rate:.4f}, mean threshold {mean_lam:.4f}, mean test risk {mean_risk:.4f}"
+    )
     assert rate <= DELTA + 0.03
     assert mean_lam < 0.7  # far from the trivial "never exit" answer (1.0); oracle is ~0.42
     assert mean_risk > 0.5 * EPS

@@ -1,13 +1,18 @@
 """Task metrics (cross-checked against direct library calls) and the offline task datasets."""
+
 import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from eexit.errors import EexitError
 from eexit.data.task_data import BLANK, cloze_questions, detokenize, load_task_data, task_split
 from eexit.data.tasks import Example, get_task, normalize_answer, squad_em, squad_f1
+from eexit.errors import EexitError
 
-HYPS = ["the cats were sitting on the mat", "he read the books quickly", "a completely different sentence"]
+HYPS = [
+    "the cats were sitting on the mat",
+    "he read the books quickly",
+    "a completely different sentence",
+]
 REFS = ["the cat sat on the mat", "he was reading a book", "nothing in common here at all"]
 
 
@@ -19,14 +24,20 @@ def test_rouge_equals_rouge_score_with_stemming():
         assert got[key] == pytest.approx(want)
     # stemming matters: "cats" ~ "cat", "books" ~ "book"
     plain = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
-    assert got["rouge1"] > 100 * sum(plain.score(r, h)["rouge1"].fmeasure for h, r in zip(HYPS, REFS)) / 3 + 1
+    assert (
+        got["rouge1"]
+        > 100 * sum(plain.score(r, h)["rouge1"].fmeasure for h, r in zip(HYPS, REFS)) / 3 + 1
+    )
 
 
 def test_bleu_and_chrf_equal_sacrebleu_and_carry_its_signature():
     got = get_task("translation").score(HYPS, [Example("", r) for r in REFS])
     assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score)
     assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score)
-    assert got["bleu_signature"].startswith("nrefs:1|case:mixed") and "tok:13a" in got["bleu_signature"]
+    assert (
+        got["bleu_signature"].startswith("nrefs:1|case:mixed")
+        and "tok:13a" in got["bleu_signature"]
+    )
     perfect = get_task("translation").score(REFS, [Example("", r) for r in REFS])
     assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
 
@@ -38,9 +49,14 @@ def test_squad_normalisation_em_and_f1():
     assert squad_f1("the cat sat", "cat sat down") == pytest.approx(0.8)  # P = 1, R = 2/3
     assert squad_f1("dog", "cat") == 0.0
     qa = get_task("qa")
-    exs = [Example("ctx", "Paris", question="q", answers=["Paris", "the city of Paris"]), Example("ctx", "1793", question="q", answers=["1793"])]
+    exs = [
+        Example("ctx", "Paris", question="q", answers=["Paris", "the city of Paris"]),
+        Example("ctx", "1793", question="q", answers=["1793"]),
+    ]
     got = qa.score(["city of Paris", "in 1794"], exs)
-    assert got["exact_match"] == pytest.approx(50.0)  # max over gold answers: "city of paris" = "the city of Paris"
+    assert got["exact_match"] == pytest.approx(
+        50.0
+    )  # max over gold answers: "city of paris" = "the city of Paris"
     assert got["f1"] == pytest.approx(50.0)  # second: 0 overlap
 
 
@@ -51,25 +67,35 @@ def test_bible_pairs_are_aligned_verses_with_a_stable_split():
     assert 30_000 < total <= 31_102
     assert len(splits["test"]) > 1000 and len(splits["validation"]) > 1000
     john = next(ex for s in splits.values() for ex in s if ex.id == "43:3:16")
-    assert john.source.startswith("For God so loved the world") and john.target.startswith("Car Dieu a tant aimé le monde")
+    assert john.source.startswith("For God so loved the world") and john.target.startswith(
+        "Car Dieu a tant aimé le monde"
+    )
     ids = [{ex.id for ex in splits[s]} for s in ("train", "validation", "test")]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
 
 
 def test_aclsum_abstract_to_summary():
     task, splits = load_task_data("aclsum")
-    assert task == "summarization" and [len(splits[s]) for s in ("train", "validation", "test")] == [100, 50, 100]
+    assert task == "summarization" and [
+        len(splits[s]) for s in ("train", "validation", "test")
+    ] == [100, 50, 100]
     ex = splits["test"][0]
     assert len(ex.source) > 200 and len(ex.target) > 50 and " ," not in ex.source
     assert detokenize("word , word ( MT ) is n't here .") == "word, word (MT) isn't here."
 
 
 def test_cloze_qa_is_extractive_squad_format():
-    para = ("Anarchism is a political philosophy. It was described by William Godwin in 1793 in a famous book, "
-            "which argued that government corrupts society and perpetuates dependency and ignorance among people. "
-            "The movement grew in the nineteenth century across Europe and later spread to the Americas and Asia too.")
+    para = (
+        "Anarchism is a political philosophy. It was described by William Godwin in 1793 in a famous book, "
+        "which argued that government corrupts society and perpetuates dependency and ignorance among people. "
+        "The movement grew in the nineteenth century across Europe and later spread to the Americas and Asia too."
+    )
     (ex,) = cloze_questions("doc#0", para)
-    assert BLANK in ex.question and ex.answers == [ex.target] and ex.target in ("William Godwin", "1793")
+    assert (
+        BLANK in ex.question
+        and ex.answers == [ex.target]
+        and ex.target in ("William Godwin", "1793")
+    )
     filled = ex.question.split('"')[1].replace(BLANK, ex.target)
     assert filled in para  # the blanked sentence, answer restored, is part of the context
     assert cloze_questions("short", "Too short.") == []

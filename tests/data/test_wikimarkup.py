@@ -12,46 +12,58 @@ def test_nested_templates_removed():
 
 
 def test_multiline_infobox_and_table_removed():
-    text = ("{{Infobox person\n| name = X\n| born = {{birth date|1900|1|1}}\n}}\n"
-            "'''X''' was a ''painter''.\n"
-            "{| class=\"wikitable\"\n|-\n| cell\n|-\n{|\n| inner\n|}\n| more\n|}\n"
-            "After table.")
+    text = (
+        "{{Infobox person\n| name = X\n| born = {{birth date|1900|1|1}}\n}}\n"
+        "'''X''' was a ''painter''.\n"
+        '{| class="wikitable"\n|-\n| cell\n|-\n{|\n| inner\n|}\n| more\n|}\n'
+        "After table."
+    )
     assert strip_markup(text) == "X was a painter.\n\nAfter table."
 
 
 def test_links_labels_kept():
-    text = ("The [[cat|domestic cat]] and [[dog]]s live with [[:Category:Pets|pets]]. "
-            "See [http://example.com the site] or [http://example.org].[[de:Katze]]")
-    assert strip_markup(text) == (
-        "The domestic cat and dogs live with pets. See the site or.")
+    text = (
+        "The [[cat|domestic cat]] and [[dog]]s live with [[:Category:Pets|pets]]. "
+        "See [http://example.com the site] or [http://example.org].[[de:Katze]]"
+    )
+    assert strip_markup(text) == ("The domestic cat and dogs live with pets. See the site or.")
 
 
 def test_file_links_with_nested_links_removed():
-    text = ("Before. [[File:Cat.jpg|thumb|left|A [[cat]] with [[Dog|a dog]] [above], "
-            "see Bicyclo[1.1.0]butane.]] After.\n"
-            "[[Image:X.png|[[Y]] ]][[Category:Animals]]\n"
-            "Tail [[category:Stubs|Z]] end.")
+    text = (
+        "Before. [[File:Cat.jpg|thumb|left|A [[cat]] with [[Dog|a dog]] [above], "
+        "see Bicyclo[1.1.0]butane.]] After.\n"
+        "[[Image:X.png|[[Y]] ]][[Category:Animals]]\n"
+        "Tail [[category:Stubs|Z]] end."
+    )
     assert strip_markup(text) == "Before. After.\n\nTail end."
 
 
 def test_refs_comments_and_tags():
-    text = ('Water<ref name="a">Cite {{cite web|url=x}}</ref> is H<sub>2</sub>O'
-            '<ref name="b" /> <!-- hidden\ncomment --> and <b>wet</b>'
-            '<math>x^2</math>.<br/>Next &amp;nbsp;done&nbsp;here.')
+    text = (
+        'Water<ref name="a">Cite {{cite web|url=x}}</ref> is H<sub>2</sub>O'
+        '<ref name="b" /> <!-- hidden\ncomment --> and <b>wet</b>'
+        "<math>x^2</math>.<br/>Next &amp;nbsp;done&nbsp;here."
+    )
     assert strip_markup(text) == "Water is H2O and wet. Next &nbsp;done here."
 
 
 def test_headings_lists_and_paragraphs():
-    text = ("Intro line one.\n\n== History ==\n=== Early ===\n"
-            "* First   item\n# Second item\n: indented\n; term\n"
-            "*\n----\n\n\nLast   paragraph.")
+    text = (
+        "Intro line one.\n\n== History ==\n=== Early ===\n"
+        "* First   item\n# Second item\n: indented\n; term\n"
+        "*\n----\n\n\nLast   paragraph."
+    )
     assert strip_markup(text) == (
-        "Intro line one.\n\nFirst item\n\nSecond item\n\nindented\n\nterm\n\nLast paragraph.")
+        "Intro line one.\n\nFirst item\n\nSecond item\n\nindented\n\nterm\n\nLast paragraph."
+    )
 
 
 def test_references_section_cut():
-    text = ("Body text.\n== Life ==\nMore text.\n== References ==\n{{reflist}}\n"
-            "* A book\n== External links ==\n* [http://x.org Site]\n")
+    text = (
+        "Body text.\n== Life ==\nMore text.\n== References ==\n{{reflist}}\n"
+        "* A book\n== External links ==\n* [http://x.org Site]\n"
+    )
     assert strip_markup(text) == "Body text.\n\nMore text."
     assert strip_markup("Body.\n==See also==\n* [[Other]]") == "Body."
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from eexit.evaluation.records import collect_exit_table, exit_metrics, per_exit_ppl
 from eexit.evaluation.context import EvalRequest, lm_windows, open_context
+from eexit.evaluation.records import collect_exit_table, exit_metrics, per_exit_ppl
 from eexit.policies.base import make_policy
 
 

@@ -1,4 +1,5 @@
 """Task evaluation end to end: early-exit decoding scored by the task metric, T5 and decoder-only."""
+
 import json
 
 import pytest
@@ -6,14 +7,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from eexit.data.corpora import train_tokenizer
-from eexit.models.early_exit import EarlyExitModel
 from eexit.data.task_data import task_split
+from eexit.models.early_exit import EarlyExitModel
 from tests.conftest import run_cli
 
 
 def _randomize(lm):
     torch.manual_seed(0)
-    with torch.no_grad():  # large random weights: long, varied outputs (EOS is rare) without training
+    with (
+        torch.no_grad()
+    ):  # large random weights: long, varied outputs (EOS is rare) without training
         for p in lm.parameters():
             p.normal_(0, 0.5)
     return lm
@@ -26,7 +29,9 @@ def tokenizer():
 
 
 def _save(lm, tok, path, dataset):
-    meta = {"train_config": {"data": {"dataset": dataset, "max_source_len": 24, "max_target_len": 8}}}
+    meta = {
+        "train_config": {"data": {"dataset": dataset, "max_source_len": 24, "max_target_len": 8}}
+    }
     EarlyExitModel(lm.eval(), "all").save(path, tok, meta)
     return path
 
@@ -34,17 +39,47 @@ def _save(lm, tok, path, dataset):
 @pytest.fixture(scope="module")
 def random_t5(tokenizer, tmp_path_factory):
     eos = tokenizer.eos_token_id
-    cfg = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=3, num_decoder_layers=3, num_heads=2,
-                   pad_token_id=eos, eos_token_id=eos, decoder_start_token_id=eos)
-    return _save(_randomize(T5ForConditionalGeneration(cfg)), tokenizer, tmp_path_factory.mktemp("t5") / "m", "bible-en-fr")
+    cfg = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=3,
+        num_decoder_layers=3,
+        num_heads=2,
+        pad_token_id=eos,
+        eos_token_id=eos,
+        decoder_start_token_id=eos,
+    )
+    return _save(
+        _randomize(T5ForConditionalGeneration(cfg)),
+        tokenizer,
+        tmp_path_factory.mktemp("t5") / "m",
+        "bible-en-fr",
+    )
 
 
 @pytest.fixture(scope="module")
 def random_llama(tokenizer, tmp_path_factory):
     eos = tokenizer.eos_token_id
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=512, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    return _save(_randomize(LlamaForCausalLM(cfg)), tokenizer, tmp_path_factory.mktemp("llama") / "m", "wiki-cloze-qa")
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return _save(
+        _randomize(LlamaForCausalLM(cfg)),
+        tokenizer,
+        tmp_path_factory.mktemp("llama") / "m",
+        "wiki-cloze-qa",
+    )
 
 
 def _rows(out):
@@ -52,15 +87,38 @@ def _rows(out):
 
 
 @pytest.mark.parametrize("kv", ["propagate", "recompute"])
-def test_t5_translation_sweep_threshold_one_is_the_full_model_and_zero_exits_at_layer_one(random_t5, tmp_path, kv):
+def test_t5_translation_sweep_threshold_one_is_the_full_model_and_zero_exits_at_layer_one(
+    random_t5, tmp_path, kv
+):
     out = tmp_path / "sweep"
-    code, _, err = run_cli("sweep", "-m", str(random_t5), "--policy", "max-prob", "--thresholds", "0,1", "--examples", "4",
-                           "--batch-size", "2", "--kv", kv, "--out", str(out))
+    code, _, err = run_cli(
+        "sweep",
+        "-m",
+        str(random_t5),
+        "--policy",
+        "max-prob",
+        "--thresholds",
+        "0,1",
+        "--examples",
+        "4",
+        "--batch-size",
+        "2",
+        "--kv",
+        kv,
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     rows = _rows(out)
     full, never, always = rows["full"], rows["1.0"], rows["0.0"]
-    assert full["tokens"] == 4 * 8 and full["compute_pct"] == 100.0  # 8 new tokens each: no EOS from these weights
-    assert never["bleu"] == full["bleu"] and never["chrf"] == full["chrf"] and never["agreement_pct"] == 100.0
+    assert (
+        full["tokens"] == 4 * 8 and full["compute_pct"] == 100.0
+    )  # 8 new tokens each: no EOS from these weights
+    assert (
+        never["bleu"] == full["bleu"]
+        and never["chrf"] == full["chrf"]
+        and never["agreement_pct"] == 100.0
+    )
     assert never["compute_pct"] == 100.0
     # threshold 0: every token but the first (always full depth) exits at layer 1 of 3
     assert always["exit@1_pct"] == pytest.approx(100 * 7 / 8)
@@ -72,17 +130,46 @@ def test_t5_translation_sweep_threshold_one_is_the_full_model_and_zero_exits_at_
 
 def test_decoder_only_prompted_qa_and_errors(random_llama, tmp_path):
     out = tmp_path / "qa"
-    code, _, err = run_cli("evaluate", "-m", str(random_llama), "--policy", "max-prob", "--threshold", "1.0", "--examples", "3",
-                           "--batch-size", "3", "--out", str(out))
+    code, _, err = run_cli(
+        "evaluate",
+        "-m",
+        str(random_llama),
+        "--policy",
+        "max-prob",
+        "--threshold",
+        "1.0",
+        "--examples",
+        "3",
+        "--batch-size",
+        "3",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     rows = _rows(out)
     assert set(rows) == {"full", "1.0"}
-    assert rows["1.0"]["f1"] == rows["full"]["f1"] and rows["1.0"]["exact_match"] == rows["full"]["exact_match"]
+    assert (
+        rows["1.0"]["f1"] == rows["full"]["f1"]
+        and rows["1.0"]["exact_match"] == rows["full"]["exact_match"]
+    )
     assert 0 <= rows["full"]["f1"] <= 100 and rows["1.0"]["agreement_pct"] == 100.0
     # bad input: one line, exit 2, the existing results untouched
     before = (out / "sweep.json").read_text()
-    code, _, err = run_cli("evaluate", "-m", str(random_llama), "--examples", "3", "--kv", "copy", "--out", str(out), "--overwrite")
+    code, _, err = run_cli(
+        "evaluate",
+        "-m",
+        str(random_llama),
+        "--examples",
+        "3",
+        "--kv",
+        "copy",
+        "--out",
+        str(out),
+        "--overwrite",
+    )
     assert code == 2 and "unknown KV mode 'copy'" in err and len(err.strip().splitlines()) == 1
     assert (out / "sweep.json").read_text() == before
-    code, _, err = run_cli("evaluate", "-m", str(random_llama), "--dataset", "aclsun", "--out", str(tmp_path / "x"))
+    code, _, err = run_cli(
+        "evaluate", "-m", str(random_llama), "--dataset", "aclsun", "--out", str(tmp_path / "x")
+    )
     assert code == 2 and "did you mean 'aclsum'" in err

@@ -3,12 +3,10 @@ import json
 import pytest
 import torch
 
-from tests.helpers import tiny
-
-from eexit.config import ModelConfig
 from eexit.errors import EexitError
-from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
-from eexit.models.loading import build_lm, load_model
+from eexit.models.early_exit import resolve_exit_layers
+from eexit.models.loading import load_model
+from tests.helpers import tiny
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -44,16 +42,20 @@ def test_separate_heads_start_equal_to_the_shared_head_and_are_used():
 
 
 def test_save_and_load_roundtrip_and_plain_transformers_load(tmp_path):
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     m = tiny(exits=[1, 3], heads="separate", gate=True)
     with torch.no_grad():
         m.exit_heads["1"][1].weight.mul_(2.0)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    )
     m.save(tmp_path / "ck", tok, {"note": "x"})
     meta = json.loads((tmp_path / "ck" / "eexit.json").read_text())
-    assert meta["exit_layers"] == [1, 3] and meta["exit_heads"] == "separate" and meta["halting_gate"]
+    assert (
+        meta["exit_layers"] == [1, 3] and meta["exit_heads"] == "separate" and meta["halting_gate"]
+    )
     loaded, _, info = load_model(str(tmp_path / "ck"))
     assert loaded.exit_layers == [1, 3] and info.extra["note"] == "x"
     assert info.exit_heads == "separate" and info.halting_gate and info.folder == tmp_path / "ck"

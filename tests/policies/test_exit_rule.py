@@ -31,8 +31,15 @@ class EvenLayersOnly(ExitPolicy):
 @pytest.fixture(scope="module")
 def llama():
     torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = EarlyExitModel(LlamaForCausalLM(cfg).eval(), "all", halting_gate=True).eval()
     with torch.no_grad():
         model.halting_gate.weight.normal_(0, 0.5)

@@ -8,12 +8,31 @@ from eexit.policies.base import ExitView, make_policy
 from eexit.policies.confidence import Oracle
 
 
-def view(logits=None, hidden=None, prev=None, layer=2, num_layers=4, model=None, state=None, positions=None, max_steps=None):
+def view(
+    logits=None,
+    hidden=None,
+    prev=None,
+    layer=2,
+    num_layers=4,
+    model=None,
+    state=None,
+    positions=None,
+    max_steps=None,
+):
     n = (logits if logits is not None else hidden).shape[0]
     hidden = hidden if hidden is not None else torch.zeros(n, 4)
     prev = prev if prev is not None else torch.zeros(n, 4)
     states = [torch.zeros(n, 4)] * (layer - 1) + [prev, hidden]
-    return ExitView(layer, num_layers, states, lambda: logits, model, state if state is not None else {}, positions, max_steps)
+    return ExitView(
+        layer,
+        num_layers,
+        states,
+        lambda: logits,
+        model,
+        state if state is not None else {},
+        positions,
+        max_steps,
+    )
 
 
 def probs_logits(rows):
@@ -96,7 +115,9 @@ def test_halting_cdf_accumulates_gate_probabilities():
     s1 = p.score(view(hidden=h, layer=1, model=Gate(), state=st))
     s2 = p.score(view(hidden=h, layer=2, model=Gate(), state=st))
     s3 = p.score(view(hidden=h, layer=3, model=Gate(), state=st))
-    assert s1.tolist() == [0.5, 0.5] and s2.tolist() == [0.75, 0.75] and s3.tolist() == [0.875, 0.875]
+    assert (
+        s1.tolist() == [0.5, 0.5] and s2.tolist() == [0.75, 0.75] and s3.tolist() == [0.875, 0.875]
+    )
     with pytest.raises(EexitError, match="ponder"):
         make_policy("halting-cdf").score(view(hidden=h, model=object()))
 
@@ -117,15 +138,26 @@ def test_decaying_threshold_follows_calm():
     # lambda'(t) = 0.9 * 0.9 + 0.1 * exp(-4 t / 10): 0.91, 0.8235, 0.8283 -> 0.93 passes all but... check each
     thr = [0.81 + 0.1 * math.exp(-4 * t / 10) for t in (0, 5, 10)]
     assert p.decide(view(lg, positions=pos, max_steps=10)).tolist() == [0.93 > t for t in thr]
-    lg2 = probs_logits([[0.88, 0.06, 0.06]] * 3)  # below the constant threshold, above the decayed one late
-    assert make_policy("max-prob", threshold=0.9).decide(view(lg2, positions=pos, max_steps=10)).tolist() == [False] * 3
+    lg2 = probs_logits(
+        [[0.88, 0.06, 0.06]] * 3
+    )  # below the constant threshold, above the decayed one late
+    assert (
+        make_policy("max-prob", threshold=0.9)
+        .decide(view(lg2, positions=pos, max_steps=10))
+        .tolist()
+        == [False] * 3
+    )
     assert p.decide(view(lg2, positions=pos, max_steps=10)).tolist() == [False, True, True]
 
 
 def test_monotonic_heuristic_needs_three_increasing_scores_above_threshold():
     p = make_policy("heuristic", threshold=0.9)
     st: dict = {}
-    seq = [[0.91, 0.95], [0.93, 0.94], [0.97, 0.99]]  # row 0 increases, row 1 does not (0.95 -> 0.94)
+    seq = [
+        [0.91, 0.95],
+        [0.93, 0.94],
+        [0.97, 0.99],
+    ]  # row 0 increases, row 1 does not (0.95 -> 0.94)
     out = []
     for layer, tops in enumerate(seq, start=1):
         lg = probs_logits([[t, 1 - t] for t in tops])
@@ -140,7 +172,12 @@ def test_monotonic_heuristic_needs_three_increasing_scores_above_threshold():
 def test_patience_counts_unchanged_predictions():
     p = make_policy("patience", patience=2)
     st: dict = {}
-    tops = [[0, 1], [0, 2], [0, 2], [1, 2]]  # row 0: 0,0,0 -> exits at exit 3; row 1: 1,2,2,2 -> exits at exit 4
+    tops = [
+        [0, 1],
+        [0, 2],
+        [0, 2],
+        [1, 2],
+    ]  # row 0: 0,0,0 -> exits at exit 3; row 1: 1,2,2,2 -> exits at exit 4
     res = []
     for layer, t in enumerate(tops, start=1):
         lg = torch.full((2, 3), -5.0)
@@ -158,4 +195,6 @@ def test_topk_saturation_scores_the_unchanged_share_of_the_ranking():
     b = torch.tensor([[5.0, 3.0, 4.0, 0.0]])  # top-1 same, ranks 2 and 3 swapped
     assert p.score(view(a, layer=1, state=st)).tolist() == [0.0]
     assert p.score(view(b, layer=2, state=st)).tolist() == pytest.approx([1 / 3])
-    assert p.decide(view(b, layer=3, state=st)).tolist() == [True]  # unchanged ranking -> 1.0 > 0.99
+    assert p.decide(view(b, layer=3, state=st)).tolist() == [
+        True
+    ]  # unchanged ranking -> 1.0 > 0.99

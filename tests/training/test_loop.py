@@ -20,7 +20,9 @@ def max_diff(a, b):
 
 def test_train_writes_a_loadable_checkpoint(tiny_checkpoint):
     meta = json.loads((tiny_checkpoint / "eexit.json").read_text())
-    assert meta["exit_layers"] == [1, 2, 3] and meta["train_config"]["loss"]["name"] == "weighted-ce"
+    assert (
+        meta["exit_layers"] == [1, 2, 3] and meta["train_config"]["loss"]["name"] == "weighted-ce"
+    )
     metrics = json.loads((tiny_checkpoint / "metrics.json").read_text())
     assert metrics["finished"] and metrics["step"] == 6
     log = [json.loads(l) for l in (tiny_checkpoint / "train_log.jsonl").read_text().splitlines()]
@@ -40,7 +42,11 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     code, _, err = run_cli("train", *args, "--out", str(tmp_path / "cut"), "--resume")
     assert code == 0, err
     assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "cut")) == 0.0
-    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines() if "loss" in json.loads(l)]
+    steps = [
+        json.loads(l)["step"]
+        for l in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()
+        if "loss" in json.loads(l)
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]  # the log of a resumed run has each step once
     m_full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     m_cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
@@ -50,8 +56,18 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
-    code, _, err = run_cli("train", *tiny_overrides("train.lr=1e30", "train.warmup_steps=1", "train.save_every=1",
-                                                   "train.grad_clip=0", "train.steps=20"), "--out", str(out))
+    code, _, err = run_cli(
+        "train",
+        *tiny_overrides(
+            "train.lr=1e30",
+            "train.warmup_steps=1",
+            "train.save_every=1",
+            "train.grad_clip=0",
+            "train.steps=20",
+        ),
+        "--out",
+        str(out),
+    )
     assert code == 2
     line = err.strip().splitlines()
     assert len(line) == 1 and "loss became" in line[0] and "last good checkpoint" in line[0]
@@ -68,11 +84,17 @@ def test_existing_output_folder_is_not_overwritten(tmp_path, tiny_checkpoint):
     code, _, err = run_cli("train", *tiny_overrides(), "--out", str(target))
     assert code == 2 and "already exists" in err and "--resume" in err
     assert (target / "model.safetensors").read_bytes() == before
-    code, _, err = run_cli("train", *tiny_overrides(), "--out", str(tmp_path / "nothing"), "--resume")
+    code, _, err = run_cli(
+        "train", *tiny_overrides(), "--out", str(tmp_path / "nothing"), "--resume"
+    )
     assert code == 2 and "no checkpoint found" in err
-    code, _, err = run_cli("train", *tiny_overrides(), "--out", str(target), "--overwrite", "--stop-after", "2")
+    code, _, err = run_cli(
+        "train", *tiny_overrides(), "--out", str(target), "--overwrite", "--stop-after", "2"
+    )
     assert code == 0, err
-    assert not (target / "model.safetensors").exists() and not (target / "metrics.json").exists()  # the old run is gone
+    assert (
+        not (target / "model.safetensors").exists() and not (target / "metrics.json").exists()
+    )  # the old run is gone
     assert len((target / "train_log.jsonl").read_text().splitlines()) == 2
 
 
@@ -84,13 +106,28 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path
     code, _, err = run_cli("train", *args, "--out", str(tmp_path / "one"))
     assert code == 0, err
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "eexit.cli", "train", *args, "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "eexit.cli",
+        "train",
+        *args,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "'processes': 2" in proc.stdout
     diff = max_diff(weights(tmp_path / "one"), weights(tmp_path / "two"))
     assert diff < 1e-5
     # and it is not trivially equal to a run with a different batch
-    code, _, err = run_cli("train", *tiny_overrides("train.batch_size=2"), "--out", str(tmp_path / "half"))
+    code, _, err = run_cli(
+        "train", *tiny_overrides("train.batch_size=2"), "--out", str(tmp_path / "half")
+    )
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "half")) > 1e-3

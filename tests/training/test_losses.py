@@ -46,9 +46,13 @@ def test_aux_and_deep_supervision():
     m = tiny(layers=3, exits=[1, 3])
     b, _ = batch(m)
     aux, _ = loss_of("aux")(b)
-    assert aux.item() == pytest.approx((0.5 * exact_ce(m, b, 1) + 0.5 * exact_ce(m, b, 3)).item(), rel=1e-5)
+    assert aux.item() == pytest.approx(
+        (0.5 * exact_ce(m, b, 1) + 0.5 * exact_ce(m, b, 3)).item(), rel=1e-5
+    )
     ds, _ = loss_of("deep-supervision")(b)
-    assert ds.item() == pytest.approx(((exact_ce(m, b, 1) + exact_ce(m, b, 3)) / 2).item(), rel=1e-5)
+    assert ds.item() == pytest.approx(
+        ((exact_ce(m, b, 1) + exact_ce(m, b, 3)) / 2).item(), rel=1e-5
+    )
     with pytest.raises(EexitError, match="at least two exit layers"):
         loss_of("aux")(batch(tiny(exits=[3]))[0])
 
@@ -83,7 +87,9 @@ def test_free_kd_mappings_and_loss():
     loss, logs = loss_of("free-kd", kd_mapping="last")(b)
     wce = loss_of("weighted-ce")(b)[0]
     n = m.parts.final_norm  # the distilled states are the normed ones the LM head reads
-    kd = (F.mse_loss(n(b.states[0]), n(b.states[5])) + F.mse_loss(n(b.states[1]), n(b.states[5]))) / 2
+    kd = (
+        F.mse_loss(n(b.states[0]), n(b.states[5])) + F.mse_loss(n(b.states[1]), n(b.states[5]))
+    ) / 2
     assert loss.item() == pytest.approx((wce + kd).item(), rel=1e-5)
     assert logs["kd"] == pytest.approx(kd.item(), rel=1e-5)
 

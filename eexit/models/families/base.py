@@ -15,10 +15,10 @@ from eexit.errors import EexitError
 from eexit.models.blocks import BlockAdapter, Parts
 from eexit.registry import Registry
 
-FAMILIES: Registry["Family"] = Registry("model family")
+FAMILIES: Registry[Family] = Registry("model family")
 
 
-def register_family(cls: type["Family"]) -> type["Family"]:
+def register_family(cls: type[Family]) -> type[Family]:
     """Class decorator: register one instance under the class's `name`."""
     FAMILIES.register(cls.name)(cls())
     return cls
@@ -40,7 +40,9 @@ class Family:
 
     def build(self, cfg, vocab_size: int, bos_id: int, eos_id: int) -> nn.Module:
         """A small randomly initialised model from `model.*` config fields (`ModelConfig`)."""
-        raise EexitError(f"model family {self.name!r} cannot be built from config; load it pretrained")
+        raise EexitError(
+            f"model family {self.name!r} cannot be built from config; load it pretrained"
+        )
 
     def adapter(self, model) -> BlockAdapter:
         return self.blocks(model)
@@ -74,7 +76,7 @@ def decoder_only_parts(lm: nn.Module) -> Parts:
     return Parts(base, layers, norm, head)
 
 
-def family_of(lm: nn.Module) -> "Family":
+def family_of(lm: nn.Module) -> Family:
     """The family of a loaded model: by `config.model_type`, else by block structure."""
     model_type = getattr(lm.config, "model_type", None)
     for name in FAMILIES.names():

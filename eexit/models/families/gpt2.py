@@ -16,9 +16,13 @@ class GPT2Blocks(BlockAdapter):
         self.n_heads = self.n_kv_heads = attn.num_heads
         self.head_dim = attn.head_dim
         self.split = attn.split_size
-        self._scaling = getattr(attn, "scaling", self.head_dim ** -0.5)
-        if getattr(attn, "scale_attn_by_inverse_layer_idx", False) or getattr(attn, "reorder_and_upcast_attn", False):
-            raise EexitError("GPT-2 variants with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported by the decoder")
+        self._scaling = getattr(attn, "scaling", self.head_dim**-0.5)
+        if getattr(attn, "scale_attn_by_inverse_layer_idx", False) or getattr(
+            attn, "reorder_and_upcast_attn", False
+        ):
+            raise EexitError(
+                "GPT-2 variants with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported by the decoder"
+            )
 
     @property
     def scaling(self):
@@ -41,7 +45,9 @@ class GPT2Blocks(BlockAdapter):
         blk = self.layers[l]
         x = blk.ln_1(h)
         w, b = blk.attn.c_attn.weight, blk.attn.c_attn.bias  # Conv1D: x @ W + b, W [d, 3d]
-        kv = torch.addmm(b[self.split :], x.reshape(-1, x.shape[-1]), w[:, self.split :]).view(*x.shape[:-1], 2 * self.split)
+        kv = torch.addmm(b[self.split :], x.reshape(-1, x.shape[-1]), w[:, self.split :]).view(
+            *x.shape[:-1], 2 * self.split
+        )
         k, v = kv.split(self.split, dim=-1)
         return self._split(k), self._split(v)
 
@@ -67,9 +73,16 @@ class GPT2(Family):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         config = GPT2Config(
-            vocab_size=vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model,
-            n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff, resid_pdrop=cfg.dropout,
-            embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, bos_token_id=bos_id,
+            vocab_size=vocab_size,
+            n_positions=cfg.max_len,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.d_ff,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=bos_id,
             eos_token_id=eos_id,
         )
         return GPT2LMHeadModel(config)

@@ -40,7 +40,11 @@ class LlamaBlocks(BlockAdapter):
         blk = self.layers[l]
         x = blk.input_layernorm(h)
         a = blk.self_attn
-        q, k, v = self._split(a.q_proj(x), self.n_heads), self._split(a.k_proj(x), self.n_kv_heads), self._split(a.v_proj(x), self.n_kv_heads)
+        q, k, v = (
+            self._split(a.q_proj(x), self.n_heads),
+            self._split(a.k_proj(x), self.n_kv_heads),
+            self._split(a.v_proj(x), self.n_kv_heads),
+        )
         cos, sin = self._rope(h, positions)
         q, k = self.apply_rope(q, k, cos, sin)
         return q, k, v
@@ -86,10 +90,16 @@ class Llama(Family):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.max_len,
-            attention_dropout=cfg.dropout, tie_word_embeddings=True, bos_token_id=bos_id,
+            vocab_size=vocab_size,
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.d_ff,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads,
+            max_position_embeddings=cfg.max_len,
+            attention_dropout=cfg.dropout,
+            tie_word_embeddings=True,
+            bos_token_id=bos_id,
             eos_token_id=eos_id,
         )
         return LlamaForCausalLM(config)

@@ -17,10 +17,16 @@ class Qwen2(Family):
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         config = Qwen2Config(
-            vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.max_len,
-            attention_dropout=cfg.dropout, tie_word_embeddings=True, bos_token_id=bos_id,
+            vocab_size=vocab_size,
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.d_ff,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads,
+            max_position_embeddings=cfg.max_len,
+            attention_dropout=cfg.dropout,
+            tie_word_embeddings=True,
+            bos_token_id=bos_id,
             eos_token_id=eos_id,
         )
         return Qwen2ForCausalLM(config)

@@ -42,7 +42,9 @@ class T5Blocks(BlockAdapter):
 
     def begin(self, source_ids, source_mask):
         if source_ids is None:
-            raise EexitError("an encoder-decoder model generates from source_ids (the encoder input)")
+            raise EexitError(
+                "an encoder-decoder model generates from source_ids (the encoder input)"
+            )
         if source_mask is None:
             source_mask = torch.ones_like(source_ids)
         enc = self.model.encode(source_ids, source_mask)
@@ -71,8 +73,12 @@ class T5Blocks(BlockAdapter):
 
     def attn_bias(self, qpos, kpos):
         a = self.rel
-        bucket = a._relative_position_bucket(kpos[None, None, :] - qpos[:, :, None], bidirectional=False,
-                                             num_buckets=a.relative_attention_num_buckets, max_distance=a.relative_attention_max_distance)
+        bucket = a._relative_position_bucket(
+            kpos[None, None, :] - qpos[:, :, None],
+            bidirectional=False,
+            num_buckets=a.relative_attention_num_buckets,
+            max_distance=a.relative_attention_max_distance,
+        )
         return a.relative_attention_bias(bucket).permute(0, 3, 1, 2)  # [B, t, S, H] -> [B, H, t, S]
 
     def finish(self, l, h, ctx, rows):
@@ -83,7 +89,9 @@ class T5Blocks(BlockAdapter):
         x = cross.layer_norm(h)
         k, v = self.cross[l]
         q = self._split(cross.EncDecAttention.q(x))
-        c = F.scaled_dot_product_attention(q, k[rows], v[rows], attn_mask=self.source_mask[rows, None, None, :], scale=1.0)
+        c = F.scaled_dot_product_attention(
+            q, k[rows], v[rows], attn_mask=self.source_mask[rows, None, None, :], scale=1.0
+        )
         h = h + cross.EncDecAttention.o(c.transpose(1, 2).reshape(b, t, -1))
         return blk.layer[2](h)
 
@@ -99,7 +107,9 @@ class T5(Family):
         dec, head = lm.get_decoder(), lm.get_output_embeddings()
         layers, norm = getattr(dec, "block", None), getattr(dec, "final_layer_norm", None)
         if layers is None or norm is None or head is None:
-            raise EexitError(f"cannot find decoder blocks / final norm / LM head in {type(lm).__name__}")
+            raise EexitError(
+                f"cannot find decoder blocks / final norm / LM head in {type(lm).__name__}"
+            )
         if getattr(lm.config, "scale_decoder_outputs", False):
             norm = ScaledNorm(norm, lm.config.d_model**-0.5)
         return Parts(dec, layers, norm, head, lm.get_encoder())
@@ -109,10 +119,18 @@ class T5(Family):
         from transformers import T5Config, T5ForConditionalGeneration
 
         config = T5Config(
-            vocab_size=vocab_size, d_model=cfg.d_model, d_kv=cfg.d_model // cfg.n_heads,
-            d_ff=cfg.d_ff, num_layers=cfg.n_encoder_layers or cfg.n_layers,
-            num_decoder_layers=cfg.n_layers, num_heads=cfg.n_heads, dropout_rate=cfg.dropout,
-            feed_forward_proj="relu", pad_token_id=eos_id, eos_token_id=eos_id,
-            decoder_start_token_id=eos_id, bos_token_id=bos_id,
+            vocab_size=vocab_size,
+            d_model=cfg.d_model,
+            d_kv=cfg.d_model // cfg.n_heads,
+            d_ff=cfg.d_ff,
+            num_layers=cfg.n_encoder_layers or cfg.n_layers,
+            num_decoder_layers=cfg.n_layers,
+            num_heads=cfg.n_heads,
+            dropout_rate=cfg.dropout,
+            feed_forward_proj="relu",
+            pad_token_id=eos_id,
+            eos_token_id=eos_id,
+            decoder_start_token_id=eos_id,
+            bos_token_id=bos_id,
         )
         return T5ForConditionalGeneration(config)

@@ -15,9 +15,19 @@ from eexit.policies import make_policy
 
 def tiny_qwen2(**extra) -> EarlyExitModel:
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    cfg = Qwen2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **extra,
+    )
     lm = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():  # larger random weights: varied predictions without training
         for p in lm.parameters():
@@ -43,8 +53,14 @@ def test_never_exiting_decoding_equals_transformers_generate(mode, window):
     if window:  # layers 2 and 3 see the last 4 positions only
         assert [model.family.adapter(model).window(i) for i in range(3)] == [None, 4, 4]
     ids, mask = padded_batch()
-    ref = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                            pad_token_id=0, eos_token_id=None)
+    ref = model.lm.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     never = make_policy("max-prob", threshold=1.0)
     out = EarlyExitDecoder(model, never, mode).generate(ids, mask, 12, pad_token_id=0)
     assert torch.equal(out.sequences, ref)

@@ -1,12 +1,11 @@
 """T5 (encoder-decoder): exits on the decoder, early-exit decoding with every KV mode, training on task pairs."""
+
 import json
 
 import pytest
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
 
 from eexit.models.decoding import KV_MODES, EarlyExitDecoder
-from eexit.models.early_exit import EarlyExitModel
 from eexit.models.loading import load_model
 from eexit.policies.base import make_policy
 from tests.conftest import run_cli, tiny_overrides
@@ -28,7 +27,8 @@ def test_never_exiting_equals_transformers_generate(t5, mode):
     model, ids, mask = t5
     ref = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     out = EarlyExitDecoder(model, make_policy("max-prob", threshold=1.0), mode).generate(
-        torch.zeros(3, 1, dtype=torch.long), max_new_tokens=20, source_ids=ids, source_mask=mask)
+        torch.zeros(3, 1, dtype=torch.long), max_new_tokens=20, source_ids=ids, source_mask=mask
+    )
     assert len(set(ref[:, 1:].flatten().tolist())) > 3  # a non-degenerate reference
     assert torch.equal(out.sequences, ref)
     assert (out.exit_layers == 3).all()
@@ -39,13 +39,20 @@ def test_recompute_gives_full_kv_so_exits_match_teacher_forcing_and_propagate_di
     forward over the generated sequence (every earlier position has its full-depth KV)."""
     model, ids, mask = t5
     start = torch.zeros(3, 1, dtype=torch.long)
-    decoders = {m: EarlyExitDecoder(model, HiddenSign(threshold=0.5), m) for m in ("recompute", "propagate")}
-    res = {m: d.generate(start, max_new_tokens=16, source_ids=ids, source_mask=mask) for m, d in decoders.items()}
+    decoders = {
+        m: EarlyExitDecoder(model, HiddenSign(threshold=0.5), m) for m in ("recompute", "propagate")
+    }
+    res = {
+        m: d.generate(start, max_new_tokens=16, source_ids=ids, source_mask=mask)
+        for m, d in decoders.items()
+    }
     out = res["recompute"]
     exits = out.exit_layers[:, 1:]
     assert (exits < 3).float().mean() > 0.2 and (exits == 3).any()  # real early exits, not all
     states = model(out.sequences[:, :-1], source_ids=ids, source_mask=mask)
-    top1 = torch.stack([model.exit_logits(s, l + 1).argmax(-1) for l, s in enumerate(states)])  # [L, B, T]
+    top1 = torch.stack(
+        [model.exit_logits(s, l + 1).argmax(-1) for l, s in enumerate(states)]
+    )  # [L, B, T]
     want = top1.gather(0, (out.exit_layers - 1)[None]).squeeze(0)
     assert torch.equal(out.new_tokens, want)
     # CALM's propagation fills the skipped layers' keys from the exited state: not the full model's
@@ -55,8 +62,19 @@ def test_recompute_gives_full_kv_so_exits_match_teacher_forcing_and_propagate_di
 
 def test_train_t5_on_translation_pairs_and_evaluate(tmp_path):
     out = tmp_path / "t5"
-    code, _, err = run_cli("train", "--loss", "weighted-ce", *tiny_overrides("model.arch=t5", "data.dataset=bible-en-fr",
-                                                                             "data.max_source_len=24", "data.max_target_len=16"), "--out", str(out))
+    code, _, err = run_cli(
+        "train",
+        "--loss",
+        "weighted-ce",
+        *tiny_overrides(
+            "model.arch=t5",
+            "data.dataset=bible-en-fr",
+            "data.max_source_len=24",
+            "data.max_target_len=16",
+        ),
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
     assert {"ce@1", "ce@2", "ce@3"} <= set(log[0])
@@ -65,8 +83,21 @@ def test_train_t5_on_translation_pairs_and_evaluate(tmp_path):
     assert model.lm.config.decoder_start_token_id == tok.eos_token_id
     # teacher-forced on the validation pairs: fit the 3-state MLP, calibrate its threshold with Learn-then-Test
     cal = tmp_path / "cal"
-    code, _, err = run_cli("calibrate", "-m", str(out), "--fit", "mlp3", "--policy", "mlp3", "--max-tokens", "600",
-                           "--epsilon", "0.3", "--out", str(cal))
+    code, _, err = run_cli(
+        "calibrate",
+        "-m",
+        str(out),
+        "--fit",
+        "mlp3",
+        "--policy",
+        "mlp3",
+        "--max-tokens",
+        "600",
+        "--epsilon",
+        "0.3",
+        "--out",
+        str(cal),
+    )
     assert code == 0, err
     summary = json.loads((cal / "calibration.json").read_text())["rows"][0]
     assert summary["calibration_tokens"] > 100 and summary["test_tokens"] > 100
@@ -74,7 +105,9 @@ def test_train_t5_on_translation_pairs_and_evaluate(tmp_path):
     assert (out / "exit_classifiers").is_dir()
     # seed 001's monotonicity analysis on the T5 decoder, teacher-forced on reference translations
     mono = tmp_path / "mono"
-    code, _, err = run_cli("analyze-monotonicity", "-m", str(out), "--max-tokens", "300", "--out", str(mono))
+    code, _, err = run_cli(
+        "analyze-monotonicity", "-m", str(out), "--max-tokens", "300", "--out", str(mono)
+    )
     assert code == 0, err
     rows = json.loads((mono / "per_layer.json").read_text())["rows"]
     assert [r["layer"] for r in rows] == [1, 2, 3] and rows[-1]["top1_equals_final"] == 100.0
