@@ -214,3 +214,22 @@ def print_rows(rows: list[dict], title: str = "") -> None:
     for r in rows:
         t.add_row(*[cell(r[k]) for k in keys])
     Console(width=200).print(t)
+
+
+def progress_bar(enabled: bool = True, *fields: str):
+    """A rich progress bar on stderr when stderr is a terminal (else None: callers log lines),
+    with a description, the bar, done/total, ETA and the named extra text fields."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn(f"{{task.fields[{f}]}}") for f in fields]
+    return Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True))

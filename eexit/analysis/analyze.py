@@ -4,6 +4,7 @@ statistics -> tables (Markdown / CSV / JSON) and figures styled like seed 001's.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from eexit.analysis import monotonicity as mono
 from eexit.data.pairs import EncodedPairs, batches
 from eexit.errors import EexitError
 from eexit.evaluation.context import EvalRequest, open_context, teacher_forced_inputs
-from eexit.reporting import prepare_dir, provenance, write_results
+from eexit.reporting import prepare_dir, progress_bar, provenance, write_results
 
 
 @dataclass(kw_only=True)
@@ -30,16 +31,6 @@ class AnalyzeSetup:
     sublayers: bool = True  # also read the residual stream after attention
 
 
-def _progress(total: int):
-    import sys
-
-    if not sys.stderr.isatty():
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
-
-
 def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object, dict]:
     request = EvalRequest(
         model=spec,
@@ -54,10 +45,10 @@ def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object
     x, y, resolved = teacher_forced_inputs(ctx)
     records = []
     batches = list(_batches(x, y, s.batch_size))
-    bar = _progress(len(batches))
+    bar = progress_bar()
     task = bar.add_task(Path(spec).name, total=len(batches)) if bar else None
     dev = model.device
-    with bar if bar else _Null():
+    with bar if bar else nullcontext():
         for xb, yb in batches:
             xb = {k: v.to(dev) for k, v in xb.items()} if isinstance(xb, dict) else xb.to(dev)
             records.append(mono.forward_records(model, xb, yb.to(dev), s.top_k, s.sublayers))
@@ -162,11 +153,3 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
 
     plot_all(Path(out), layer_rows, sat_rows, ex_all, subword_all, sub_all)
     return {"summary": summary_rows, "per_layer": layer_rows}
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from eexit.errors import EexitError, TrainingDiverged
 from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
 from eexit.models.families import FAMILIES
 from eexit.models.loading import build_lm, load_model
+from eexit.reporting import progress_bar
 from eexit.training.losses import LossBatch, make_loss
 
 STATE_FILE = "trainer_state.pt"
@@ -310,14 +312,14 @@ def run_training(
     history: list[dict] = []
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     seen = 0.0  # target tokens trained on in this run
-    progress = _progress(show_progress and acc.is_main_process)
+    progress = progress_bar(show_progress and acc.is_main_process, "info")
     task = (
         progress.add_task("train", total=cfg.train.steps, completed=start, info="")
         if progress
         else None
     )
     t0, last_logs = time.perf_counter(), {}
-    with progress if progress else _null():
+    with progress if progress else nullcontext():
         for step in range(start, end):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             x, y = next_batch(train_tokens, cfg, g)
@@ -407,35 +409,3 @@ def next_batch(train, cfg: RunConfig, g: torch.Generator):
     if isinstance(train, pairs_mod.EncodedPairs):
         return pairs_mod.random_batch(train, cfg.train.batch_size, g)
     return data_mod.random_windows(train, cfg.data.seq_len, cfg.train.batch_size, g)
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    import sys
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    if not sys.stderr.isatty():
-        return None
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-    )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
