@@ -48,6 +48,10 @@ class Registry(Generic[T]):
             raise unknown_name_error(self.kind, name, list(self._items))
         return self._items[name]
 
+    def remove(self, name: str) -> None:
+        """Unregister a name (tests that register a component undo it with this)."""
+        self._items.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._items)
 
