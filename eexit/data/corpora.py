@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from eexit import __version__
 from eexit.data.names import CORPORA, unknown_dataset
 from eexit.errors import EexitError
 
@@ -183,17 +184,36 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha1(json.dumps(vocab[:50000]).encode()).hexdigest()[:16]
+    """A hash of everything that decides the tokens: the fast tokenizer's full serialisation
+    (vocabulary, merges, normalizer, pre-tokenizer), else the vocabulary and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = json.dumps([sorted(tokenizer.get_vocab().items()), str(tokenizer.special_tokens_map)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def content_hash(docs: list[str]) -> str:
+    """A hash of the documents' text (their order and boundaries included)."""
+    h = hashlib.sha256()
+    for doc in docs:
+        data = doc.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:16]
 
 
 def encode_documents(tokenizer, docs: list[str], cache_key: str | None = None) -> torch.Tensor:
-    """All documents as one token stream, each followed by the end-of-text token."""
+    """All documents as one token stream, each followed by the end-of-text token.
+
+    The cached stream is keyed on content, not names: the eexit version, the tokenizer's
+    fingerprint and a hash of the documents' text (`cache_key` only names the file), so an
+    edited file or another tokenizer never reads a stale stream."""
     path = None
     if cache_key is not None:
-        digest = hashlib.sha1(
-            (cache_key + tokenizer_fingerprint(tokenizer) + str(len(docs))).encode()
-        ).hexdigest()[:16]
+        key = f"{__version__}|{tokenizer_fingerprint(tokenizer)}|{content_hash(docs)}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
         path = cache_dir() / f"tokens-{digest}.pt"
         if path.is_file():
             return torch.load(path)

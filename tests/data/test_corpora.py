@@ -46,3 +46,35 @@ def test_tokenizer_and_windows():
     assert xs.shape == (5, 8) and torch.equal(xs[:, 1:], ys[:, :-1])
     with pytest.raises(EexitError, match="fewer than one window"):
         data.eval_windows(stream[:5], 8)
+
+
+def test_token_cache_is_keyed_on_content(tmp_path):
+    """Editing one character of a local file (same number of documents) changes the tokens that
+    are read back, and with them the evaluated text."""
+    tok = data.train_tokenizer(["alpha beta gamma delta", "epsilon zeta eta theta"] * 20, 300)
+    docs = ["alpha beta gamma", "delta epsilon zeta"]
+    first = data.encode_documents(tok, docs, "local.txt:test")
+    edited = ["alpha beta gamma", "delta epsilon zetA"]
+    second = data.encode_documents(tok, edited, "local.txt:test")  # same name, same doc count
+    assert not torch.equal(first, second)
+    assert torch.equal(second, data.encode_documents(tok, edited, None))  # = uncached
+    assert torch.equal(first, data.encode_documents(tok, docs, "local.txt:test"))
+    other = data.train_tokenizer(["completely different words here"] * 20, 280)
+    assert not torch.equal(data.encode_documents(other, docs, "local.txt:test"), first)
+
+
+def test_editing_a_local_text_file_changes_the_evaluated_ppl(tiny_checkpoint, tmp_path):
+    from tests.conftest import run_cli
+
+    text = tmp_path / "corpus.txt"
+    paragraphs = [f"The history of the war in Albania part {i} was long and hard." for i in range(400)]
+    text.write_text("\n\n".join(paragraphs))
+    rows = []
+    for attempt in range(2):
+        out = tmp_path / f"e{attempt}"
+        code, _, err = run_cli("evaluate", "--model", str(tiny_checkpoint), "--dataset", str(text),
+                               "--max-tokens", "256", "--out", str(out))
+        assert code == 0, err
+        rows.append(json.loads((out / "evaluate.json").read_text())["rows"][0]["ppl"])
+        text.write_text(text.read_text().replace("war", "wor"))  # same number of documents
+    assert rows[0] != rows[1]
