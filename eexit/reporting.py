@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import platform
 import shlex
 import subprocess
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from eexit.errors import EexitError
+from eexit.files import atomic_file, atomic_write, check_output_path
 
 
 def git_commit() -> str:
@@ -67,13 +69,19 @@ def provenance(config: dict) -> dict:
 def prepare_dir(path: str | Path, overwrite: bool) -> Path:
     """Check a results folder can be written (before any work is done)."""
     p = Path(path)
-    if p.exists() and any(p.iterdir()) and not overwrite:
-        raise EexitError(
-            f"results folder {p} already exists and is not empty; pass --overwrite or choose another --out"
-        )
-    if p.exists() and not p.is_dir():
-        raise EexitError(f"{p} exists and is not a folder")
+    check_output_path(p, overwrite)
     return p
+
+
+def check_finite(rows: list[dict], what: str) -> None:
+    """NaN / inf results are errors, never tables."""
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise EexitError(
+                    f"{what}: {k} is {v} (row {r.get('threshold', r.get('model', '?'))}); the "
+                    "model or the data produced non-finite values, so no table was written"
+                )
 
 
 def _fmt(v) -> str:
@@ -130,7 +138,8 @@ def write_results(
     notes: str = "",
     overwrite: bool = True,
 ) -> Path:
-    """Write <name>.md/.csv/.json plus provenance.json into out_dir (staged, then moved in)."""
+    """Write <name>.md/.csv/.json plus provenance.json into out_dir, each file atomically."""
+    check_finite(rows, title)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = f"# {title}\n\n{markdown_table(rows, columns, headers)}\n\n{notes}{chr(10) if notes else ''}## Provenance\n\n{provenance_block(prov)}"
@@ -141,10 +150,14 @@ def write_results(
         "provenance.json": json.dumps(prov, indent=2, default=str),
     }
     for fname, text in files.items():
-        tmp = out / (fname + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / fname)
+        atomic_write(out / fname, text)
     return out
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure atomically (a failed save never truncates an older plot)."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
 
 
 def plot_tradeoff(
@@ -182,7 +195,7 @@ def plot_tradeoff(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

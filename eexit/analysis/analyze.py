@@ -3,7 +3,6 @@ statistics -> tables (Markdown / CSV / JSON) and figures styled like seed 001's.
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,11 @@ from pathlib import Path
 import torch
 
 from eexit.analysis import monotonicity as mono
+from eexit.analysis.plots import plot_all
 from eexit.data.pairs import EncodedPairs, batches
 from eexit.errors import EexitError
 from eexit.evaluation.context import EvalRequest, open_context, teacher_forced_inputs
+from eexit.files import atomic_json, output_folder
 from eexit.reporting import prepare_dir, progress_bar, provenance, write_results
 
 
@@ -127,29 +128,28 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
             "data": infos,
         }
     )
-    write_results(
-        out,
-        "per_layer",
-        "Per-layer monotonicity statistics",
-        layer_rows,
-        prov,
-        notes="top1_equals_final / top1_never_changes_after: % of tokens (seed 001 figure 1); p_final: probability each layer gives the final prediction (figure 2); monotone_from_here: % of tokens whose p_final never drops by more than 0.001 from this layer on.\n\n",
-    )
-    write_results(out, "topk_saturation", "Top-k saturation (seed 003)", sat_rows, prov)
-    notes = f"drop_after_peak: the final-layer probability of the final prediction is more than {mono.DROP} below its peak over layers. topk_ordered_*: ranks saturate in order (rank k+1 fixes no earlier than rank k).\n\n"
-    write_results(out, "summary", "Monotonicity summary", summary_rows, prov, notes=notes)
-    (Path(out) / "examples.json").write_text(json.dumps(ex_all, indent=2, ensure_ascii=False))
-    (Path(out) / "subword.json").write_text(json.dumps(subword_all, indent=2))
-    if sub_all:
-        rows = [{"model": m, **r} for m, rs in sub_all.items() for r in rs]
+    with output_folder(out, overwrite) as folder:
         write_results(
-            out,
-            "sublayer",
-            "Sub-layer exits (seed 004): after attention vs after the MLP",
-            rows,
+            folder,
+            "per_layer",
+            "Per-layer monotonicity statistics",
+            layer_rows,
             prov,
+            notes="top1_equals_final / top1_never_changes_after: % of tokens (seed 001 figure 1); p_final: probability each layer gives the final prediction (figure 2); monotone_from_here: % of tokens whose p_final never drops by more than 0.001 from this layer on.\n\n",
         )
-    from eexit.analysis.plots import plot_all
-
-    plot_all(Path(out), layer_rows, sat_rows, ex_all, subword_all, sub_all)
+        write_results(folder, "topk_saturation", "Top-k saturation (seed 003)", sat_rows, prov)
+        notes = f"drop_after_peak: the final-layer probability of the final prediction is more than {mono.DROP} below its peak over layers. topk_ordered_*: ranks saturate in order (rank k+1 fixes no earlier than rank k).\n\n"
+        write_results(folder, "summary", "Monotonicity summary", summary_rows, prov, notes=notes)
+        atomic_json(folder / "examples.json", ex_all)
+        atomic_json(folder / "subword.json", subword_all)
+        if sub_all:
+            rows = [{"model": m, **r} for m, rs in sub_all.items() for r in rs]
+            write_results(
+                folder,
+                "sublayer",
+                "Sub-layer exits (seed 004): after attention vs after the MLP",
+                rows,
+                prov,
+            )
+        plot_all(folder, layer_rows, sat_rows, ex_all, subword_all, sub_all)
     return {"summary": summary_rows, "per_layer": layer_rows}

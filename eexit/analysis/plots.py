@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from eexit.reporting import save_figure
+
 
 def _plt():
     import matplotlib
@@ -47,7 +49,7 @@ def plot_all(out: Path, layer_rows, sat_rows, examples, subword, sublayer) -> No
     )
     _int_x(ax)
     ax.grid(alpha=0.3), ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(out / "fig1_fraction_no_change.png", dpi=120), plt.close(fig)
+    fig.tight_layout(), save_figure(fig, out / "fig1_fraction_no_change.png"), plt.close(fig)
     # figure 2: mean and std of the probability of the final prediction, one panel per model
     fig, axes = plt.subplots(
         1, len(models), figsize=(4 * len(models), 3.6), squeeze=False, sharey=True
@@ -64,7 +66,7 @@ def plot_all(out: Path, layer_rows, sat_rows, examples, subword, sublayer) -> No
         _int_x(ax)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("p(final prediction)")
-    fig.tight_layout(), fig.savefig(out / "fig2_mean_top1.png", dpi=120), plt.close(fig)
+    fig.tight_layout(), save_figure(fig, out / "fig2_mean_top1.png"), plt.close(fig)
     # figure 3: top-3 predictions per layer for example tokens (first example of each model)
     fig, axes = plt.subplots(1, len(examples), figsize=(4.5 * len(examples), 3.8), squeeze=False)
     for ax, (m, exs) in zip(axes[0], examples.items()):
@@ -90,7 +92,7 @@ def plot_all(out: Path, layer_rows, sat_rows, examples, subword, sublayer) -> No
         )
         _int_x(ax)
         ax.legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(out / "fig3_examples.png", dpi=120), plt.close(fig)
+    fig.tight_layout(), save_figure(fig, out / "fig3_examples.png"), plt.close(fig)
     # top-k saturation order
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for m, rows in _by_model(sat_rows).items():
@@ -106,7 +108,7 @@ def plot_all(out: Path, layer_rows, sat_rows, examples, subword, sublayer) -> No
         title="Top-k saturation (seed 003)",
     )
     ax.grid(alpha=0.3), ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(out / "topk_saturation.png", dpi=120), plt.close(fig)
+    fig.tight_layout(), save_figure(fig, out / "topk_saturation.png"), plt.close(fig)
     # sub-word view
     fig, axes = plt.subplots(
         1, len(subword), figsize=(4.5 * len(subword), 3.4), squeeze=False, sharey=True
@@ -117,7 +119,7 @@ def plot_all(out: Path, layer_rows, sat_rows, examples, subword, sublayer) -> No
             ax.plot(range(1, len(h) + 1), h, marker="o", label=f"{name} (n={sw[name]['tokens']})")
         ax.set(title=m, xlabel="oracle exit layer", ylabel="% of tokens")
         ax.legend(fontsize=7), ax.grid(alpha=0.3)
-    fig.tight_layout(), fig.savefig(out / "subword_exits.png", dpi=120), plt.close(fig)
+    fig.tight_layout(), save_figure(fig, out / "subword_exits.png"), plt.close(fig)
     if sublayer:
         fig, ax = plt.subplots(figsize=(6, 4))
         for m, rows in sublayer.items():
@@ -134,4 +136,4 @@ def plot_all(out: Path, layer_rows, sat_rows, examples, subword, sublayer) -> No
             title="Sub-layer exits (seed 004)",
         )
         ax.grid(alpha=0.3), ax.legend(fontsize=8)
-        fig.tight_layout(), fig.savefig(out / "sublayer.png", dpi=120), plt.close(fig)
+        fig.tight_layout(), save_figure(fig, out / "sublayer.png"), plt.close(fig)

@@ -14,7 +14,7 @@ Risks per token at a threshold (both in [0, 1]):
 
 from __future__ import annotations
 
-import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +31,17 @@ from eexit.evaluation.records import (
     exit_metrics,
     forward_batches,
 )
+from eexit.files import FolderLock, atomic_json, check_output_path, output_folder
 from eexit.policies import POLICIES
-from eexit.policies.learned import CLASSIFIERS, LABELS, exit_labels, fit_classifier, save_classifier
-from eexit.reporting import markdown_table, prepare_dir, provenance, write_results
+from eexit.policies.learned import (
+    CLASSIFIER_DIR,
+    CLASSIFIERS,
+    LABELS,
+    exit_labels,
+    fit_classifier,
+    save_classifier,
+)
+from eexit.reporting import markdown_table, provenance, write_results
 
 RISKS = {"consistency": "binomial", "loss": "hoeffding-bentkus"}
 
@@ -180,7 +188,7 @@ def write_calibration(out: str, summary: dict, tested: list[dict], fit_rows: lis
         )
         keep = {k: summary[k] for k in keys}
         keep.update({k: resolved.get(k) for k in ("model", "exit_layers", "seq_len", "dataset")})
-        (Path(out) / CALIBRATED_FILE).write_text(json.dumps(keep, indent=2))
+        atomic_json(Path(out) / CALIBRATED_FILE, keep)
 
 
 @dataclass(kw_only=True)
@@ -199,16 +207,37 @@ def run_calibration(request: EvalRequest, run: CalibrationRun, out: str, overwri
         raise EexitError("nothing to do: give --fit meta,lstm,mlp3 and/or --policy NAME")
     if run.ltt is not None:
         check_options(run.ltt, request.policy)
-    prepare_dir(out, overwrite)
+    check_output_path(Path(out), overwrite)
     ctx = open_context(request, bind=False)
-    fit_rows = fit(ctx, run.fit, run.label) if run.fit else []
-    if run.ltt is None:
-        prov = provenance({"model": request.model, "fit": run.fit, "label": run.label})
-        title = f"Exit classifiers fitted on {request.split}"
-        write_results(out, "classifiers", title, fit_rows, prov)
-        return {"fit": fit_rows}
-    ctx.policy.bind(ctx.model, ctx.checkpoint.folder)  # after fitting: the new classifier
-    windows = slice(1, None, 2) if run.fit else slice(None)
-    summary, tested = calibrate(ctx, run.ltt, windows)
-    write_calibration(out, summary, tested, fit_rows)
+    if run.fit:
+        check_classifiers_free(ctx, run.fit, overwrite)
+    with output_folder(out, overwrite) as folder:
+        lock = FolderLock(ctx.checkpoint.folder) if run.fit else nullcontext()
+        with lock:  # classifiers are written beside the checkpoint: one writer there too
+            fit_rows = fit(ctx, run.fit, run.label) if run.fit else []
+        if run.ltt is None:
+            prov = provenance({"model": request.model, "fit": run.fit, "label": run.label})
+            title = f"Exit classifiers fitted on {request.split}"
+            write_results(folder, "classifiers", title, fit_rows, prov)
+            return {"fit": fit_rows}
+        ctx.policy.bind(ctx.model, ctx.checkpoint.folder)  # after fitting: the new classifier
+        windows = slice(1, None, 2) if run.fit else slice(None)
+        summary, tested = calibrate(ctx, run.ltt, windows)
+        write_calibration(str(folder), summary, tested, fit_rows)
     return {"fit": fit_rows, "summary": summary}
+
+
+def check_classifiers_free(ctx: EvalContext, names: list[str], overwrite: bool) -> None:
+    """Fitting never replaces a fitted classifier silently."""
+    folder = ctx.checkpoint.folder
+    if folder is None:
+        raise EexitError(
+            "--fit saves classifiers beside the checkpoint, so --model must be a local folder; "
+            f"got {ctx.request.model}"
+        )
+    taken = [n for n in names if (folder / CLASSIFIER_DIR / f"{n}.pt").exists()]
+    if taken and not overwrite:
+        raise EexitError(
+            f"{folder / CLASSIFIER_DIR} already holds fitted {', '.join(taken)}; pass --overwrite "
+            "to fit them again"
+        )

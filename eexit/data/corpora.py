@@ -190,7 +190,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if backend is not None:
         text = backend.to_str()
     else:
-        text = json.dumps([sorted(tokenizer.get_vocab().items()), str(tokenizer.special_tokens_map)])
+        text = json.dumps(
+            [sorted(tokenizer.get_vocab().items()), str(tokenizer.special_tokens_map)]
+        )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 

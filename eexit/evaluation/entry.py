@@ -10,6 +10,7 @@ policy bound) and dispatches on what is evaluated:
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from eexit.evaluation.context import EvalRequest, open_context
 from eexit.evaluation.generation import GenerationOptions, run_generation
 from eexit.evaluation.lm import run_lm
 from eexit.evaluation.tasks import TaskOptions, run_task_sweep
-from eexit.reporting import prepare_dir
+from eexit.files import check_output_path, output_folder
 
 CALIBRATED_FILE = "calibrated.json"
 
@@ -46,14 +47,16 @@ def evaluate(
     task = task or TaskOptions()
     task.check()
     if out:
-        prepare_dir(out, overwrite)
+        check_output_path(Path(out), overwrite)  # before any work
     ctx = open_context(request)
-    if ctx.is_task and generation is None:
-        return EvalResult(kind="task", rows=run_task_sweep(ctx, task, out), dataset=ctx.dataset)
-    if generation is not None:
-        rows, total = run_generation(ctx, generation, out)
-        return EvalResult(kind="generation", rows=rows, total=total, dataset=ctx.dataset)
-    return EvalResult(kind="lm", rows=run_lm(ctx, out, sweep), dataset=ctx.dataset)
+    with output_folder(out, overwrite) if out else nullcontext(None) as folder:
+        if ctx.is_task and generation is None:
+            rows = run_task_sweep(ctx, task, folder)
+            return EvalResult(kind="task", rows=rows, dataset=ctx.dataset)
+        if generation is not None:
+            rows, total = run_generation(ctx, generation, folder)
+            return EvalResult(kind="generation", rows=rows, total=total, dataset=ctx.dataset)
+        return EvalResult(kind="lm", rows=run_lm(ctx, folder, sweep), dataset=ctx.dataset)
 
 
 def read_calibrated(folder: str) -> dict:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eexit.errors import EexitError
+from eexit.files import atomic_torch_save
 from eexit.policies.base import ExitPolicy, ExitView, register_policy
 from eexit.registry import Registry
 
@@ -164,7 +165,7 @@ def save_classifier(model_dir: str | Path, name: str, clf: nn.Module, meta: dict
     out = Path(model_dir) / CLASSIFIER_DIR
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.pt"
-    torch.save({"kind": name, "state_dict": clf.state_dict(), **meta}, path)
+    atomic_torch_save({"kind": name, "state_dict": clf.state_dict(), **meta}, path)
     return path
 
 
