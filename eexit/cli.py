@@ -208,7 +208,7 @@ def evaluate(
             prompts=prompts,
             prompt_len=prompt_len,
             batch_size=batch_size,
-            max_new_tokens=max_new_tokens or 32,
+            max_new_tokens=32 if max_new_tokens is None else max_new_tokens,
             kv_mode=kv,
         )
     task = TaskOptions(
@@ -422,6 +422,13 @@ def main() -> None:
         app()
     except EexitError as e:
         typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except OSError as e:  # a write that failed outside the guarded paths: one line, no traceback
+        from eexit.files import WRITE_ERRNOS, write_error
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        typer.echo(f"error: {write_error(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

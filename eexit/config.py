@@ -7,6 +7,9 @@ Precedence: command line > YAML file > the defaults below. Unknown keys are erro
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +74,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 50  # linear warmup
     weight_decay: float = 0.1  # AdamW weight decay (not on norms/biases)
-    betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas, each in [0, 1)
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     save_every: int = 200  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
@@ -99,27 +102,60 @@ def _field_names(obj) -> list[str]:
     return [f.name for f in dataclasses.fields(obj)]
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """Cast a YAML/CLI value to the type of the current default where that is unambiguous."""
-    if current is None or value is None:
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check a YAML / --set value against the field's declared type (casting what is
+    unambiguous: "3" -> 3, 1 -> 1.0); anything else is an error naming the key, the value and
+    the type allowed."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
         return value
-    if isinstance(current, bool):
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except EexitError as e:
+                errors.append(str(e))
+        raise EexitError(errors[0] + (" or null" if type(None) in args else ""))
+    if value is None:
+        raise EexitError(f"config key {key!r} must be {_type_name(tp)}, got null")
+    if tp is bool:
         if isinstance(value, bool):
             return value
         raise EexitError(f"config key {key!r} must be true or false, got {value!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    if tp in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value) if tp is float or "." in value or "e" in value else int(value)
+            except ValueError:
+                raise EexitError(f"config key {key!r} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise EexitError(f"config key {key!r} must be a number, got {value!r}")
-        try:
-            return (
-                type(current)(value)
-                if not (
-                    isinstance(current, int) and isinstance(value, float) and not value.is_integer()
-                )
-                else value
-            )
-        except ValueError:
-            raise EexitError(f"config key {key!r} must be a number, got {value!r}") from None
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise EexitError(f"config key {key!r} must be a whole number, got {value!r}")
+            return int(value)
+        if not math.isfinite(value):
+            raise EexitError(f"config key {key!r} must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise EexitError(f"config key {key!r} must be a string, got {value!r}")
+        return str(value)
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise EexitError(f"config key {key!r} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise EexitError(f"config key {key!r} must be a mapping, got {value!r}")
+        return value
     return value
 
 
@@ -141,12 +177,13 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
         if key not in names:
             raise unknown_name_error("config key", full, [f"{prefix}{n}" for n in names])
         current = getattr(obj, key)
+        tp = typing.get_type_hints(type(obj)).get(key, Any)
         if dataclasses.is_dataclass(current):
             _apply(current, value, f"{full}.")
         elif isinstance(current, dict) and isinstance(value, dict):
             setattr(obj, key, {**current, **value})  # --set loss.params.a=1 --set loss.params.b=2
         else:
-            setattr(obj, key, _coerce(value, current, full))
+            setattr(obj, key, _coerce(value, tp, full))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -255,6 +292,20 @@ def validate(cfg: RunConfig) -> None:
             raise EexitError(
                 f"train.{name} must be >= {0 if name == 'warmup_steps' else 1}; got {getattr(t, name)}"
             )
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise EexitError(
+            f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.betas}"
+        )
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise EexitError(f"train.min_lr_ratio must be in [0, 1]; got {t.min_lr_ratio}")
+    if t.weight_decay < 0 or t.grad_clip < 0:
+        raise EexitError("train.weight_decay and train.grad_clip must be >= 0 (grad_clip 0 = off)")
+    if not 0 <= m.dropout < 1:
+        raise EexitError(f"model.dropout must be in [0, 1); got {m.dropout}")
+    if m.min_exit_layer < 1:
+        raise EexitError(f"model.min_exit_layer must be >= 1; got {m.min_exit_layer}")
+    if cfg.seed < 0:
+        raise EexitError(f"seed must be >= 0; got {cfg.seed}")
     if not 0 < lo.exit_token_fraction <= 1:
         raise EexitError(
             f"loss.exit_token_fraction must be in (0, 1]; got {lo.exit_token_fraction}"

@@ -43,6 +43,8 @@ def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object
     )
     ctx = open_context(request, bind=False)
     model = ctx.model
+    if s.top_k > model.vocab_size:
+        raise EexitError(f"--top-k {s.top_k} is above the vocabulary size {model.vocab_size}")
     x, y, resolved = teacher_forced_inputs(ctx)
     records = []
     batches = list(_batches(x, y, s.batch_size))

@@ -14,6 +14,7 @@ Risks per token at a threshold (both in [0, 1]):
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,22 @@ def check_options(opts: CalibrateOptions, policy: str) -> None:
         raise EexitError(f"epsilon and delta must lie in (0, 1); got {opts.epsilon}, {opts.delta}")
 
 
+def min_calibration_tokens(epsilon: float, delta: float) -> int:
+    """The fewest tokens with which any threshold can be certified: even with no error at all,
+    the binomial tail (1 - epsilon)^n must fall to delta."""
+    return math.ceil(math.log(delta) / math.log(1 - epsilon))
+
+
+def check_provable(tokens: int, opts: CalibrateOptions) -> None:
+    need = min_calibration_tokens(opts.epsilon, opts.delta)
+    if tokens < need:
+        raise EexitError(
+            f"the calibration set has {tokens} tokens; certifying risk <= {opts.epsilon} with "
+            f"probability >= {1 - opts.delta:.2f} needs at least {need} (raise --max-tokens, "
+            "or loosen --epsilon / --delta)"
+        )
+
+
 def calibrate(
     ctx: EvalContext, opts: CalibrateOptions, calibration_windows: slice = slice(None)
 ) -> tuple[dict, list[dict]]:
@@ -132,6 +149,7 @@ def calibrate(
     x, y, resolved = teacher_forced_inputs(ctx)
     ys = None if y is None else y[calibration_windows]
     cal = collect_exit_table(model, x[calibration_windows], ys, policy, r.batch_size)
+    check_provable(cal.tokens, opts)
     risks = token_risks(cal, policy, grid, opts.risk).numpy()
     result = fixed_sequence_test(grid, risks, opts.epsilon, opts.delta, RISKS[opts.risk])
     xt, yt, _ = teacher_forced_inputs(ctx, opts.test_split)

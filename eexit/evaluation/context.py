@@ -87,6 +87,10 @@ def open_context(r: EvalRequest, model=None, tokenizer=None, bind: bool = True) 
     else:
         checkpoint = CheckpointInfo.read(r.model)
     dataset = r.dataset or checkpoint.trained_dataset or DEFAULT_DATASET
+    if r.min_exit_layer > model.num_layers:
+        raise EexitError(
+            f"--min-exit-layer {r.min_exit_layer} is beyond the model's {model.num_layers} layers"
+        )
     if bind:
         policy = make_bound_policy(r, model, checkpoint)
     else:

@@ -11,13 +11,15 @@ norm (and T5's d_model^-0.5 output scaling) + LM head; the encoder always runs i
 from __future__ import annotations
 
 import copy
-import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from eexit.errors import EexitError
+from eexit.files import atomic_json, atomic_write
 from eexit.models.checkpoint import EEXIT_META, EXTRA_WEIGHTS
 from eexit.models.families import family_of
 
@@ -155,24 +157,39 @@ class EarlyExitModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save(self, out_dir: str | Path, tokenizer=None, extra_meta: dict | None = None) -> None:
-        from safetensors.torch import save_file
+        """A `save_pretrained` folder plus eexit.json and the exit modules. Written into a hidden
+        folder beside `out_dir` first, then each file is renamed into place: no file of an
+        earlier save is ever replaced by a truncated one."""
+        from safetensors.torch import save as safetensors_bytes
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.lm.save_pretrained(out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        extras = {
-            k: v.detach().contiguous().cpu()
-            for k, v in self.state_dict().items()
-            if not k.startswith("lm.")
-        }
-        if extras:
-            save_file(extras, str(out / EXTRA_WEIGHTS))
-        meta = {
-            "exit_layers": self.exit_layers,
-            "exit_heads": self.exit_head_mode,
-            "halting_gate": self.halting_gate is not None,
-            **(extra_meta or {}),
-        }
-        (out / EEXIT_META).write_text(json.dumps(meta, indent=2))
+        tmp = out.with_name(f".{out.name}.saving-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            self.lm.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            extras = {
+                k: v.detach().contiguous().cpu()
+                for k, v in self.state_dict().items()
+                if not k.startswith("lm.")
+            }
+            if extras:
+                atomic_write(tmp / EXTRA_WEIGHTS, safetensors_bytes(extras))
+            meta = {
+                "exit_layers": self.exit_layers,
+                "exit_heads": self.exit_head_mode,
+                "halting_gate": self.halting_gate is not None,
+                **(extra_meta or {}),
+            }
+            atomic_json(tmp / EEXIT_META, meta)
+            for f in sorted(tmp.iterdir()):  # eexit.json last: it marks a complete save
+                if f.name != EEXIT_META:
+                    os.replace(f, out / f.name)
+            os.replace(tmp / EEXIT_META, out / EEXIT_META)
+        except (RuntimeError, ValueError) as e:  # safetensors / torch wrap write failures
+            raise EexitError(f"cannot write the model to {out}: {str(e).splitlines()[0]}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -37,8 +37,8 @@ def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
                 "or a .gguf file)"
             )
         src = str(path)
-    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/"):
-        raise EexitError(f"model checkpoint not found: {spec}")
+    elif looks_local(spec):  # a mistyped local path: say so now, not after a hub round trip
+        raise EexitError(f"model checkpoint not found: {spec} (no such file or folder)")
     else:
         src = spec  # a hub name
     info = CheckpointInfo.read(spec)
@@ -47,8 +47,8 @@ def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
         auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         lm = auto.from_pretrained(src, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001  (truncated weights, bad JSON, ...: one line)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise EexitError(f"could not load model {spec!r}: {first}") from None
     lm.to(device).eval()
     layers = exit_layers if exit_layers is not None else (info.exit_layers or "all")
@@ -57,9 +57,32 @@ def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
     if extra is not None and extra.is_file():
         from safetensors.torch import load_file
 
-        missing = model.load_state_dict(load_file(str(extra)), strict=False)
+        try:
+            missing = model.load_state_dict(load_file(str(extra)), strict=False)
+        except Exception as e:  # noqa: BLE001  (truncated or mismatched file: one line)
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise EexitError(f"cannot load {extra}: {first}") from None
         bad = [k for k in missing.missing_keys if not k.startswith("lm.")]
         if bad:
             raise EexitError(f"{extra} lacks weights for {bad[:3]}")
     model.to(device).eval()
+    check_finite_weights(model, spec)
     return model, tokenizer, info
+
+
+def looks_local(spec: str) -> bool:
+    """A path rather than a hub name: explicit (./, /, ~), nested, or under an existing folder."""
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/"):
+        return True
+    parent = Path(spec).parent
+    return str(parent) != "." and parent.exists()
+
+
+def check_finite_weights(model, spec: str) -> None:
+    """NaN / inf weights would give NaN tables: refuse the model at load time."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise EexitError(
+            f"model {spec!r} has non-finite (NaN / inf) weights in {len(bad)} tensors, e.g. "
+            f"{bad[0]}; it cannot be evaluated"
+        )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from eexit.errors import EexitError
-from eexit.policies.base import ExitPolicy, register_policy
+from eexit.policies.base import ExitPolicy, positive_int, register_policy
 
 
 @register_policy("max-prob")
@@ -69,7 +69,13 @@ class Static(ExitPolicy):
         layer: int | None = None,
     ):
         super().__init__(threshold, min_exit_layer, decay_tau)
-        self.layer = int(layer) if layer is not None else None
+        self.layer = positive_int("layer", layer) if layer is not None else None
+
+    def bind(self, model, model_dir) -> None:
+        if self.layer is not None and self.layer > model.num_layers:
+            raise EexitError(
+                f"static: --param layer={self.layer} is beyond the model's {model.num_layers} layers"
+            )
 
     def score(self, view):
         target = self.layer if self.layer is not None else view.num_layers

@@ -5,6 +5,7 @@ from __future__ import annotations
 from eexit.errors import EexitError
 
 DEFAULT_STEP = 0.05
+MAX_THRESHOLDS = 10_001  # a grid of step 1e-4 over [0, 1]
 ALLOWED = "a:b (step 0.05), a:b:step, or a comma list, all in [0, 1]"
 
 
@@ -36,6 +37,10 @@ def parse_thresholds(spec: str) -> list[float]:
                 f"malformed thresholds {spec!r}: the end is below the start; use {ALLOWED}"
             )
         n = int(round((b - a) / step + 1e-9))
+        if n + 1 > MAX_THRESHOLDS:
+            raise EexitError(
+                f"thresholds {spec!r} make {n + 1} values; at most {MAX_THRESHOLDS} (use a larger step)"
+            )
         values = [round(a + i * step, 10) for i in range(n + 1)]
         if values[-1] < b - 1e-9:
             values.append(b)

@@ -22,7 +22,14 @@ from torch import nn
 from eexit.config import RunConfig, to_dict
 from eexit.data import corpora as data_mod
 from eexit.data import pairs as pairs_mod
-from eexit.errors import EexitError, TrainingDiverged
+from eexit.errors import EexitError, Interrupted, TrainingDiverged
+from eexit.files import (
+    FolderLock,
+    atomic_json,
+    atomic_torch_save,
+    atomic_write,
+    replace_folder,
+)
 from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
 from eexit.models.families import FAMILIES
 from eexit.models.loading import build_lm, load_model
@@ -78,26 +85,27 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-RUN_FILES = (
-    "train_log.jsonl",
-    "metrics.json",
-    "eexit.json",
-    "exit_modules.safetensors",
-    "model.safetensors",
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
+class RunFolder:
+    """Where a run writes. Starting again over an existing run (--overwrite), the new run writes
+    into a staging folder beside it and replaces the old run at its first checkpoint (or at its
+    end); a run that fails or is stopped before that leaves the old run as it was."""
 
+    def __init__(self, out: Path, staged: bool):
+        self.out, self.staged = out, staged
+        self.path = out.with_name(f".{out.name}.overwrite") if staged else out
 
-def clear_run(out: Path) -> None:
-    """--overwrite: remove what an earlier run wrote here (checkpoints, final model, logs, classifiers)."""
-    for p in checkpoints(out) + [out / "exit_classifiers"]:
-        shutil.rmtree(p, ignore_errors=True)
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
+    def promote(self, acc) -> None:
+        """The run has something to show: it becomes the output folder."""
+        acc.wait_for_everyone()
+        if self.staged:
+            if acc.is_main_process:
+                replace_folder(self.path, self.out)
+            acc.wait_for_everyone()
+            self.path, self.staged = self.out, False
+
+    def abandon(self) -> None:
+        if self.staged:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -108,17 +116,40 @@ def trim_log(path: Path, step: int) -> None:
             for l in path.read_text().splitlines()
             if l.strip() and json.loads(l).get("step", 0) <= step
         ]
-        path.write_text("".join(l + "\n" for l in keep))
+        atomic_write(path, "".join(l + "\n" for l in keep))
 
 
 def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     out = cfg.output_dir
+    if out.exists() and not out.is_dir():
+        raise EexitError(f"output folder {out} is a file; choose a folder path with --out")
     if resume:
         if not checkpoints(out):
             raise EexitError(f"--resume: no checkpoint found in {out}")
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise EexitError(
             f"output folder {out} already exists; pass --resume to continue it or --overwrite to start again"
+        )
+
+
+def check_resumable(ck: Path, cfg: RunConfig) -> None:
+    """--resume continues the same model on the same data: say which settings differ."""
+    from eexit.models.checkpoint import CheckpointInfo
+
+    saved = CheckpointInfo.read(str(ck)).train_config
+    if saved is None:
+        raise EexitError(f"--resume: {ck} holds no training config (eexit.json)")
+    differ = [
+        f"{section}.{k} ({getattr(getattr(saved, section), k)!r} in the checkpoint, "
+        f"{getattr(getattr(cfg, section), k)!r} now)"
+        for section in ("model", "data")
+        for k in getattr(cfg, section).__dataclass_fields__
+        if getattr(getattr(saved, section), k) != getattr(getattr(cfg, section), k)
+    ]
+    if differ:
+        raise EexitError(
+            f"--resume: the checkpoint was trained with other settings: {'; '.join(differ[:4])}; "
+            "resume with the same config, or start a new run"
         )
 
 
@@ -217,14 +248,15 @@ def _validation_batches(model, val, cfg: RunConfig):
 
 
 def save_checkpoint(
-    acc, module: TrainingModule, optimizer, step: int, tokenizer, cfg: RunConfig
+    acc, module: TrainingModule, optimizer, step: int, tokenizer, cfg: RunConfig, folder: Path
 ) -> None:
-    out = cfg.output_dir / f"checkpoint-{step}"
+    """checkpoint-<step>/ written as a unit (a hidden folder renamed into place)."""
+    out = folder / f"checkpoint-{step}"
     if acc.is_main_process:
-        tmp = cfg.output_dir / f".tmp-checkpoint-{step}"
+        tmp = folder / f".tmp-checkpoint-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         module.model.save(tmp, tokenizer, {"train_config": to_dict(cfg), "step": step})
-        torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / STATE_FILE)
+        atomic_torch_save({"optimizer": optimizer.state_dict(), "step": step}, tmp / STATE_FILE)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     acc.wait_for_everyone()
@@ -232,10 +264,10 @@ def save_checkpoint(
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    torch.save(rng, out / f"rng-{acc.process_index}.pt")
+    atomic_torch_save(rng, out / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        for old in checkpoints(cfg.output_dir)[: -cfg.train.keep_checkpoints]:
+        for old in checkpoints(folder)[: -cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -246,11 +278,38 @@ def run_training(
     stop_after: int | None = None,
     show_progress: bool = True,
 ) -> dict:
+    """Train under a lock on the output folder; --overwrite replaces the old run only once the
+    new one has a checkpoint; Ctrl-C says where the run stopped and how to resume."""
+    if stop_after is not None and stop_after < 1:
+        raise EexitError(f"--stop-after must be >= 1; got {stop_after}")
+    check_output_dir(cfg, resume, overwrite)
+    out = cfg.output_dir
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    staged = overwrite and not resume and out.is_dir() and any(out.iterdir())
+    folder = RunFolder(out, staged)
+    with FolderLock(out) if main else nullcontext():
+        try:
+            return _train(cfg, folder, resume, stop_after, show_progress)
+        except KeyboardInterrupt:
+            done = checkpoints(folder.path) if not folder.staged else []
+            where = (
+                f"the newest checkpoint is {done[-1]}; continue with the same command and --resume"
+                if done
+                else f"no checkpoint of this run was written; {out} is as it was before"
+            )
+            raise Interrupted(f"training interrupted: {where}") from None
+        finally:
+            if main:
+                folder.abandon()  # no-op once the new run has replaced the old one
+
+
+def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress) -> dict:
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
     # ---- setup
-    check_output_dir(cfg, resume, overwrite)
     make_loss(
         cfg.loss
     )  # unknown loss ("did you mean") or bad loss.params: an error before any work
@@ -276,15 +335,17 @@ def run_training(
     )
     tokenizer, train_tokens, val_tokens = prepare_data(cfg, pretrained_tok, seq2seq)
     model = build_model(cfg, tokenizer, pretrained)
-    out = cfg.output_dir
-    if overwrite and not resume and acc.is_main_process and out.exists():
-        clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.out
+    if acc.is_main_process:
+        if folder.staged:
+            shutil.rmtree(folder.path, ignore_errors=True)
+        folder.path.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     module = TrainingModule(model, cfg.loss)
     optimizer = make_optimizer(module, cfg)
     start, ck = 0, checkpoints(out)[-1] if resume else None
     if resume:
+        check_resumable(ck, cfg)
         lm_state = type(model.lm).from_pretrained(ck).state_dict()
         model.lm.load_state_dict(lm_state)
         if (ck / "exit_modules.safetensors").is_file():
@@ -308,7 +369,6 @@ def run_training(
 
     # ---- run
     per_rank = cfg.train.batch_size // world
-    log_path = out / "train_log.jsonl"
     history: list[dict] = []
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     seen = 0.0  # target tokens trained on in this run
@@ -335,11 +395,11 @@ def run_training(
                 torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0, device=acc.device), "sum"
             ).item()
             if bad:
-                good = checkpoints(out)
+                good = [] if folder.staged else checkpoints(folder.path)
                 where = (
                     f"the last good checkpoint is {good[-1]}"
                     if good
-                    else "no checkpoint had been written yet"
+                    else f"no checkpoint of this run was written; {out} is as it was before"
                 )
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {step + 1}; training stopped ({where}); lower train.lr or raise warmup"
@@ -367,13 +427,13 @@ def run_training(
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 history.append(last_logs)
                 if acc.is_main_process:
-                    with log_path.open("a") as f:
+                    with (folder.path / "train_log.jsonl").open("a") as f:
                         f.write(json.dumps(last_logs) + "\n")
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 val = validation_losses(acc.unwrap_model(wrapped).model, val_tokens, cfg)
                 last_logs.update(val)
                 if acc.is_main_process:
-                    with log_path.open("a") as f:
+                    with (folder.path / "train_log.jsonl").open("a") as f:
                         f.write(json.dumps({"step": done, **val}) + "\n")
                     if not progress:
                         print(
@@ -382,7 +442,9 @@ def run_training(
                             flush=True,
                         )
             if done % cfg.train.save_every == 0 and done < cfg.train.steps:
-                save_checkpoint(acc, acc.unwrap_model(wrapped), optimizer, done, tokenizer, cfg)
+                unwrapped = acc.unwrap_model(wrapped)
+                save_checkpoint(acc, unwrapped, optimizer, done, tokenizer, cfg, folder.path)
+                folder.promote(acc)
 
     # ---- save
     result = {
@@ -395,11 +457,10 @@ def run_training(
     if end == cfg.train.steps:
         acc.wait_for_everyone()
         if acc.is_main_process:
-            model.save(
-                out, tokenizer, {"train_config": to_dict(cfg), "step": end, "final": last_logs}
-            )
-            (out / "metrics.json").write_text(json.dumps(result, indent=2))
-        acc.wait_for_everyone()
+            meta = {"train_config": to_dict(cfg), "step": end, "final": last_logs}
+            model.save(folder.path, tokenizer, meta)
+            atomic_json(folder.path / "metrics.json", result)
+        folder.promote(acc)
     acc.end_training()
     return result
 

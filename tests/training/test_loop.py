@@ -88,14 +88,21 @@ def test_existing_output_folder_is_not_overwritten(tmp_path, tiny_checkpoint):
         "train", *tiny_overrides(), "--out", str(tmp_path / "nothing"), "--resume"
     )
     assert code == 2 and "no checkpoint found" in err
+    # --overwrite is a swap: a new run stopped before its first checkpoint leaves the old run
     code, _, err = run_cli(
         "train", *tiny_overrides(), "--out", str(target), "--overwrite", "--stop-after", "2"
     )
     assert code == 0, err
-    assert (
-        not (target / "model.safetensors").exists() and not (target / "metrics.json").exists()
-    )  # the old run is gone
-    assert len((target / "train_log.jsonl").read_text().splitlines()) == 2
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # no staging folder left
+    # ... and one that reaches a checkpoint (save_every=3) replaces it
+    code, _, err = run_cli(
+        "train", *tiny_overrides(), "--out", str(target), "--overwrite", "--stop-after", "3"
+    )
+    assert code == 0, err
+    assert not (target / "model.safetensors").exists() and not (target / "metrics.json").exists()
+    assert (target / "checkpoint-3").is_dir()
+    assert len((target / "train_log.jsonl").read_text().splitlines()) == 4  # 3 steps + 1 eval
 
 
 @pytest.mark.slow

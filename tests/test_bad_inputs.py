@@ -1,0 +1,242 @@
+"""Bad inputs and faults across every subcommand, table-driven: each case must end with exit
+code 2, one line on stderr starting with "error:", no traceback, and leave every file that
+existed before byte-identical (no staging folder or lock left behind either)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli, tiny_overrides
+
+TINY_TRAIN = tiny_overrides()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A work folder: a checkpoint, corrupt copies of it, an existing results folder, a file."""
+    w = tmp_path_factory.mktemp("world")
+    ck = w / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    for name in ("trunc", "empty", "badmeta", "listmeta", "badcfg", "nan", "badconfigjson"):
+        shutil.copytree(tiny_checkpoint, w / name)
+    weights = (w / "trunc" / "model.safetensors").read_bytes()
+    (w / "trunc" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (w / "empty" / "model.safetensors").write_bytes(b"")
+    (w / "badmeta" / "eexit.json").write_text("{not json")
+    (w / "listmeta" / "eexit.json").write_text("[1, 2]")
+    meta = json.loads((w / "badcfg" / "eexit.json").read_text())
+    meta["train_config"]["train"]["stepz"] = 3
+    (w / "badcfg" / "eexit.json").write_text(json.dumps(meta))
+    (w / "badconfigjson" / "config.json").write_text("{")
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(w / "nan" / "model.safetensors"))
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = torch.full_like(state[first], float("nan"))
+    save_file(state, str(w / "nan" / "model.safetensors"), metadata={"format": "pt"})
+    (w / "res").mkdir()
+    (w / "res" / "sweep.md").write_text("an earlier result")
+    (w / "file.txt").write_text("a file, not a folder")
+    (w / "cal").mkdir()
+    (w / "cal" / "calibrated.json").write_text('{"policy": "margin"}')
+    (w / "badcal").mkdir()
+    (w / "badcal" / "calibrated.json").write_text("{oops")
+    (ck / "exit_classifiers").mkdir()
+    (ck / "exit_classifiers" / "meta.pt").write_bytes(b"a fitted classifier")
+    (w / "empty.txt").write_text("  \n")
+    (w / "bad.yaml").write_text("model: [unclosed")
+    (w / "list.yaml").write_text("- 1\n- 2\n")
+    (w / "blank.yaml").write_text("")
+    return w
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "/"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+M = ["--model", "{ck}"]
+EV = ["evaluate", *M, "--max-tokens", "256"]
+SW = ["sweep", *M, "--max-tokens", "256"]
+CAL = ["calibrate", *M, "--max-tokens", "2048"]
+AN = ["analyze-monotonicity", *M, "--max-tokens", "256"]
+TR = ["train", *TINY_TRAIN, "--out", "{tmp}/new-run"]
+
+CASES = [
+    # ---- train: config
+    (["train", "--loss", "weighted_ce"], "did you mean 'weighted-ce'"),
+    (["train", "--loss", "nope"], "unknown loss 'nope'"),
+    ([*TR, "--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
+    ([*TR, "--set", "modle.n_layers=2"], "unknown config key 'modle'"),
+    ([*TR, "--set", "train.betas=0.9"], "'train.betas' must be a list"),
+    ([*TR, "--set", "train.betas=[2,3]"], "train.betas must be two numbers in [0, 1)"),
+    ([*TR, "--set", "train.betas=[0.9]"], "train.betas must be two numbers"),
+    ([*TR, "--set", "model.dropout=2"], "model.dropout must be in [0, 1)"),
+    ([*TR, "--set", "train.steps=3.5"], "'train.steps' must be a whole number"),
+    ([*TR, "--set", "train.steps=0"], "must be positive"),
+    ([*TR, "--set", "train.lr=abc"], "'train.lr' must be a number"),
+    ([*TR, "--set", "train.lr=0"], "must be positive"),
+    ([*TR, "--set", "train.lr=.nan"], "must be a finite number"),
+    ([*TR, "--set", "train.min_lr_ratio=-1"], "train.min_lr_ratio must be in [0, 1]"),
+    ([*TR, "--set", "train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
+    ([*TR, "--set", "train.save_every=0"], "train.save_every must be >= 1"),
+    ([*TR, "--set", "train.weight_decay=-0.1"], "must be >= 0"),
+    ([*TR, "--set", "model.n_layers=true"], "'model.n_layers' must be a number"),
+    ([*TR, "--set", "model.n_layers=0"], "model.n_layers must be positive"),
+    ([*TR, "--set", "model.arch=gpt3"], "unknown model family 'gpt3'"),
+    ([*TR, "--set", "model.exit_heads=many"], "model.exit_heads must be shared or separate"),
+    ([*TR, "--set", "model.n_heads=3"], "must be divisible by model.n_heads"),
+    ([*TR, "--set", "data.seq_len=500"], "data.seq_len must be in 2..model.max_len"),
+    ([*TR, "--set", "loss.exit_token_fraction=0"], "loss.exit_token_fraction must be in (0, 1]"),
+    ([*TR, "--set", "model.min_exit_layer=0"], "model.min_exit_layer must be >= 1"),
+    ([*TR, "--set", "seed=-1"], "seed must be >= 0"),
+    ([*TR, "--set", "data.dataset=wiki"], "unknown dataset 'wiki'"),
+    ([*TR, "--set", "data.dataset={tmp}/empty.txt"], "dataset file is empty"),
+    ([*TR, "--set", "data.dataset={tmp}/missing.txt"], "not found"),
+    ([*TR, "--set", "data.seq_len=[1]"], "'data.seq_len' must be a number"),
+    ([*TR, "--set", "data.dataset=[1]"], "'data.dataset' must be a string"),
+    ([*TR, "--loss", "free-kd", "--set", "loss.params.kd_mapping=near"], "kd_mapping must be one"),
+    ([*TR, "--loss", "free-kd", "--set", "loss.params.kd_weigth=1"], "did you mean"),
+    ([*TR, "--set", "loss.params.ponder_beta=1"], "unknown config key 'loss.params.ponder_beta'"),
+    ([*TR, "--set", "lr"], "--set expects key=value"),
+    (["train", "--config", "{tmp}/nope.yaml"], "config file not found"),
+    (["train", "--config", "{tmp}/bad.yaml"], "is not valid YAML"),
+    (["train", "--config", "{tmp}/list.yaml"], "must hold a mapping"),
+    (["train", "--config", "{tmp}/blank.yaml"], "is empty"),
+    # ---- train: output folder, resume, stop
+    (["train", *TINY_TRAIN, "--out", "{ck}"], "already exists; pass --resume"),
+    (["train", *TINY_TRAIN, "--out", "{tmp}/file.txt"], "is a file"),
+    (["train", *TINY_TRAIN, "--out", "{tmp}/nothing", "--resume"], "no checkpoint found"),
+    ([*TR, "--stop-after", "-5"], "--stop-after must be >= 1"),
+    ([*TR, "--stop-after", "0"], "--stop-after must be >= 1"),
+    # ---- evaluate
+    ([*EV, "--policy", "max_prob"], "did you mean 'max-prob'"),
+    ([*EV, "--policy", "nope"], "unknown policy 'nope'"),
+    ([*EV, "--threshold", "1.5"], "threshold must be in [0, 1]"),
+    ([*EV, "--threshold", "-0.1"], "threshold must be in [0, 1]"),
+    ([*EV, "--policy", "topk-saturation", "--param", "k=abc"], "bad parameter"),
+    ([*EV, "--policy", "topk-saturation", "--param", "k=0"], "k must be >= 1"),
+    ([*EV, "--policy", "patience", "--param", "patience=0"], "patience must be >= 1"),
+    ([*EV, "--param", "k=3"], "takes no parameter"),
+    ([*EV, "--param", "k"], "--set expects key=value"),
+    ([*EV, "--policy", "static", "--param", "layer=99"], "beyond the model's 3 layers"),
+    ([*EV, "--policy", "static", "--param", "layer=0"], "layer must be >= 1"),
+    ([*EV, "--param", "decay_tau=-1"], "decay_tau must be >= 0"),
+    ([*EV, "--min-exit-layer", "0"], "min_exit_layer must be >= 1"),
+    ([*EV, "--min-exit-layer", "99"], "--min-exit-layer 99 is beyond the model's 3 layers"),
+    ([*EV, "--batch-size", "0"], "--batch-size must be >= 1"),
+    ([*EV, "--max-tokens", "0"], "--max-tokens must be >= 1"),
+    ([*EV, "--seq-len", "500"], "--seq-len must be in 1..32"),
+    ([*EV, "--seq-len", "0"], "--seq-len must be in 1..32"),
+    ([*EV, "--split", "dev"], "unknown split 'dev'"),
+    ([*EV, "--dataset", "wiki"], "unknown dataset 'wiki'"),
+    ([*EV, "--dataset", "{tmp}/empty.txt"], "dataset file is empty"),
+    ([*EV, "--exit-layers", "a,b"], "exit layers must be 'all' or a comma list"),
+    ([*EV, "--exit-layers", "9"], "exit layers must be integers in 1..3"),
+    ([*EV, "--policy", "meta"], "cannot load exit classifier"),  # a corrupt meta.pt
+    ([*EV, "--policy", "lstm", "--param", "classifier={tmp}/file.txt"], "cannot load exit class"),
+    ([*EV, "--policy", "halting-cdf"], "needs a model trained with --loss ponder"),
+    ([*EV, "--out", "{tmp}/res"], "already exists; pass --overwrite"),
+    ([*EV, "--out", "{tmp}/file.txt"], "is a file, not a folder"),
+    ([*EV, "--out", "{tmp}/file.txt/sub"], "is a file, not a folder"),
+    ([*EV, "--calibrated", "{tmp}/nothing"], "holds no calibrated.json"),
+    ([*EV, "--calibrated", "{tmp}/cal"], "is not a calibration result (missing threshold"),
+    ([*EV, "--calibrated", "{tmp}/badcal"], "is not a calibration result"),
+    ([*EV, "--generate", "--kv", "copy"], "unknown KV mode 'copy'"),
+    ([*EV, "--generate", "--prompts", "0"], "--prompts and --prompt-len must be >= 1"),
+    ([*EV, "--generate", "--max-new-tokens", "0"], "--max-new-tokens >= 2"),
+    ([*EV, "--generate", "--max-new-tokens", "1"], "--max-new-tokens >= 2"),
+    ([*EV, "--generate", "--prompt-len", "30"], "must be <= 32 (the model's positions)"),
+    ([*EV, "--dataset", "aclsum", "--examples", "0"], "--examples and --batch-size must be >= 1"),
+    ([*EV, "--dataset", "aclsum", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    ([*EV, "--dataset", "aclsum", "--kv", "copy"], "unknown KV mode 'copy'"),
+    ([*EV, "--dataset", "aclsum", "--generate"], "--generate decodes LM prompts"),
+    # ---- models: missing, not a checkpoint, corrupt
+    (["evaluate", "--model", "{tmp}/nope"], "model checkpoint not found"),
+    (["evaluate", "--model", "{tmp}/file.txt"], "is not a model checkpoint"),
+    (["evaluate", "--model", "{tmp}/res"], "is not a model checkpoint"),
+    (["evaluate", "--model", "{tmp}/missing.gguf"], "GGUF file not found"),
+    (["evaluate", "--model", "{tmp}/trunc"], "could not load model"),
+    (["evaluate", "--model", "{tmp}/empty"], "could not load model"),
+    (["evaluate", "--model", "{tmp}/badconfigjson"], "could not load model"),
+    (["evaluate", "--model", "{tmp}/badmeta"], "eexit.json is not valid JSON"),
+    (["evaluate", "--model", "{tmp}/listmeta"], "eexit.json is not valid JSON (not a JSON object"),
+    (["evaluate", "--model", "{tmp}/badcfg"], "unknown config key 'train.stepz'"),
+    (["evaluate", "--model", "{tmp}/nan", "--max-tokens", "256"], "non-finite (NaN / inf) weights"),
+    (["sweep", "--model", "{tmp}/nan", "--out", "{tmp}/nanres"], "non-finite (NaN / inf) weights"),
+    (["sweep", "--model", "{tmp}/trunc", "--out", "{tmp}/x"], "could not load model"),
+    (["analyze-monotonicity", "--model", "{tmp}/empty", "--out", "{tmp}/x"], "could not load"),
+    # ---- sweep
+    ([*SW, "--thresholds", "a:b"], "malformed thresholds 'a:b'"),
+    ([*SW, "--thresholds", "0.5:0.1"], "the end is below the start"),
+    ([*SW, "--thresholds", "0:1:0"], "the step must be positive"),
+    ([*SW, "--thresholds", "0:1:-0.1"], "the step must be positive"),
+    ([*SW, "--thresholds", "0:1:1e-7"], "at most 10001"),
+    ([*SW, "--thresholds", "0:1:2:3"], "malformed thresholds"),
+    ([*SW, "--thresholds", ""], "empty thresholds"),
+    ([*SW, "--thresholds", ","], "empty thresholds"),
+    ([*SW, "--thresholds", "1.5"], "thresholds must lie in [0, 1]"),
+    ([*SW, "--thresholds", "0.5,x"], "'x' is not a number"),
+    ([*SW, "--out", "{tmp}/res"], "already exists; pass --overwrite"),
+    ([*SW, "--policy", "entropi", "--out", "{tmp}/x"], "did you mean 'entropy'"),
+    ([*SW, "--split", "dev", "--out", "{tmp}/x"], "unknown split 'dev'"),
+    # ---- calibrate
+    (["calibrate", *M], "nothing to do"),
+    ([*CAL, "--fit", "svm"], "unknown exit classifier 'svm'"),
+    ([*CAL, "--fit", "meta"], "already holds fitted meta; pass --overwrite"),
+    ([*CAL, "--fit", "lstm", "--label", "odd"], "unknown label 'odd'"),
+    ([*CAL, "--policy", "static"], "has no threshold to calibrate"),
+    ([*CAL, "--policy", "oracle"], "has no threshold to calibrate"),
+    ([*CAL, "--policy", "margin", "--risk", "tail"], "unknown risk 'tail'"),
+    ([*CAL, "--policy", "margin", "--epsilon", "0"], "epsilon and delta must lie in (0, 1)"),
+    ([*CAL, "--policy", "margin", "--delta", "1"], "epsilon and delta must lie in (0, 1)"),
+    ([*CAL, "--policy", "margin", "--grid", "1:0"], "the end is below the start"),
+    (["calibrate", *M, "--policy", "margin", "--max-tokens", "10"], "needs at least 45"),
+    ([*CAL, "--policy", "margin", "--out", "{tmp}/res"], "already exists; pass --overwrite"),
+    ([*CAL, "--policy", "margin", "--out", "{tmp}/file.txt"], "is a file, not a folder"),
+    ([*CAL, "--policy", "margin", "--split", "dev"], "unknown split 'dev'"),
+    ([*CAL, "--policy", "nope"], "unknown policy 'nope'"),
+    (["calibrate", "--model", "{tmp}/nope", "--policy", "margin"], "model checkpoint not found"),
+    # ---- analyze-monotonicity
+    ([*AN, "--top-k", "0"], "--top-k and --max-tokens must be >= 1"),
+    ([*AN, "--top-k", "100000", "--out", "{tmp}/x"], "above the vocabulary size"),
+    ([*AN, "--examples", "-1"], "--examples >= 0"),
+    (["analyze-monotonicity", *M, "--max-tokens", "0"], "--top-k and --max-tokens must be >= 1"),
+    ([*AN, "--label", "a", "--label", "b"], "--label given 2 times for 1 models"),
+    ([*AN, "--dataset", "wiki", "--out", "{tmp}/x"], "unknown dataset 'wiki'"),
+    ([*AN, "--seq-len", "500", "--out", "{tmp}/x"], "--seq-len must be in 1..32"),
+    ([*AN, "--batch-size", "0", "--out", "{tmp}/x"], "--batch-size must be >= 1"),
+    ([*AN, "--out", "{tmp}/res"], "already exists; pass --overwrite"),
+    ([*AN, "--out", "{tmp}/file.txt"], "is a file, not a folder"),
+    (["analyze-monotonicity", "--model", "{tmp}/nope", "--out", "{tmp}/x"], "not found"),
+]
+
+
+def ids():
+    return [f"{i:03d}-{c[0][0] if c[0][0] != 'train' or len(c[0]) < 2 else 'train'}" for i, c in
+            enumerate(CASES)]
+
+
+def test_at_least_a_hundred_cases():
+    assert len(CASES) >= 100
+
+
+@pytest.mark.parametrize("args,expect", CASES, ids=ids())
+def test_bad_input(world, args, expect):
+    argv = [a.replace("{ck}", str(world / "ck")).replace("{tmp}", str(world)) for a in args]
+    before = snapshot(world)
+    code, _, err = run_cli(*argv)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, f"exit {code}: {err}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert expect in lines[0], lines[0]
+    assert snapshot(world) == before  # nothing created, replaced or removed
