@@ -17,12 +17,45 @@ from eexit.policies import POLICIES
 from eexit.training.losses import LOSSES
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     help="eexit: train, evaluate and sweep early-exit transformers.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from eexit import __version__
+
+        typer.echo(f"eexit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """eexit: train, evaluate and sweep early-exit transformers."""
+
+
+def _model_or_newest(model: str | None) -> str:
+    """--model, or the newest trained checkpoint under checkpoints/ (said on stderr)."""
+    if model:
+        return model
+    from eexit.models.checkpoint import newest_checkpoint
+
+    found = newest_checkpoint(Path("checkpoints"))
+    if found is None:
+        raise EexitError(
+            "no --model given and no trained checkpoint under checkpoints/; train one with "
+            "`eexit train` or pass --model"
+        )
+    typer.echo(f"no --model given: using the newest checkpoint, {found}", err=True)
+    return str(found)
 
 
 def _quiet() -> None:
@@ -81,7 +114,11 @@ def train(
 
 
 _MODEL = typer.Option(
-    ..., "--model", "-m", help="eexit checkpoint folder, HF folder / hub name, or .gguf file."
+    None,
+    "--model",
+    "-m",
+    help="eexit checkpoint folder, HF folder / hub name, or .gguf file (default: the newest "
+    "trained checkpoint under checkpoints/).",
 )
 _POLICY = typer.Option("max-prob", help=f"Exit policy: {', '.join(POLICIES)}.")
 _MIN = typer.Option(1, "--min-exit-layer", help="No exit below this layer.")
@@ -148,7 +185,7 @@ def _shown(rows: list[dict]) -> list[dict]:
 
 @app.command()
 def evaluate(
-    model: str = _MODEL,
+    model: Optional[str] = _MODEL,
     policy: str = _POLICY,
     threshold: float = typer.Option(
         0.9, help="Exit when the policy's score > threshold (in [0, 1]; 1.0 never exits early)."
@@ -181,6 +218,7 @@ def evaluate(
     --generate, decoding speed and agreement). On a task dataset: the task metric of early-exit
     decoding."""
     _quiet()
+    model = _model_or_newest(model)
     from eexit.evaluation.entry import apply_calibrated
     from eexit.evaluation.entry import evaluate as run
     from eexit.evaluation.generation import GenerationOptions
@@ -226,7 +264,7 @@ def evaluate(
 
 
 def sweep_threshold(
-    model: str = _MODEL,
+    model: Optional[str] = _MODEL,
     policy: str = _POLICY,
     thresholds: str = typer.Option("0.5:0.95", help="a:b (step 0.05), a:b:step, or a comma list."),
     min_exit_layer: int = _MIN,
@@ -248,6 +286,7 @@ def sweep_threshold(
     """One row per threshold: PPL (or, on a task dataset, the task metric of early-exit
     decoding), compute %, exit shares; Markdown/CSV/JSON + PNG in results/."""
     _quiet()
+    model = _model_or_newest(model)
     from eexit.evaluation.entry import evaluate as run
     from eexit.evaluation.tasks import TaskOptions
     from eexit.policies.thresholds import parse_thresholds
@@ -337,7 +376,7 @@ def analyze_monotonicity(
 
 @app.command()
 def calibrate(
-    model: str = _MODEL,
+    model: Optional[str] = _MODEL,
     fit: Optional[str] = typer.Option(
         None, help="Fit exit classifiers first: comma list of meta, lstm, mlp3."
     ),
@@ -374,6 +413,7 @@ def calibrate(
 ):
     """Fit learned exit classifiers and/or pick a threshold with a Learn-then-Test guarantee."""
     _quiet()
+    model = _model_or_newest(model)
     from eexit.calibration.calibrate import CalibrateOptions, CalibrationRun, run_calibration
     from eexit.policies.thresholds import parse_thresholds
 

@@ -165,3 +165,44 @@ def test_bad_training_numbers():
     ]:
         code, _, err = run_cli("train", "--set", kv)
         assert msg in one_line_error(code, err)
+
+
+def test_version_and_completion():
+    from eexit import __version__
+
+    code, out, _ = run_cli("--version")
+    assert code == 0 and out.strip() == f"eexit {__version__}"
+    code, out, _ = run_cli("--help")
+    assert "--install-completion" in out
+
+
+def test_help_lists_every_registered_name():
+    from eexit.data.names import dataset_names
+    from eexit.policies import POLICIES
+    from eexit.training.losses import LOSSES
+
+    _, sweep_help, _ = run_cli("sweep", "--help")
+    _, train_help, _ = run_cli("train", "--help")
+    flat = " ".join(sweep_help.split())
+    assert all(name in flat for name in POLICIES.names() + dataset_names())
+    assert all(name in " ".join(train_help.split()) for name in LOSSES.names())
+    assert "0.5:0.95" in flat and "a:b:step" in flat  # threshold syntax shown literally
+
+
+def test_sweep_one_liner_takes_the_newest_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    import os
+    import shutil
+
+    shutil.copytree(tiny_checkpoint, tmp_path / "checkpoints" / "older")
+    shutil.copytree(tiny_checkpoint, tmp_path / "checkpoints" / "newer")
+    old = tmp_path / "checkpoints" / "older" / "eexit.json"
+    os.utime(old, (old.stat().st_atime, old.stat().st_mtime - 100))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("sweep", "--thresholds", "0.5:0.95", "--max-tokens", "256")
+    assert code == 0, err
+    assert "using the newest checkpoint, checkpoints/newer" in err
+    rows = json.loads((tmp_path / "results" / "sweep-newer-max-prob" / "sweep.json").read_text())
+    assert [r["threshold"] for r in rows["rows"]][:2] == [0.5, 0.55]
+    shutil.rmtree(tmp_path / "checkpoints")
+    code, _, err = run_cli("sweep", "--thresholds", "0.5:0.95")
+    assert code == 2 and "no --model given and no trained checkpoint" in err

@@ -68,3 +68,17 @@ class CheckpointInfo:
             step=meta.get("step"),
             extra={k: v for k, v in meta.items() if k not in known},
         )
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The most recently finished eexit checkpoint under `root` (eexit.json beside the weights),
+    not counting the intermediate checkpoint-N folders of a run."""
+    if not root.is_dir():
+        return None
+    found = [
+        meta.parent
+        for meta in root.glob(f"**/{EEXIT_META}")
+        if not meta.parent.name.startswith(("checkpoint-", "."))
+        and (meta.parent / "config.json").is_file()
+    ]
+    return max(found, key=lambda p: (p / EEXIT_META).stat().st_mtime, default=None)
