@@ -179,7 +179,12 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         tok.save(str(tmp))
         tmp.replace(path)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=None
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=None,
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids for a causal LM
     )
 
 

@@ -82,3 +82,43 @@ def newest_checkpoint(root: Path) -> Path | None:
         and (meta.parent / "config.json").is_file()
     ]
     return max(found, key=lambda p: (p / EEXIT_META).stat().st_mtime, default=None)
+
+
+def model_card(meta: dict, model_class: str) -> str:
+    """README.md of a checkpoint: what it is, how it was trained, its exits and metrics."""
+    cfg = meta.get("train_config") or {}
+    model, data, loss, train = (cfg.get(k, {}) for k in ("model", "data", "loss", "train"))
+    final = meta.get("final") or {}
+    ppl = {k.split("@")[1]: v for k, v in final.items() if k.startswith("val_ppl@")}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [early-exit, eexit]",
+        "---",
+        f"# Early-exit {model.get('arch', model_class)} ({model_class})",
+        "",
+        "A `transformers` checkpoint trained with [eexit](https://pypi.org/project/eexit/): "
+        "plain `AutoModelForCausalLM.from_pretrained` (or `AutoModelForSeq2SeqLM` for T5) loads "
+        "the backbone; `eexit.json` and `exit_modules.safetensors` add the exits.",
+        "",
+        f"- exits after layers: {meta.get('exit_layers')} (heads: {meta.get('exit_heads')}; "
+        f"halting gate: {meta.get('halting_gate')})",
+    ]
+    if cfg:
+        lines += [
+            f"- training: loss `{loss.get('name')}` {loss.get('params') or ''}, "
+            f"{meta.get('step')} of {train.get('steps')} steps, batch {train.get('batch_size')}, "
+            f"lr {train.get('lr')}, seed {cfg.get('seed')}",
+            f"- data: `{data.get('dataset')}`, windows of {data.get('seq_len')} tokens",
+            f"- size: {model.get('n_layers')} layers, d_model {model.get('d_model')}, "
+            f"{model.get('n_heads')} heads, vocabulary {model.get('vocab_size')}",
+        ]
+    if ppl:
+        shown = ", ".join(f"layer {k}: {v:.2f}" for k, v in ppl.items())
+        lines.append(f"- validation perplexity per exit: {shown}")
+    lines += [
+        "",
+        "Usage: `eexit evaluate --model <this folder> --policy margin --threshold 0.9`",
+        "",
+    ]
+    return "\n".join(lines)

@@ -20,7 +20,7 @@ from torch import nn
 
 from eexit.errors import EexitError
 from eexit.files import atomic_json, atomic_write
-from eexit.models.checkpoint import EEXIT_META, EXTRA_WEIGHTS
+from eexit.models.checkpoint import EEXIT_META, EXTRA_WEIGHTS, model_card
 from eexit.models.families import family_of
 
 
@@ -167,6 +167,12 @@ class EarlyExitModel(nn.Module):
         tmp = out.with_name(f".{out.name}.saving-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        exits = {
+            "exit_layers": self.exit_layers,
+            "exit_heads": self.exit_head_mode,
+            "halting_gate": self.halting_gate is not None,
+        }
+        self.lm.config.eexit = exits  # the exits, readable from config.json without eexit
         try:
             self.lm.save_pretrained(tmp)
             if tokenizer is not None:
@@ -178,13 +184,9 @@ class EarlyExitModel(nn.Module):
             }
             if extras:
                 atomic_write(tmp / EXTRA_WEIGHTS, safetensors_bytes(extras))
-            meta = {
-                "exit_layers": self.exit_layers,
-                "exit_heads": self.exit_head_mode,
-                "halting_gate": self.halting_gate is not None,
-                **(extra_meta or {}),
-            }
+            meta = {**exits, **(extra_meta or {})}
             atomic_json(tmp / EEXIT_META, meta)
+            atomic_write(tmp / "README.md", model_card(meta, type(self.lm).__name__))
             for f in sorted(tmp.iterdir()):  # eexit.json last: it marks a complete save
                 if f.name != EEXIT_META:
                     os.replace(f, out / f.name)

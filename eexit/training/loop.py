@@ -334,6 +334,8 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
         pretrained.is_seq2seq if pretrained is not None else FAMILIES.get(cfg.model.arch).seq2seq
     )
     tokenizer, train_tokens, val_tokens = prepare_data(cfg, pretrained_tok, seq2seq)
+    if pretrained is None and FAMILIES.get(cfg.model.arch).learned_positions:
+        tokenizer.model_max_length = cfg.model.max_len  # truncation=True stays within positions
     model = build_model(cfg, tokenizer, pretrained)
     out = folder.out
     if acc.is_main_process:
