@@ -156,9 +156,10 @@ def test_calibrate_impossible_epsilon_says_so(tiny_checkpoint, tmp_path):
         "--out",
         str(tmp_path / "c"),
     )
-    assert code == 0, err
-    assert "no threshold satisfies" in stdout
-    assert not (tmp_path / "c" / "calibrated.json").exists()
+    # 2048 tokens can never certify epsilon 1e-6 (even zero errors need 2.3 M tokens): refused
+    # before a "guarantee" could be printed
+    assert code == 2 and "needs at least 2302584" in err, err
+    assert not (tmp_path / "c").exists()
 
 
 def test_calibrate_bad_input(tiny_checkpoint, tmp_path):
