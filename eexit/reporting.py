@@ -11,6 +11,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -246,3 +247,29 @@ def progress_bar(enabled: bool = True, *fields: str):
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn(f"{{task.fields[{f}]}}") for f in fields]
     return Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True))
+
+
+def log(message: str) -> None:
+    """A timestamped line on stderr (progress where no bar is drawn: logs, CI, pipes)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def track(items, total: int, description: str, fraction: float = 0.1):
+    """Yield `items`; a bar on stderr when it is a terminal, else a timestamped line each
+    `fraction` of the way (and at the end)."""
+    bar = progress_bar(True)
+    if bar is not None:
+        with bar:
+            task = bar.add_task(description, total=total)
+            for item in items:
+                yield item
+                bar.advance(task)
+        return
+    every = max(1, round(total * fraction))
+    t0 = time.perf_counter()
+    for i, item in enumerate(items, 1):
+        yield item
+        if i % every == 0 or i == total:
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / i * (total - i)
+            log(f"{description}: {i}/{total} ({elapsed:.0f} s, about {eta:.0f} s left)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -40,6 +41,14 @@ def _isolated_cache(tmp_path_factory):
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
+
+
+def message_lines(stderr: str) -> list[str]:
+    """stderr without the timestamped progress lines: what the user is told."""
+    return [ln for ln in stderr.strip().splitlines() if ln.strip() and not LOG_LINE.match(ln)]
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

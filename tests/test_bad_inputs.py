@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import message_lines, run_cli, tiny_overrides
 
 TINY_TRAIN = tiny_overrides()
 
@@ -234,7 +234,7 @@ def test_bad_input(world, args, expect):
     argv = [a.replace("{ck}", str(world / "ck")).replace("{tmp}", str(world)) for a in args]
     before = snapshot(world)
     code, _, err = run_cli(*argv)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
+    lines = message_lines(err)
     assert code == 2, f"exit {code}: {err}"
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err

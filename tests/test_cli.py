@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import message_lines, run_cli, tiny_overrides
 
 
 def one_line_error(code, err):
     assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = message_lines(err)
     assert len(lines) == 1, err
     assert "Traceback" not in err
     return lines[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import message_lines, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 EEXIT = [sys.executable, "-m", "eexit.cli"]
@@ -33,7 +33,7 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def one_error_line(proc) -> str:
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    lines = message_lines(proc.stderr)
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     return lines[0]
 
@@ -135,7 +135,7 @@ def test_ctrl_c_says_where_training_stopped(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    lines = [line for line in err.strip().splitlines() if line.strip()]
+    lines = message_lines(err)
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error: training interrupted: the newest checkpoint is ")
     assert "--resume" in lines[0]

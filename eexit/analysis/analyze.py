@@ -3,7 +3,6 @@ statistics -> tables (Markdown / CSV / JSON) and figures styled like seed 001's.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from eexit.data.pairs import EncodedPairs, batches
 from eexit.errors import EexitError
 from eexit.evaluation.context import EvalRequest, open_context, teacher_forced_inputs
 from eexit.files import atomic_json, output_folder
-from eexit.reporting import prepare_dir, progress_bar, provenance, write_results
+from eexit.reporting import prepare_dir, provenance, track, write_results
 
 
 @dataclass(kw_only=True)
@@ -48,15 +47,10 @@ def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object
     x, y, resolved = teacher_forced_inputs(ctx)
     records = []
     batches = list(_batches(x, y, s.batch_size))
-    bar = progress_bar()
-    task = bar.add_task(Path(spec).name, total=len(batches)) if bar else None
     dev = model.device
-    with bar if bar else nullcontext():
-        for xb, yb in batches:
-            xb = {k: v.to(dev) for k, v in xb.items()} if isinstance(xb, dict) else xb.to(dev)
-            records.append(mono.forward_records(model, xb, yb.to(dev), s.top_k, s.sublayers))
-            if bar:
-                bar.update(task, advance=1)
+    for xb, yb in track(batches, len(batches), f"analysing {Path(spec).name}"):
+        xb = {k: v.to(dev) for k, v in xb.items()} if isinstance(xb, dict) else xb.to(dev)
+        records.append(mono.forward_records(model, xb, yb.to(dev), s.top_k, s.sublayers))
     info = {
         "model": spec,
         "dataset": ctx.dataset,

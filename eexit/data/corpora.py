@@ -19,6 +19,7 @@ import torch
 from eexit import __version__
 from eexit.data.names import CORPORA, unknown_dataset
 from eexit.errors import EexitError
+from eexit.reporting import log
 
 SPLITS = ("train", "validation", "test")
 EOS = "<|endoftext|>"
@@ -165,6 +166,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     if path.is_file():
         tok = Tokenizer.from_file(str(path))
     else:
+        log(f"training a {vocab_size}-token BPE tokenizer on {len(texts):,} texts (cached after)")
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -224,6 +226,7 @@ def encode_documents(tokenizer, docs: list[str], cache_key: str | None = None) -
         path = cache_dir() / f"tokens-{digest}.pt"
         if path.is_file():
             return torch.load(path)
+    log(f"tokenizing {cache_key or 'documents'}: {len(docs):,} documents (cached after)")
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from eexit.policies.base import ExitPolicy, ExitView
+from eexit.reporting import track
 
 
 @dataclass
@@ -84,9 +85,10 @@ def collect_exit_table(
     exits = model.exit_layers
     T = window_length(inputs)
     nll, top1, score, all_pos = [[] for _ in exits], [[] for _ in exits], [[] for _ in exits], []
-    for flat, y, positions in forward_batches(
-        model, inputs, targets, batch_size
-    ):  # flat: [input of block 1, output of block 1, ...]
+    batches = forward_batches(model, inputs, targets, batch_size)
+    n_batches = -(-len(inputs) // batch_size)
+    # flat: [input of block 1, output of block 1, ...]
+    for flat, y, positions in track(batches, n_batches, "exit records"):
         all_pos.append(positions.cpu())
         state: dict = {}
         for k, layer in enumerate(exits):

@@ -24,7 +24,7 @@ from eexit.errors import EexitError
 from eexit.evaluation.context import EvalContext
 from eexit.evaluation.generation import token_costs
 from eexit.models.decoding import EarlyExitDecoder, check_kv_mode
-from eexit.reporting import plot_tradeoff, provenance, write_results
+from eexit.reporting import plot_tradeoff, provenance, track, write_results
 
 
 @dataclass(kw_only=True)
@@ -79,7 +79,8 @@ def decode_all(
         vocab[s] for s in ("<|im_end|>", "<|endoftext|>") if s in vocab
     }  # chat models end a turn with <|im_end|>
     out = Decoded([], [], [], [], 0.0)
-    for batch in _batches(model, tokenizer, task, examples, o):
+    n_batches = -(-len(examples) // o.batch_size)
+    for batch in track(_batches(model, tokenizer, task, examples, o), n_batches, "decoding"):
         b = batch["input_ids"].shape[0]
         res = decoder.generate(
             batch["input_ids"],

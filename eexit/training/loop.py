@@ -33,7 +33,7 @@ from eexit.files import (
 from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
 from eexit.models.families import FAMILIES
 from eexit.models.loading import build_lm, load_model
-from eexit.reporting import progress_bar
+from eexit.reporting import log, progress_bar
 from eexit.training.losses import LossBatch, make_loss
 
 STATE_FILE = "trainer_state.pt"
@@ -425,6 +425,12 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
             if progress:
                 progress.update(
                     task, completed=done, info=f"loss {mean_loss:.3f}  {tps:,.0f} tok/s"
+                )
+            elif acc.is_main_process and (done % cfg.train.log_every == 0 or done == end):
+                eta = (time.perf_counter() - t0) / (done - start) * (end - done)
+                log(
+                    f"step {done}/{cfg.train.steps}: loss {mean_loss:.4f}, {tps:,.0f} tok/s, "
+                    f"about {eta:.0f} s left"
                 )
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 history.append(last_logs)

@@ -85,12 +85,12 @@ def test_every_policy_scores_t5_exits_teacher_forced(t5):  # noqa: F811
 
 
 def test_decoder_only_trains_on_a_task_and_checks_lengths(tmp_path):
-    from tests.conftest import run_cli, tiny_overrides
+    from tests.conftest import message_lines, run_cli, tiny_overrides
 
     code, _, err = run_cli(
         "train", *tiny_overrides("data.dataset=aclsum"), "--out", str(tmp_path / "short")
     )
-    assert code == 2 and "model.max_len is 32" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "model.max_len is 32" in err and len(message_lines(err)) == 1
     code, _, err = run_cli(
         "train",
         *tiny_overrides(

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForCondition
 from eexit.data.corpora import train_tokenizer
 from eexit.data.task_data import task_split
 from eexit.models.early_exit import EarlyExitModel
-from tests.conftest import run_cli
+from tests.conftest import message_lines, run_cli
 
 
 def _randomize(lm):
@@ -167,7 +167,7 @@ def test_decoder_only_prompted_qa_and_errors(random_llama, tmp_path):
         str(out),
         "--overwrite",
     )
-    assert code == 2 and "unknown KV mode 'copy'" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "unknown KV mode 'copy'" in err and len(message_lines(err)) == 1
     assert (out / "sweep.json").read_text() == before
     code, _, err = run_cli(
         "evaluate", "-m", str(random_llama), "--dataset", "aclsun", "--out", str(tmp_path / "x")

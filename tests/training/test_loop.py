@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -7,7 +8,9 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import message_lines, run_cli, tiny_overrides
+
+LOG = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
 
 
 def weights(path):
@@ -69,7 +72,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         str(out),
     )
     assert code == 2
-    line = err.strip().splitlines()
+    line = message_lines(err)
     assert len(line) == 1 and "loss became" in line[0] and "last good checkpoint" in line[0]
     assert "Traceback" not in err
     kept = sorted(p.name for p in out.glob("checkpoint-*"))
@@ -138,3 +141,13 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path
         "train", *tiny_overrides("train.batch_size=2"), "--out", str(tmp_path / "half")
     )
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "half")) > 1e-3
+
+
+def test_progress_is_logged_as_timestamped_lines_when_not_on_a_terminal(tmp_path):
+    code, out, err = run_cli("train", *tiny_overrides("train.log_every=3"), "--out",
+                             str(tmp_path / "r"))
+    assert code == 0, err
+    steps = [ln for ln in err.splitlines() if "step " in ln and "tok/s" in ln]
+    assert [ln.split("step ")[1].split(":")[0] for ln in steps] == ["3/6", "6/6"]
+    assert all(LOG.match(ln) for ln in steps) and "about 0 s left" in steps[-1]
+    assert "finished:" in out  # the result on stdout, progress on stderr
