@@ -12,3 +12,7 @@ def quiet() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()  # eexit draws its own progress (stderr, or log lines)
+    datasets.logging.set_verbosity_error()

@@ -48,7 +48,17 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "wiki-gensim"  # LM corpus (see `eexit.data.corpora`), a hub dataset, a .txt/.jsonl file, or a task dataset (see `eexit.data.task_data`)
     seq_len: int = 128  # tokens per training / evaluation window
-    text_field: str = "text"  # field holding the text in .jsonl files and hub datasets
+    text_field: str = "text"  # field holding the text (.jsonl / .csv / .parquet, hub)
+    # your own splits: one local .txt / .jsonl / .csv / .parquet file each (else the dataset's
+    # splits, or a 90/5/5 hash split of a single file)
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+
+    def split_files(self) -> dict[str, str] | None:
+        files = {"train": self.train_file, "validation": self.validation_file,
+                 "test": self.test_file}
+        return {k: v for k, v in files.items() if v} or None
     max_source_len: int = (
         192  # task datasets: source tokens kept (encoder input / the text inside the prompt)
     )

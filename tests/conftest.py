@@ -37,10 +37,9 @@ def tiny_overrides(*extra: str) -> list[str]:
 def _isolated_cache(tmp_path_factory):
     os.environ["EEXIT_CACHE"] = str(tmp_path_factory.mktemp("eexit-cache"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    from eexit import quiet
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet()  # transformers / datasets: no info logs, no progress bars
 
 
 LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")

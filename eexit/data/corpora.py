@@ -108,41 +108,98 @@ def hub_corpus(name: str, config: str | None, field: str) -> dict[str, list[str]
     return out
 
 
-def file_corpus(path: Path, field: str) -> dict[str, list[str]]:
-    if not path.is_file():
-        raise EexitError(f"dataset file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise EexitError(f"dataset file is empty: {path}")
-    if path.suffix == ".jsonl":
-        docs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise EexitError(f"{path}:{n} is not valid JSON") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise EexitError(f"{path}:{n} has no string field {field!r} (set data.text_field)")
-            docs.append((f"{n}", row[field]))
-    else:  # .txt: documents are separated by blank lines
-        docs = [(f"{i}", p) for i, p in enumerate(text.split("\n\n"))]
-    return split_documents(docs)
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
+                  ".parquet": "parquet"}
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 
 
-def load_corpus(name: str, text_field: str = "text") -> dict[str, list[str]]:
-    """Resolve a dataset name to {split: [documents]}."""
+def local_files(files: dict[str, Path], field: str) -> dict[str, list[str]]:
+    """Local .txt / .jsonl / .json / .csv / .parquet files read by `datasets.load_dataset`, one
+    per split (.txt: documents separated by blank lines; the others: the `field` column). The
+    `datasets` cache is keyed on the files' content."""
+    for f in files.values():
+        if not f.is_file():
+            raise EexitError(f"dataset file not found: {f}")
+        if f.suffix not in LOCAL_BUILDERS:
+            raise EexitError(f"dataset file must be one of {', '.join(LOCAL_BUILDERS)}: {f}")
+        if not f.read_bytes().strip():
+            raise EexitError(f"dataset file is empty: {f}")
+    builders = {LOCAL_BUILDERS[f.suffix] for f in files.values()}
+    if len(builders) > 1:
+        raise EexitError(f"the split files must be of one kind; got {sorted(builders)}")
+    builder = builders.pop()
+    digest = hashlib.sha256(field.encode())
+    for split, f in sorted(files.items()):
+        digest.update(split.encode() + f.read_bytes())
+    import datasets
+
+    extra = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        ds = datasets.load_dataset(
+            builder,
+            data_files={split: str(f) for split, f in files.items()},
+            cache_dir=str(cache_dir() / "datasets" / digest.hexdigest()[:20]),
+            **extra,
+        )
+    except Exception as e:  # malformed JSON / CSV / parquet: one line
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise EexitError(f"cannot read {', '.join(map(str, files.values()))}: {first}") from None
+    column = "text" if builder == "text" else field
+    out = {}
+    for split, f in files.items():
+        if column not in ds[split].column_names:
+            raise EexitError(
+                f"{f} has no column {field!r} (columns: {', '.join(ds[split].column_names)}); "
+                "set data.text_field"
+            )
+        out[split] = [t for t in ds[split][column] if isinstance(t, str) and t.strip()]
+    return out
+
+
+def split_files_in(folder: Path) -> dict[str, Path]:
+    """train.* / validation.* (or valid.*, dev.*) / test.* files of a folder."""
+    found = {}
+    for split, names in SPLIT_NAMES.items():
+        for f in sorted(folder.iterdir()):
+            if f.stem in names and f.suffix in LOCAL_BUILDERS:
+                found.setdefault(split, f)
+    if "train" not in found:
+        raise EexitError(
+            f"{folder} holds no train.* file (expected train / validation / test files of one "
+            f"kind: {', '.join(LOCAL_BUILDERS)})"
+        )
+    return found
+
+
+def local_corpus(path: Path, field: str, split_files: dict[str, str] | None = None):
+    """The user's own splits (a folder of split files, or data.*_file), else one file split
+    90/5/5 by a hash of each document's position (said in the log)."""
+    if split_files:
+        return local_files({s: Path(f) for s, f in split_files.items()}, field)
+    if path.is_dir():
+        return local_files(split_files_in(path), field)
+    docs = local_files({"train": path}, field)["train"]
+    log(f"{path}: no split given, documents assigned to train / validation / test 90/5/5 by hash")
+    return split_documents([(f"{i}", d) for i, d in enumerate(docs)])
+
+
+def load_corpus(
+    name: str, text_field: str = "text", split_files: dict[str, str] | None = None
+) -> dict[str, list[str]]:
+    """Resolve a dataset name to {split: [documents]}: a registered corpus, `hf:<hub name>`,
+    a local file, a folder of split files, or the split files given by data.*_file."""
+    if split_files:
+        return local_corpus(Path(name), text_field, split_files)
     if name in CORPORA:
         return CORPORA.get(name)()
     if name.startswith("hf:"):
         parts = name[3:].split(":")
         return hub_corpus(parts[0], parts[1] if len(parts) > 1 else None, text_field)
     path = Path(name)
-    if path.suffix in (".txt", ".jsonl") or path.exists():
-        if path.suffix not in (".txt", ".jsonl"):
-            raise EexitError(f"dataset file must be .txt or .jsonl: {path}")
-        return file_corpus(path, text_field)
+    if path.suffix in LOCAL_BUILDERS or path.exists():
+        if path.is_file() and path.suffix not in LOCAL_BUILDERS:
+            raise EexitError(f"dataset file must be one of {', '.join(LOCAL_BUILDERS)}: {path}")
+        return local_corpus(path, text_field)
     raise unknown_dataset(name)
 
 

@@ -126,7 +126,9 @@ def lm_windows(ctx: EvalContext, split: str | None = None):
         raise EexitError(
             f"--seq-len must be in 1..{limit or 'inf'} (the model's positions); got {seq_len}"
         )
-    corpus = corpora.load_corpus(ctx.dataset, data.text_field)
+    # the training run's own split files, when evaluating on its data
+    files = data.split_files() if ctx.dataset == ctx.checkpoint.trained_dataset else None
+    corpus = corpora.load_corpus(ctx.dataset, data.text_field, files)
     docs = corpora.corpus_split(corpus, split, ctx.dataset)
     tokens = corpora.encode_documents(ctx.tokenizer, docs, f"{ctx.dataset}:{split}")
     x, y = corpora.eval_windows(tokens, seq_len, r.max_tokens)

@@ -163,7 +163,7 @@ def prepare_data(cfg: RunConfig, tokenizer=None, seq2seq: bool = False):
         raise EexitError(
             f"an encoder-decoder model trains on a task dataset (one of {', '.join(TASK_DATA.names())}); got {cfg.data.dataset!r}"
         )
-    corpus = data_mod.load_corpus(cfg.data.dataset, cfg.data.text_field)
+    corpus = data_mod.load_corpus(cfg.data.dataset, cfg.data.text_field, cfg.data.split_files())
     train_docs = data_mod.corpus_split(corpus, "train", cfg.data.dataset)
     val_docs = data_mod.corpus_split(corpus, "validation", cfg.data.dataset)
     if tokenizer is None:

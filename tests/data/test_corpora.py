@@ -25,10 +25,10 @@ def test_file_corpora(tmp_path):
     jl.write_text("\n".join(json.dumps({"body": f"doc {i}"}) for i in range(50)))
     c = data.load_corpus(str(jl), text_field="body")
     assert sum(len(v) for v in c.values()) == 50
-    with pytest.raises(EexitError, match="no string field 'text'"):
+    with pytest.raises(EexitError, match="has no column 'text'"):
         data.load_corpus(str(jl))
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(EexitError, match="not valid JSON"):
+    with pytest.raises(EexitError, match="cannot read"):
         data.load_corpus(str(tmp_path / "bad.jsonl"))
     with pytest.raises(EexitError, match="not found"):
         data.load_corpus(str(tmp_path / "missing.txt"))
