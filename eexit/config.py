@@ -56,9 +56,13 @@ class DataConfig:
     test_file: str | None = None
 
     def split_files(self) -> dict[str, str] | None:
-        files = {"train": self.train_file, "validation": self.validation_file,
-                 "test": self.test_file}
+        files = {
+            "train": self.train_file,
+            "validation": self.validation_file,
+            "test": self.test_file,
+        }
         return {k: v for k, v in files.items() if v} or None
+
     max_source_len: int = (
         192  # task datasets: source tokens kept (encoder input / the text inside the prompt)
     )
@@ -91,6 +95,9 @@ class TrainConfig:
     eval_every: int = 200  # steps between validation passes
     eval_batches: int = 8  # validation batches per pass
     log_every: int = 10  # steps between log lines in train_log.jsonl
+    grad_accum_steps: int = 1  # micro-batches per step (same global batch, less memory)
+    # experiment trackers through accelerate (e.g. [tensorboard], [wandb]); jsonl is always written
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -297,6 +304,7 @@ def validate(cfg: RunConfig) -> None:
         "keep_checkpoints",
         "eval_batches",
         "warmup_steps",
+        "grad_accum_steps",
     ):
         if getattr(t, name) < (0 if name == "warmup_steps" else 1):
             raise EexitError(

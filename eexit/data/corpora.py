@@ -108,8 +108,13 @@ def hub_corpus(name: str, config: str | None, field: str) -> dict[str, list[str]
     return out
 
 
-LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
-                  ".parquet": "parquet"}
+LOCAL_BUILDERS = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 
 

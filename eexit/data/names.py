@@ -11,7 +11,11 @@ from eexit.registry import Registry, unknown_name_error
 CORPORA: Registry[Callable[[], dict[str, list[str]]]] = Registry("dataset")
 # task datasets: name -> loader returning (task name, {split: [Example]})  (eexit.data.task_data)
 TASK_DATA: Registry[Callable] = Registry("task dataset")
-PATTERNS = ["hf:<hub name>[:<config>]", "<file>.txt|.jsonl|.csv|.parquet", "<folder of split files>"]
+PATTERNS = [
+    "hf:<hub name>[:<config>]",
+    "<file>.txt|.jsonl|.csv|.parquet",
+    "<folder of split files>",
+]
 
 
 def dataset_names() -> list[str]:

@@ -310,6 +310,7 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
     from safetensors.torch import load_file
 
     # ---- setup
+    check_trackers(cfg.train.report_to)
     make_loss(
         cfg.loss
     )  # unknown loss ("did you mean") or bad loss.params: an error before any work
@@ -319,9 +320,26 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
 
     # exits / heads a loss does not use get no gradient: let DDP tolerate that
     acc = Accelerator(
-        cpu=multi_cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+        cpu=multi_cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=cfg.train.report_to or None,
+        project_dir=str(folder.out / "logs"),
     )
     world, rank = acc.num_processes, acc.process_index
+    asked = requested_processes()
+    if asked is not None and asked != world:
+        raise EexitError(
+            f"accelerate launch asked for {asked} processes but this run has {world}; on CPUs "
+            "accelerate's --cpu launcher starts one process: use `accelerate launch --multi_gpu "
+            f"--num_processes {asked} -m eexit.cli train ...` (gloo) or `torchrun "
+            f"--nproc_per_node {asked} -m eexit.cli train ...`"
+        )
+    accum = cfg.train.grad_accum_steps
+    if (cfg.train.batch_size // max(1, world)) % accum:
+        raise EexitError(
+            f"the per-process batch ({cfg.train.batch_size} // {world} processes) must be "
+            f"divisible by train.grad_accum_steps ({accum})"
+        )
     if cfg.train.batch_size % world:
         raise EexitError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes ({world})"
@@ -368,6 +386,8 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
             torch.cuda.set_rng_state_all(rng["cuda"])
     wrapped, optimizer = acc.prepare(module, optimizer)
     wrapped.train()
+    if cfg.train.report_to:
+        acc.init_trackers(cfg.run_name, config=flat_config(cfg))
 
     # ---- run
     per_rank = cfg.train.batch_size // world
@@ -392,7 +412,7 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
             else:
                 x = x[share].to(acc.device)
             y = y[share].to(acc.device)
-            loss, logs = wrapped(x, y)
+            loss, logs = accumulate(acc, wrapped, x, y, accum)
             bad = acc.reduce(
                 torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0, device=acc.device), "sum"
             ).item()
@@ -406,7 +426,6 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {step + 1}; training stopped ({where}); lower train.lr or raise warmup"
                 )
-            acc.backward(loss)
             if cfg.train.grad_clip > 0:
                 acc.clip_grad_norm_(wrapped.parameters(), cfg.train.grad_clip)
             optimizer.step()
@@ -434,6 +453,8 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
                 )
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 history.append(last_logs)
+                if cfg.train.report_to:
+                    acc.log({k: v for k, v in last_logs.items() if k != "step"}, step=done)
                 if acc.is_main_process:
                     with (folder.path / "train_log.jsonl").open("a") as f:
                         f.write(json.dumps(last_logs) + "\n")
@@ -444,11 +465,8 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
                     with (folder.path / "train_log.jsonl").open("a") as f:
                         f.write(json.dumps({"step": done, **val}) + "\n")
                     if not progress:
-                        print(
-                            f"step {done}: loss {mean_loss:.4f} "
-                            + " ".join(f"{k}={v:.2f}" for k, v in val.items() if "ppl" in k),
-                            flush=True,
-                        )
+                        ppl = " ".join(f"{k}={v:.2f}" for k, v in val.items() if "ppl" in k)
+                        log(f"step {done}: validation {ppl}")
             if done % cfg.train.save_every == 0 and done < cfg.train.steps:
                 unwrapped = acc.unwrap_model(wrapped)
                 save_checkpoint(acc, unwrapped, optimizer, done, tokenizer, cfg, folder.path)
@@ -465,12 +483,98 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
     if end == cfg.train.steps:
         acc.wait_for_everyone()
         if acc.is_main_process:
-            meta = {"train_config": to_dict(cfg), "step": end, "final": last_logs}
+            meta = {
+                "train_config": to_dict(cfg),
+                "step": end,
+                "final": last_logs,
+                "processes": world,
+                "mixed_precision": acc.mixed_precision,
+            }
             model.save(folder.path, tokenizer, meta)
             atomic_json(folder.path / "metrics.json", result)
         folder.promote(acc)
     acc.end_training()
     return result
+
+
+def accumulate(acc, wrapped, x, y, accum: int):
+    """Forward and backward over `accum` equal micro-batches (gradients summed, each loss
+    scaled by 1 / accum; DDP syncs on the last one). Returns the mean loss and logs; a
+    non-finite loss is returned before any backward."""
+    n = y.shape[0] // accum
+    losses, logs = [], {}
+    for i in range(accum):
+        part = slice(i * n, (i + 1) * n)
+        xi = {k: v[part] for k, v in x.items()} if isinstance(x, dict) else x[part]
+        sync = acc.no_sync(wrapped) if i < accum - 1 else nullcontext()
+        with sync:
+            loss, logs_i = wrapped(xi, y[part])
+            if not torch.isfinite(loss):
+                return loss, logs_i
+            acc.backward(loss / accum)
+        losses.append(loss.detach())
+        for k, v in logs_i.items():
+            logs[k] = logs.get(k, 0.0) + v / accum
+    return torch.stack(losses).mean(), logs
+
+
+def check_trackers(names: list[str]) -> None:
+    """Experiment trackers must be installed (jsonl logs are always written)."""
+    if not names:
+        return
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = [str(t) for t in get_available_trackers()]
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            known = ", ".join(sorted(LOGGER_TYPE_TO_CLASS))
+            raise EexitError(f"unknown tracker {name!r} in train.report_to; known: {known}")
+        if name not in available:
+            raise EexitError(
+                f"tracker {name!r} (train.report_to) is not installed: pip install {name}"
+            )
+
+
+def flat_config(cfg: RunConfig) -> dict:
+    """The config as flat key -> scalar (what trackers accept)."""
+    out = {}
+    for section, values in to_dict(cfg).items():
+        for k, v in values.items() if isinstance(values, dict) else [("", values)]:
+            key = f"{section}.{k}" if k else section
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def requested_processes() -> int | None:
+    """How many processes `accelerate launch` (our parent process) was asked for, from its
+    command line or its config file; None when we were not started by it."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+    head = argv[:3]
+    by_script = "launch" in argv and any(Path(a).name == "accelerate" for a in head)
+    if not (by_script or "accelerate.commands.launch" in head):
+        return None
+    for flag in ("--num_processes", "--num-processes"):
+        if flag in argv and argv.index(flag) + 1 < len(argv):
+            return int(argv[argv.index(flag) + 1])
+        for a in argv:
+            if a.startswith(flag + "="):
+                return int(a.split("=", 1)[1])
+    config = None
+    if "--config_file" in argv:
+        config = Path(argv[argv.index("--config_file") + 1])
+    else:
+        from accelerate.commands.config import default_config_file
+
+        config = Path(default_config_file)
+    if config.is_file():
+        import yaml
+
+        data = yaml.safe_load(config.read_text()) or {}
+        return int(data.get("num_processes", 1) or 1)
+    return None
 
 
 def next_batch(train, cfg: RunConfig, g: torch.Generator):

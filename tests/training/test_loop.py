@@ -143,6 +143,37 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "half")) > 1e-3
 
 
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_match_one_and_a_silent_single_process_is_refused(
+    tmp_path,
+):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPUs (gloo) gives the weights of a
+    1-process run; `--cpu --num_processes 2`, which accelerate runs as ONE process, is refused."""
+    args = tiny_overrides("train.batch_size=4")
+    code, _, err = run_cli("train", *args, "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(
+        [*launch, "--multi_gpu", "--num_processes", "2", "--main_process_port", "29519",
+         "-m", "eexit.cli", "train", *args, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'processes': 2" in proc.stdout
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+    meta = json.loads((tmp_path / "two" / "eexit.json").read_text())
+    assert meta["processes"] == 2
+    proc = subprocess.run(
+        [*launch, "--cpu", "--num_processes", "2", "-m", "eexit.cli", "train", *args,
+         "--out", str(tmp_path / "silent")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "asked for 2 processes but this run has 1" in proc.stderr
+
+
 def test_progress_is_logged_as_timestamped_lines_when_not_on_a_terminal(tmp_path):
     code, out, err = run_cli("train", *tiny_overrides("train.log_every=3"), "--out",
                              str(tmp_path / "r"))
@@ -151,3 +182,26 @@ def test_progress_is_logged_as_timestamped_lines_when_not_on_a_terminal(tmp_path
     assert [ln.split("step ")[1].split(":")[0] for ln in steps] == ["3/6", "6/6"]
     assert all(LOG.match(ln) for ln in steps) and "about 0 s left" in steps[-1]
     assert "finished:" in out  # the result on stdout, progress on stderr
+
+
+def test_gradient_accumulation_gives_the_weights_of_one_big_batch(tmp_path):
+    """2 micro-batches of 2 windows per step = 1 batch of 4 (same global batch)."""
+    code, _, err = run_cli("train", *tiny_overrides(), "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    code, _, err = run_cli("train", *tiny_overrides("train.grad_accum_steps=2"), "--out",
+                           str(tmp_path / "two"))
+    assert code == 0, err
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    meta = json.loads((tmp_path / "two" / "eexit.json").read_text())
+    assert meta["processes"] == 1 and meta["mixed_precision"] == "no"
+    code, _, err = run_cli("train", *tiny_overrides("train.grad_accum_steps=3"), "--out",
+                           str(tmp_path / "three"))
+    assert code == 2 and "divisible by train.grad_accum_steps (3)" in err
+
+
+def test_trackers_must_be_installed(tmp_path):
+    code, _, err = run_cli("train", *tiny_overrides("train.report_to=[tensorbored]"), "--out",
+                           str(tmp_path / "t"))
+    assert code == 2 and "unknown tracker 'tensorbored'" in err
