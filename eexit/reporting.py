@@ -20,49 +20,73 @@ from eexit.files import atomic_file, atomic_write, check_output_path
 
 
 def git_commit() -> str:
+    """The commit of the eexit install (the repository holding this package, not the current
+    directory), '+dirty' when its tracked files have changes."""
+    where = str(Path(__file__).resolve().parent)
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", where, *args], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        sha = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha or "unknown") + ("+dirty" if dirty else "")
 
 
 def environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
-    import transformers
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **{name: v(name) for name in ("eexit", "torch", "transformers", "accelerate", "datasets")},
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
+def relative(value):
+    """Absolute paths inside the current project folder, made relative to it (recursively), so
+    that provenance does not depend on where the project was checked out."""
+    root = str(Path.cwd().resolve())
+    if isinstance(value, str):
+        return value.replace(root + "/", "") if root + "/" in value else value
+    if isinstance(value, dict):
+        return {k: relative(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative(v) for v in value]
+    return value
+
+
 def command_line() -> str:
     argv = list(sys.argv)
     argv[0] = Path(argv[0]).name if argv else "eexit"
-    if argv and argv[0] in ("__main__.py", "-c"):
+    if argv and argv[0] in ("__main__.py", "-c", "cli.py"):
         argv[0] = "eexit"
-    return " ".join(shlex.quote(a) for a in argv)
+    return relative(" ".join(shlex.quote(a) for a in argv))
 
 
 def provenance(config: dict) -> dict:
+    """Command, commit of the eexit install, date, resolved config (paths relative to the
+    project) and versions; `config["trained_by"]`, when given, is the command that made the
+    model (so a table of a multi-command run names every command)."""
     return {
         "command": command_line(),
         "commit": git_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "config": config,
+        "config": relative(config),
         "environment": environment(),
     }
 
@@ -123,7 +147,8 @@ def provenance_block(prov: dict) -> str:
     return (
         f"- command: `{prov['command']}`\n- commit: `{prov['commit']}`\n- date: {prov['date']}\n"
         f"- environment: {prov['environment']['platform']}, torch {prov['environment']['torch']}, "
-        f"transformers {prov['environment']['transformers']}, {prov['environment']['cpu_threads']} threads\n"
+        f"transformers {prov['environment']['transformers']}, "
+        f"{prov['environment']['cpu_threads']} threads\n"
         f"- config: `{cfg}`\n"
     )
 
@@ -206,7 +231,7 @@ SHORT = {
     "full_ppl": "full PPL",
     "compute_pct": "compute%",
     "overhead_pct": "overhead%",
-    "total_pct": "total%",
+    "cost_pct": "cost%",
     "agreement_pct": "agree%",
     "eval_tokens_per_s": "tok/s",
 }

@@ -55,11 +55,16 @@ class EvalContext:
     def is_task(self) -> bool:
         return self.dataset in TASK_DATA
 
+    def identity(self) -> dict:
+        """The columns that say what a row is about (the same in every table)."""
+        return {"model": self.request.model, "policy": self.request.policy, "dataset": self.dataset}
+
     def resolved(self, **extra) -> dict:
         """Provenance of the run: the request with its defaults filled in."""
         r = self.request
         out = {**r.describe(), "dataset": self.dataset, "exit_layers": self.model.exit_layers}
         out["num_layers"] = self.model.num_layers
+        out["trained_by"] = self.checkpoint.extra.get("command")  # the command that made it
         return {**out, **extra}
 
 

@@ -43,7 +43,7 @@ def run_lm(ctx: EvalContext, out: str | None, sweep: bool) -> list[dict]:
     t0 = time.perf_counter()
     table = collect_exit_table(ctx.model, x, y, ctx.policy, batch_size=r.batch_size)
     seconds = time.perf_counter() - t0
-    rows = [exit_metrics(table, ctx.policy.at(t)) for t in r.thresholds]
+    rows = [{**exit_metrics(table, ctx.policy.at(t)), **ctx.identity()} for t in r.thresholds]
     if not sweep:
         rows[0]["eval_tokens_per_s"] = table.tokens / seconds
     if not out:

@@ -165,7 +165,8 @@ def exit_metrics(table: ExitTable, policy: ExitPolicy) -> dict:
         "agreement_pct": 100.0 * (table.top1[idx, cols] == table.top1[-1]).float().mean().item(),
         "tokens": n,
     }
-    row["total_pct"] = row["compute_pct"] + row["overhead_pct"]
+    # cost %: layers run plus what deciding costs, in layer-equivalents (one name everywhere)
+    row["cost_pct"] = row["compute_pct"] + row["overhead_pct"]
     for k, layer in enumerate(table.exit_layers):
         row[f"exit@{layer}_pct"] = 100.0 * (idx == k).float().mean().item()
     return row

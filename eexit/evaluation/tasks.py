@@ -153,11 +153,14 @@ def run_task_sweep(ctx: EvalContext, o: TaskOptions, out: str | None, plot: bool
     decode_all(model, tokenizer, task, examples[:1], full_decoder, o)  # warm-up, not timed
     full = decode_all(model, tokenizer, task, examples, full_decoder, o)
     full_row = summarize(task, examples, full, None, L, model.exit_layers)
-    rows = [{"threshold": "full", **full_row, "speedup": 1.0, "agreement_pct": 100.0}]
+    full_depth = {"threshold": None, "full_depth": True}
+    rows = [{**full_depth, **full_row, "speedup": 1.0, "agreement_pct": 100.0}]
     for t in r.thresholds:
         decoder = EarlyExitDecoder(model, ctx.policy.at(t), o.kv_mode)
         d = decode_all(model, tokenizer, task, examples, decoder, o)
-        rows.append({"threshold": t, **summarize(task, examples, d, full, L, model.exit_layers)})
+        row = summarize(task, examples, d, full, L, model.exit_layers)
+        rows.append({"threshold": t, "full_depth": False, **row})
+    rows = [{**r, **ctx.identity()} for r in rows]
     if out:
         resolved = ctx.resolved(task=task_name, **o.__dict__)
         metrics = list(task.higher_is_better)

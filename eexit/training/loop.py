@@ -33,7 +33,7 @@ from eexit.files import (
 from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
 from eexit.models.families import FAMILIES
 from eexit.models.loading import build_lm, load_model
-from eexit.reporting import log, progress_bar
+from eexit.reporting import command_line, log, progress_bar
 from eexit.training.losses import LossBatch, make_loss
 
 STATE_FILE = "trainer_state.pt"
@@ -489,6 +489,7 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
                 "final": last_logs,
                 "processes": world,
                 "mixed_precision": acc.mixed_precision,
+                "command": command_line(),
             }
             model.save(folder.path, tokenizer, meta)
             atomic_json(folder.path / "metrics.json", result)

@@ -68,7 +68,7 @@ def main() -> None:
                     for k in (
                         "compute_pct",
                         "overhead_pct",
-                        "total_pct",
+                        "cost_pct",
                         "ppl",
                         "full_ppl",
                         "agreement_pct",
@@ -85,7 +85,7 @@ def main() -> None:
         "threshold",
         "compute_pct",
         "overhead_pct",
-        "total_pct",
+        "cost_pct",
         "ppl",
         "full_ppl",
         "agreement_pct",
@@ -95,7 +95,7 @@ def main() -> None:
     heads = {
         "compute_pct": "Compute%",
         "overhead_pct": "Decision overhead%",
-        "total_pct": "Total%",
+        "cost_pct": "Cost%",
         "ppl": "PPL",
         "full_ppl": "Full PPL",
         "agreement_pct": "Top-1 = full%",
@@ -134,7 +134,7 @@ def main() -> None:
     done = [r for r in rows if r["threshold"] is not None]
     plot_tradeoff(
         Path(a.out) / "comparison.png",
-        {r["policy"]: [(r["total_pct"], r["ppl"], None)] for r in done},
+        {r["policy"]: [(r["cost_pct"], r["ppl"], None)] for r in done},
         "compute % incl. decision overhead",
         "test perplexity",
         f"Calibrated at epsilon={a.epsilon}, delta={a.delta}",

@@ -83,7 +83,9 @@ def random_llama(tokenizer, tmp_path_factory):
 
 
 def _rows(out):
-    return {str(r["threshold"]): r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["full_depth"] for r in rows] == [True] + [False] * (len(rows) - 1)
+    return {"full" if r["full_depth"] else str(r["threshold"]): r for r in rows}
 
 
 @pytest.mark.parametrize("kv", ["propagate", "recompute"])

@@ -1,0 +1,45 @@
+"""Results as tidy data: one schema across commands, provenance with relative paths, versions,
+the commit of the eexit install and the command that trained the model."""
+
+import json
+import math
+import shutil
+
+import pytest
+
+from eexit.errors import EexitError
+from eexit.reporting import check_finite, environment, relative
+from tests.conftest import run_cli
+
+
+def test_provenance_is_relative_versioned_and_names_the_training_command(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    shutil.copytree(tiny_checkpoint, tmp_path / "checkpoints" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("sweep", "-m", str(tmp_path / "checkpoints" / "tiny"),
+                           "--thresholds", "0.5,0.9", "--max-tokens", "256", "--out",
+                           str(tmp_path / "results" / "s"))
+    assert code == 0, err
+    data = json.loads((tmp_path / "results" / "s" / "sweep.json").read_text())
+    assert data["config"]["model"] == "checkpoints/tiny"  # relative to the project
+    assert str(tmp_path) not in data["command"] and "--out results/s" in data["command"]
+    assert data["config"]["trained_by"].startswith("eexit train")
+    env = data["environment"]
+    assert all(env[k] for k in ("eexit", "torch", "transformers", "accelerate", "datasets"))
+    assert data["commit"] != "unknown"  # the repository of the eexit install, not of cwd
+    row = data["rows"][0]
+    assert row["threshold"] == 0.5 and row["policy"] == "max-prob"
+    assert row["dataset"] == "wiki-gensim" and "cost_pct" in row
+    assert set(environment()) >= {"eexit", "accelerate", "datasets"}
+
+
+def test_relative_keeps_paths_outside_the_project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert relative({"a": [f"{tmp_path}/x/y", "/elsewhere/z"]}) == {"a": ["x/y", "/elsewhere/z"]}
+
+
+def test_nan_rows_are_errors_never_tables():
+    check_finite([{"ppl": 3.0}], "t")
+    with pytest.raises(EexitError, match="ppl is nan"):
+        check_finite([{"threshold": 0.5, "ppl": math.nan}], "sweep")
