@@ -211,6 +211,15 @@ def evaluate(
     kv: str = _KV,
     prompts: int = typer.Option(8, help="--generate: number of prompts."),
     prompt_len: int = typer.Option(32, help="--generate: tokens per prompt."),
+    mode: str = typer.Option(
+        "early-exit",
+        help="--generate: early-exit (the policy decides per token) or self-spec (LayerSkip: "
+        "draft with the first layers, verify with the rest; output = full-depth greedy).",
+    ),
+    draft_layer: Optional[int] = typer.Option(
+        None, help="--mode self-spec: the exit that drafts (default: a quarter of the depth)."
+    ),
+    draft_length: int = typer.Option(4, help="--mode self-spec: tokens drafted per verification."),
     max_new_tokens: Optional[int] = _NEW,
     examples: int = _EXAMPLES,
 ):
@@ -248,6 +257,9 @@ def evaluate(
             batch_size=batch_size,
             max_new_tokens=32 if max_new_tokens is None else max_new_tokens,
             kv_mode=kv,
+            mode=mode,
+            draft_layer=draft_layer,
+            draft_length=draft_length,
         )
     task = TaskOptions(
         examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv, batch_size=batch_size

@@ -13,7 +13,10 @@ from eexit.errors import EexitError
 from eexit.evaluation.context import EvalContext, max_positions
 from eexit.evaluation.records import layer_macs
 from eexit.models.decoding import EarlyExitDecoder, GenerationResult, check_kv_mode
+from eexit.models.speculative import SelfSpeculativeDecoder
 from eexit.reporting import provenance, write_results
+
+MODES = ("early-exit", "self-spec")
 
 
 @dataclass(kw_only=True)
@@ -23,9 +26,14 @@ class GenerationOptions:
     max_new_tokens: int = 32  # tokens generated per prompt (fixed length: no stop at EOS)
     batch_size: int = 1  # prompts decoded together
     kv_mode: str = "propagate"  # KV of skipped layers: full | propagate | recompute
+    mode: str = "early-exit"  # early-exit (the policy decides) | self-spec (draft, then verify)
+    draft_layer: int | None = None  # self-spec: the exit that drafts (default: a quarter deep)
+    draft_length: int = 4  # self-spec: tokens drafted per verification
 
     def check(self) -> None:
         check_kv_mode(self.kv_mode)
+        if self.mode not in MODES:
+            raise EexitError(f"unknown --mode {self.mode!r}; valid: {', '.join(MODES)}")
         if self.prompts < 1 or self.prompt_len < 1 or self.max_new_tokens < 2:
             raise EexitError("--prompts and --prompt-len must be >= 1 and --max-new-tokens >= 2")
 
@@ -94,6 +102,8 @@ def compare(
     L = model.num_layers
     reference.generate(prompts[:1], None, 2, pad_token_id=pad)  # warm-up
     decoder.generate(prompts[:1], None, 2, pad_token_id=pad)
+    if isinstance(decoder, SelfSpeculativeDecoder):
+        decoder.reset_stats()  # count the measured runs only
     for i in range(0, len(prompts), g.batch_size):
         x = prompts[i : i + g.batch_size]
         full = reference.generate(x, None, g.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
@@ -132,7 +142,22 @@ def compare(
         "agreement_pct": 100 * totals["agree"] / (len(prompts) * g.max_new_tokens),
     }
     total["realized_over_ideal"] = total["speedup"] * total["compute_pct"] / 100
+    if isinstance(decoder, SelfSpeculativeDecoder):
+        # every drafted position runs all L layers (k while drafting, L - k while verifying)
+        # plus a draft exit head; what speculation saves is sequential passes, not layers
+        st = decoder.stats
+        head = model.hidden_size * model.vocab_size / layer_macs(model, ctx)
+        layers = st.drafted * (L + head)
+        total["compute_pct"] = 100 * layers / (total_tokens(decoder) * L)
+        total["acceptance_rate"] = st.acceptance_rate
+        total["tokens_per_cycle"] = st.tokens_per_cycle
+        total["realized_over_ideal"] = None
     return rows, total
+
+
+def total_tokens(decoder) -> int:
+    st = decoder.stats
+    return max(1, st.accepted + st.cycles)
 
 
 def run_generation(ctx: EvalContext, g: GenerationOptions, out: str | None) -> tuple[list, dict]:
@@ -151,12 +176,18 @@ def run_generation(ctx: EvalContext, g: GenerationOptions, out: str | None) -> t
             f"--prompt-len + --max-new-tokens must be <= {limit} (the model's positions); "
             f"got {g.prompt_len + g.max_new_tokens}"
         )
-    decoder = EarlyExitDecoder(model, ctx.policy, g.kv_mode)
+    if g.mode == "self-spec":
+        k = g.draft_layer or max(1, model.num_layers // 4)
+        decoder = SelfSpeculativeDecoder(model, k, g.draft_length)
+    else:
+        decoder = EarlyExitDecoder(model, ctx.policy, g.kv_mode)
     reference = EarlyExitDecoder(model, None, "full")
     x = prompts_from(ctx.tokenizer, ctx.dataset, r.split, g.prompts, g.prompt_len)
     rows, total = compare(model, decoder, reference, x, g, None, ctx.tokenizer.pad_token_id)
     if out:
         title = f"Early-exit decoding: {r.policy} @ {ctx.policy.threshold}, kv {g.kv_mode}"
+        if g.mode == "self-spec":
+            title = f"Self-speculative decoding: draft layer {decoder.k}, {g.draft_length} drafts"
         prov = provenance(ctx.resolved(**g.__dict__))
         write_results(out, "generation", title, rows + [{"sample": "total", **total}], prov)
     return rows, total

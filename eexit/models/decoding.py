@@ -150,6 +150,66 @@ class EarlyExitDecoder:
         return self.blocks.finish(l, h, self._attend(l, q, k, v, rows, slots, qvalid), rows)
 
     # ------------------------------------------------------------------ generation
+    def _prefill(
+        self,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        eos_token_id,
+        pad_token_id,
+        source_ids,
+        source_mask,
+        spare_slots: int,
+    ):
+        """Allocate the KV cache (prompt + new tokens + `spare_slots`), run the prompt through
+        every layer; returns (ids, mask, stop ids, pad id, positions, last-position logits)."""
+        model, blocks, L = self.model, self.blocks, self.L
+        if max_new_tokens < 1 or input_ids.shape[1] < 1:
+            raise EexitError("generation needs a non-empty prompt and max_new_tokens >= 1")
+        dev = model.device
+        ids = input_ids.to(dev)
+        B, T0 = ids.shape
+        mask = (
+            torch.ones_like(ids, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.to(dev).bool()
+        )
+        stops = None
+        if eos_token_id is not None:
+            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            stops = torch.tensor(eos, device=dev)
+        pad = (
+            pad_token_id
+            if pad_token_id is not None
+            else (int(stops[0]) if stops is not None else 0)
+        )
+        Tmax = T0 + max_new_tokens + spare_slots
+        dtype = model.parts.lm_head.weight.dtype
+        kv_shape = (B, blocks.n_kv_heads, Tmax, blocks.head_dim)
+        self.cache = {
+            "k": [torch.zeros(kv_shape, device=dev, dtype=dtype) for _ in range(L)],
+            "v": [torch.zeros(kv_shape, device=dev, dtype=dtype) for _ in range(L)],
+            "valid": [torch.zeros(B, Tmax, dtype=torch.bool, device=dev) for _ in range(L)],
+        }
+        pos = torch.zeros(B, Tmax, dtype=torch.long, device=dev)
+        pos[:, :T0] = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
+        self.max_steps = max_new_tokens
+        blocks.begin(
+            None if source_ids is None else source_ids.to(dev),
+            None if source_mask is None else source_mask.to(dev),
+        )
+        # relative position bias (T5) of every (query slot, key slot) pair, looked up per layer
+        ar = torch.arange(Tmax, device=dev)
+        bias = blocks.attn_bias(ar[None], ar)
+        self.bias_cache = None if bias is None else bias[0].permute(1, 2, 0).to(dtype)
+        # prefill: the whole prompt through every layer; pad slots are never valid keys
+        all_rows = torch.arange(B, device=dev)
+        slots = torch.arange(T0, device=dev).expand(B, T0)
+        h = blocks.embed(ids, pos[:, :T0])
+        for l in range(L):
+            h = self._layer(l, h, all_rows, slots, pos[:, :T0], qvalid=mask)
+        return ids, mask, stops, pad, pos, model.exit_logits(h[:, -1], L)
+
     @torch.no_grad()
     def generate(
         self,
@@ -167,40 +227,21 @@ class EarlyExitDecoder:
     ) -> GenerationResult:
         """Encoder-decoder models: `source_ids` / `source_mask` are the encoder input and
         `input_ids` the decoder's start ([B, 1] decoder start token)."""
-        model, blocks, L = self.model, self.blocks, self.L
-        if max_new_tokens < 1 or input_ids.shape[1] < 1:
-            raise EexitError("generation needs a non-empty prompt and max_new_tokens >= 1")
-        dev = model.device
-        ids = input_ids.to(dev)
-        B, T0 = ids.shape
-        mask = (
-            torch.ones_like(ids, dtype=torch.bool)
-            if attention_mask is None
-            else attention_mask.to(dev).bool()
+        model, L = self.model, self.L
+        t0 = time.perf_counter()
+        ids, mask, stops, pad, pos, logits = self._prefill(
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            eos_token_id,
+            pad_token_id,
+            source_ids,
+            source_mask,
+            spare_slots=0,
         )
-        stops = (
-            None
-            if eos_token_id is None
-            else torch.tensor(
-                [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev
-            )
-        )
-        pad = (
-            pad_token_id
-            if pad_token_id is not None
-            else (int(stops[0]) if stops is not None else 0)
-        )
+        dev, (B, T0) = ids.device, ids.shape
+        d, dtype = model.hidden_size, model.parts.lm_head.weight.dtype
         Tmax = T0 + max_new_tokens
-        d = model.hidden_size
-        dtype = model.parts.lm_head.weight.dtype
-        kv_shape = (B, blocks.n_kv_heads, Tmax, blocks.head_dim)
-        self.cache = {
-            "k": [torch.zeros(kv_shape, device=dev, dtype=dtype) for _ in range(L)],
-            "v": [torch.zeros(kv_shape, device=dev, dtype=dtype) for _ in range(L)],
-            "valid": [torch.zeros(B, Tmax, dtype=torch.bool, device=dev) for _ in range(L)],
-        }
-        pos = torch.zeros(B, Tmax, dtype=torch.long, device=dev)
-        pos[:, :T0] = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
         # recompute mode: hidden state of pending positions, and the layer they were computed to
         frontier = (
             torch.zeros(B, Tmax, d, device=dev, dtype=dtype)
@@ -209,27 +250,6 @@ class EarlyExitDecoder:
         )
         depth = torch.full((B, Tmax), L, dtype=torch.long, device=dev)
         gen = torch.Generator(device=dev).manual_seed(seed) if do_sample else None
-        self.max_steps = max_new_tokens
-        t0 = time.perf_counter()
-        blocks.begin(
-            None if source_ids is None else source_ids.to(dev),
-            None if source_mask is None else source_mask.to(dev),
-        )
-        # relative position bias (T5) of every (query slot, key slot) pair, looked up per layer
-        bias = blocks.attn_bias(
-            torch.arange(Tmax, device=dev)[None], torch.arange(Tmax, device=dev)
-        )
-        self.bias_cache = (
-            None if bias is None else bias[0].permute(1, 2, 0).to(dtype)
-        )  # [Tmax, Tmax, H]
-
-        # prefill: the whole prompt through every layer; pad slots are never valid keys
-        all_rows = torch.arange(B, device=dev)
-        slots = torch.arange(T0, device=dev).expand(B, T0)
-        h = blocks.embed(ids, pos[:, :T0])
-        for l in range(L):
-            h = self._layer(l, h, all_rows, slots, pos[:, :T0], qvalid=mask)
-        logits = model.exit_logits(h[:, -1], L)
         out_tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
         exit_layer = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
         decisions = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
