@@ -40,8 +40,12 @@ class ModelConfig:
         "all"  # "all" or a list of 1-based layers, e.g. [1, 3]; the last layer is always an exit
     )
     min_exit_layer: int = 1  # exits below this layer are not created
-    exit_heads: str = "shared"  # shared: the model's final norm + LM head at every exit; separate: one norm+head per exit
+    # shared: the model's final norm + LM head at every exit; separate: own norm + head per
+    # exit; lens: an exit adapter (identity-initialised affine) before the shared norm + head
+    exit_heads: str = "shared"
     dropout: float = 0.0  # dropout in attention / MLP / embeddings
+    lens_rank: int = 0  # exit_heads lens: adapter rank (0 = full d x d affine)
+    freeze_backbone: bool = False  # train only what eexit adds (exit adapters / heads / gate)
 
 
 @dataclass
@@ -282,8 +286,10 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.data.max_source_len < 1 or cfg.data.max_target_len < 1:
         raise EexitError("data.max_source_len and data.max_target_len must be positive")
-    if m.exit_heads not in ("shared", "separate"):
-        raise EexitError(f"model.exit_heads must be shared or separate; got {m.exit_heads!r}")
+    if m.exit_heads not in ("shared", "separate", "lens"):
+        raise EexitError(f"model.exit_heads must be shared, separate or lens; got {m.exit_heads!r}")
+    if m.lens_rank < 0:
+        raise EexitError(f"model.lens_rank must be >= 0 (0 = full affine); got {m.lens_rank}")
     for name in ("n_layers", "d_model", "n_heads", "d_ff", "max_len", "vocab_size"):
         if getattr(m, name) <= 0:
             raise EexitError(f"model.{name} must be positive; got {getattr(m, name)}")

@@ -60,11 +60,7 @@ def token_costs(
     exit_l = res.exit_layers[:, 1:].float()
     policy = decoder.policy
     lm = layer_macs(model, context)
-    dec_cost = (
-        policy.decision_macs(model.hidden_size, model.vocab_size) / lm
-        if policy is not None
-        else 0.0
-    )
+    dec_cost = model.decision_macs(policy) / lm if policy is not None else 0.0
     reuse = dec_cost if (policy is not None and policy.needs_logits) else 0.0
     overhead = res.decisions[:, 1:].float() * dec_cost - (exit_l < L).float() * reuse
     if decoder.kv_mode in (

@@ -116,9 +116,7 @@ def collect_exit_table(
         if policy.needs_future
         else torch.stack([torch.cat(s) for s in score])
     )
-    cost = policy.decision_macs(model.hidden_size, model.vocab_size) / layer_macs(
-        model, (T + 1) / 2.0
-    )
+    cost = model.decision_macs(policy) / layer_macs(model, (T + 1) / 2.0)
     return ExitTable(
         exits,
         model.num_layers,

@@ -26,6 +26,7 @@ class CheckpointInfo:
     exit_layers: list[int] | None = None  # None: every layer
     exit_heads: str = "shared"  # shared | separate
     halting_gate: bool = False  # trained with the ponder loss
+    lens_rank: int = 0  # exit adapters (exit_heads lens): 0 = full affine, r = low rank
     train_config: RunConfig | None = None  # the config the checkpoint was trained with
     step: int | None = None
     extra: dict = field(default_factory=dict)  # other keys of eexit.json (final metrics, ...)
@@ -52,7 +53,7 @@ class CheckpointInfo:
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as e:
             raise EexitError(f"{meta_file} is not valid JSON ({str(e).splitlines()[0]})") from None
-        known = {"exit_layers", "exit_heads", "halting_gate", "train_config", "step"}
+        known = {"exit_layers", "exit_heads", "halting_gate", "lens_rank", "train_config", "step"}
         train = meta.get("train_config")
         try:
             cfg = config_from_dict(train) if train is not None else None
@@ -64,6 +65,7 @@ class CheckpointInfo:
             exit_layers=meta.get("exit_layers"),
             exit_heads=meta.get("exit_heads", "shared"),
             halting_gate=bool(meta.get("halting_gate", False)),
+            lens_rank=int(meta.get("lens_rank", 0)),
             train_config=cfg,
             step=meta.get("step"),
             extra={k: v for k, v in meta.items() if k not in known},

@@ -48,6 +48,35 @@ def resolve_exit_layers(spec, num_layers: int, min_exit_layer: int = 1) -> list[
     return layers
 
 
+EXIT_HEADS = ("shared", "separate", "lens")
+
+
+class Translator(nn.Module):
+    """A tuned-lens style exit adapter: h + W h + b before the shared final norm and LM head
+    (rank 0: W is d x d; rank r: W = B A with A: d -> r, B: r -> d). Initialised to the
+    identity (W = 0, b = 0), so an untrained adapter is the plain exit."""
+
+    def __init__(self, d: int, rank: int = 0):
+        super().__init__()
+        self.rank = rank
+        if rank:
+            self.down = nn.Linear(d, rank, bias=False)
+            self.up = nn.Linear(rank, d, bias=True)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+        else:
+            self.linear = nn.Linear(d, d, bias=True)
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        delta = self.up(self.down(h)) if self.rank else self.linear(h)
+        return h + delta
+
+    def macs(self, d: int) -> float:
+        return 2.0 * d * self.rank if self.rank else float(d * d)
+
+
 class EarlyExitModel(nn.Module):
     """A causal LM whose hidden state can be read out (exited) after chosen layers."""
 
@@ -57,6 +86,7 @@ class EarlyExitModel(nn.Module):
         exit_layers: list[int],
         exit_heads: str = "shared",
         halting_gate: bool = False,
+        lens_rank: int = 0,
     ):
         super().__init__()
         self.lm = lm
@@ -64,9 +94,18 @@ class EarlyExitModel(nn.Module):
         self.parts = self.family.parts(lm)
         self.num_layers = len(self.parts.layers)
         self.exit_layers = resolve_exit_layers(exit_layers, self.num_layers)
-        self.exit_head_mode = exit_heads
+        if exit_heads not in EXIT_HEADS:
+            raise EexitError(
+                f"exit heads must be one of {', '.join(EXIT_HEADS)}; got {exit_heads!r}"
+            )
+        self.exit_head_mode, self.lens_rank = exit_heads, int(lens_rank)
         d = self.hidden_size
         self.exit_heads = nn.ModuleDict()
+        # exit adapters (lens): one translator per shallow exit before the shared norm + head
+        self.translators = nn.ModuleDict()
+        if exit_heads == "lens":
+            for layer in self.exit_layers[:-1]:
+                self.translators[str(layer)] = Translator(d, self.lens_rank)
         if exit_heads == "separate":  # seed 002's "output head": own norm + head per shallow exit
             for layer in self.exit_layers[:-1]:
                 head = nn.Linear(d, self.vocab_size, bias=False)
@@ -147,6 +186,26 @@ class EarlyExitModel(nn.Module):
         key = str(layer)
         if key in self.exit_heads:
             return self.exit_heads[key](hidden)
+        return self.head(self.translate(hidden, layer))
+
+    @property
+    def adapter_macs(self) -> float:
+        """Multiply-adds of one exit adapter for one token (0 without adapters)."""
+        first = next(iter(self.translators.values()), None)
+        return first.macs(self.hidden_size) if first is not None else 0.0
+
+    def decision_macs(self, policy) -> float:
+        """What one exit decision of `policy` costs for one token, adapters included."""
+        own = policy.decision_macs(self.hidden_size, self.vocab_size)
+        return own + (self.adapter_macs if policy.needs_logits else 0.0)
+
+    def translate(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """The exit adapter of `layer` (identity without one)."""
+        key = str(layer)
+        return self.translators[key](hidden) if key in self.translators else hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared final norm and LM head."""
         return self.parts.lm_head(self.parts.final_norm(hidden))
 
     def halting_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
@@ -170,6 +229,7 @@ class EarlyExitModel(nn.Module):
         exits = {
             "exit_layers": self.exit_layers,
             "exit_heads": self.exit_head_mode,
+            "lens_rank": self.lens_rank,
             "halting_gate": self.halting_gate is not None,
         }
         self.lm.config.eexit = exits  # the exits, readable from config.json without eexit

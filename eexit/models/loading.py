@@ -52,7 +52,7 @@ def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
         raise EexitError(f"could not load model {spec!r}: {first}") from None
     lm.to(device).eval()
     layers = exit_layers if exit_layers is not None else (info.exit_layers or "all")
-    model = EarlyExitModel(lm, layers, info.exit_heads, info.halting_gate)
+    model = EarlyExitModel(lm, layers, info.exit_heads, info.halting_gate, info.lens_rank)
     extra = path / EXTRA_WEIGHTS if path.is_dir() else None
     if extra is not None and extra.is_file():
         from safetensors.torch import load_file

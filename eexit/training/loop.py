@@ -210,7 +210,16 @@ def build_model(
         )
     layers = resolve_exit_layers(cfg.model.exit_layers, depth, cfg.model.min_exit_layer)
     gate = make_loss(cfg.loss).needs_halting_gate
-    return EarlyExitModel(lm, layers, cfg.model.exit_heads, halting_gate=gate)
+    model = EarlyExitModel(lm, layers, cfg.model.exit_heads, gate, cfg.model.lens_rank)
+    if cfg.model.freeze_backbone:  # only what eexit adds is trained: the full model is unchanged
+        for param in model.lm.parameters():
+            param.requires_grad_(False)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise EexitError(
+                "model.freeze_backbone leaves nothing to train: use model.exit_heads lens or "
+                "separate (or a halting gate)"
+            )
+    return model
 
 
 @torch.no_grad()

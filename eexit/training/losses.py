@@ -123,10 +123,9 @@ def compute_exit_ce(b: LossBatch, layers: list[int]) -> ExitCE:
         tgt = targets[sample] if sample is not None else targets
         shared = [l for l in inter if str(l) not in model.exit_heads]
         if shared:  # one LM-head matmul for all shared-head exits
-            h = torch.cat([pick(b.states[l - 1]) for l in shared])
-            ce = F.cross_entropy(
-                model.exit_logits(h, shared[0]).float(), tgt.repeat(len(shared)), reduction="none"
-            )
+            # each exit's adapter (lens) first, then the shared norm + head once
+            h = torch.cat([model.translate(pick(b.states[l - 1]), l) for l in shared])
+            ce = F.cross_entropy(model.head(h).float(), tgt.repeat(len(shared)), reduction="none")
             for l, part in zip(shared, ce.chunk(len(shared))):
                 out[l] = part
         for l in inter:
@@ -282,3 +281,51 @@ class Ponder(Loss):
         logs = _logs(ce)
         logs.update({"entropy": entropy.item(), "mean_exit": (p * exits).sum(0).mean().item()})
         return expected - self.params.ponder_beta * entropy, logs
+
+
+@register_loss("lens-kl")
+class LensKL(Loss):
+    """Exit adapters on a frozen model (tuned lens): the mean over shallow exits of
+    KL(p_final || p_exit), the model's own final distribution as the target. With
+    model.freeze_backbone the full-depth model is unchanged. Cost control: positions are
+    sampled (loss.exit_token_fraction) and `exits_per_step` exits drawn per step."""
+
+    @dataclass
+    class Params:
+        exits_per_step: int = 0  # shallow exits trained per step, drawn at random (0 = all)
+
+    def check(self):
+        if self.params.exits_per_step < 0:
+            raise EexitError("loss.params.exits_per_step must be >= 0 (0 = every exit)")
+
+    def __call__(self, b):
+        model, L = b.model, b.last
+        n = b.targets.numel()
+        shallow = [layer for layer in b.exits if layer != L]
+        if not shallow:
+            raise EexitError("--loss lens-kl needs an exit below the last layer")
+        k = self.params.exits_per_step
+        if k and k < len(shallow):
+            pick = torch.randperm(len(shallow), device=b.targets.device)[:k].sort().values
+            shallow = [shallow[i] for i in pick.tolist()]
+        idx = None
+        if b.exit_token_fraction < 1.0:
+            count = max(1, int(round(b.exit_token_fraction * n)))
+            idx = torch.randperm(n, device=b.targets.device)[:count]
+
+        def flat(h):
+            h = h.reshape(n, -1)
+            return h if idx is None else h[idx]
+
+        with torch.no_grad():
+            target = torch.log_softmax(model.exit_logits(flat(b.states[L - 1]), L).float(), -1)
+            p_target = target.exp()
+        total, logs = 0.0, {}
+        for layer in shallow:  # one exit's logits at a time: no [exits x positions x V] tensor
+            logp = torch.log_softmax(
+                model.exit_logits(flat(b.states[layer - 1]), layer).float(), -1
+            )
+            kl = (p_target * (target - logp)).sum(-1).mean()
+            total = total + kl
+            logs[f"kl@{layer}"] = kl.item()
+        return total / len(shallow), logs

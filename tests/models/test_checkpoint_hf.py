@@ -50,4 +50,4 @@ def test_model_card_and_exits_in_config_json(tiny_checkpoint):
     assert "validation perplexity per exit: layer 1:" in card
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     assert config["eexit"] == {"exit_layers": [1, 2, 3], "exit_heads": "shared",
-                               "halting_gate": False}
+                               "lens_rank": 0, "halting_gate": False}
