@@ -233,6 +233,13 @@ class EarlyExitModel(nn.Module):
             "halting_gate": self.halting_gate is not None,
         }
         self.lm.config.eexit = exits  # the exits, readable from config.json without eexit
+        # a model loaded from GGUF holds dequantized float weights: save them as a plain
+        # checkpoint (transformers refuses to re-serialize the GGUF quantization itself)
+        gguf = type(getattr(self.lm, "hf_quantizer", None)).__name__ == "GgufHfQuantizer"
+        saved = (self.lm.hf_quantizer, self.lm.config.quantization_config) if gguf else None
+        if gguf:
+            self.lm.hf_quantizer = None
+            del self.lm.config.quantization_config
         try:
             self.lm.save_pretrained(tmp)
             if tokenizer is not None:
@@ -255,3 +262,5 @@ class EarlyExitModel(nn.Module):
             raise EexitError(f"cannot write the model to {out}: {str(e).splitlines()[0]}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            if saved is not None:
+                self.lm.hf_quantizer, self.lm.config.quantization_config = saved
