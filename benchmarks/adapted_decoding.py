@@ -61,32 +61,59 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
 
     hf()(), ours(EarlyExitDecoder(model, None, "full"))()  # warm-up
     t_hf, ref = median_time(hf(), reps)
-    rows = [{"batch": batch, "decoder": "transformers greedy generate", "tokens_per_s":
-             n_tok / t_hf, "speedup": 1.0, "agreement_pct": 100.0}]
+    rows = [
+        {
+            "batch": batch,
+            "decoder": "transformers greedy generate",
+            "tokens_per_s": n_tok / t_hf,
+            "speedup": 1.0,
+            "agreement_pct": 100.0,
+        }
+    ]
 
     def add(name, seconds, tokens, extra=None):
         same = (tokens == ref).float().mean().item()
-        rows.append({"batch": batch, "decoder": name, "tokens_per_s": n_tok / seconds,
-                     "speedup": t_hf / seconds, "agreement_pct": 100 * same, **(extra or {})})
+        rows.append(
+            {
+                "batch": batch,
+                "decoder": name,
+                "tokens_per_s": n_tok / seconds,
+                "speedup": t_hf / seconds,
+                "agreement_pct": 100 * same,
+                **(extra or {}),
+            }
+        )
 
     t, (toks, _) = median_time(ours(EarlyExitDecoder(model, None, "full")), reps)
     add("eexit full depth", t, toks)
     if calibrated is not None:
-        pol = make_policy(calibrated["policy"], calibrated["threshold"],
-                          calibrated["min_exit_layer"], **calibrated["policy_params"])
+        pol = make_policy(
+            calibrated["policy"],
+            calibrated["threshold"],
+            calibrated["min_exit_layer"],
+            **calibrated["policy_params"],
+        )
         dec = EarlyExitDecoder(model, pol, "propagate")
         t, (toks, layers) = median_time(ours(dec), reps)
         mean_exit = layers[:, 1:].float().mean().item()
-        add(f"eexit early exit, {calibrated['policy']} @ {calibrated['threshold']} (LTT)", t, toks,
-            {"mean_exit_layer": mean_exit})
+        add(
+            f"eexit early exit, {calibrated['policy']} @ {calibrated['threshold']} (LTT)",
+            t,
+            toks,
+            {"mean_exit_layer": mean_exit},
+        )
     for k, length in drafts:
         dec = SelfSpeculativeDecoder(model, k, length)
         ours(dec)()
         dec.reset_stats()
         t, (toks, _) = median_time(ours(dec), reps)
         st = dec.stats
-        add(f"eexit self-speculative, draft layer {k}, {length} drafts", t, toks,
-            {"acceptance_rate": st.acceptance_rate, "tokens_per_cycle": st.tokens_per_cycle})
+        add(
+            f"eexit self-speculative, draft layer {k}, {length} drafts",
+            t,
+            toks,
+            {"acceptance_rate": st.acceptance_rate, "tokens_per_cycle": st.tokens_per_cycle},
+        )
         if batch == 1 and type(model.lm).__name__.startswith("Llama"):
             t, toks = median_time(hf(assistant_early_exit=k), reps)
             add(f"transformers assistant_early_exit={k}", t, toks)
@@ -123,10 +150,25 @@ def main() -> None:
         "time / this decoder's time at the same batch size; agreement = tokens equal to "
         "transformers' greedy output.\n\n"
     )
-    cols = ["batch", "decoder", "tokens_per_s", "speedup", "agreement_pct", "mean_exit_layer",
-            "acceptance_rate", "tokens_per_cycle"]
-    write_results(a.out, "decoding", f"Decoding {Path(a.model).name}: side by side", rows,
-                  provenance(config), cols, notes=notes)
+    cols = [
+        "batch",
+        "decoder",
+        "tokens_per_s",
+        "speedup",
+        "agreement_pct",
+        "mean_exit_layer",
+        "acceptance_rate",
+        "tokens_per_cycle",
+    ]
+    write_results(
+        a.out,
+        "decoding",
+        f"Decoding {Path(a.model).name}: side by side",
+        rows,
+        provenance(config),
+        cols,
+        notes=notes,
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def timed(fn, reps: int) -> tuple[float, object]:
 
 
 def hf_greedy(model, x, new, **kw):
-    """transformers' greedy generate for exactly `new` tokens (no EOS: neither stop nor suppression)."""
+    """transformers' greedy generate for exactly `new` tokens (no EOS: neither stop nor
+    suppression)."""
     import copy
 
     gc = copy.deepcopy(model.lm.generation_config)
@@ -57,7 +58,8 @@ def exit_set(exits: str | None, L: int) -> list[int]:
 
 
 def configs_for(L: int) -> list[tuple[str, float, str | None, int]]:
-    """(policy, threshold, exit layers, min exit layer): the decision-cost design choices we compare."""
+    """(policy, threshold, exit layers, min exit layer): the decision-cost design choices we
+    compare."""
     every = ",".join(str(l) for l in range(max(1, L // 2), L, max(1, L // 6)))
     return (
         [("max-prob", t, None, 1) for t in (0.9, 0.7, 0.5)]
@@ -73,10 +75,15 @@ def bench(
     x = prompts_from(tok, "wiki-gensim", "test", n_prompts, prompt_len)
     L = model.num_layers
     full = EarlyExitDecoder(model, None, "full")
-    one = lambda dec: (
-        lambda: [dec.generate(x[i : i + 1], None, new, pad_token_id=0) for i in range(len(x))]
-    )  # noqa: E731
-    hf_one = lambda **kw: lambda: [hf_greedy(model, x[i : i + 1], new, **kw) for i in range(len(x))]  # noqa: E731
+
+    def one(dec):
+        return lambda: [
+            dec.generate(x[i : i + 1], None, new, pad_token_id=0) for i in range(len(x))
+        ]
+
+    def hf_one(**kw):
+        return lambda: [hf_greedy(model, x[i : i + 1], new, **kw) for i in range(len(x))]
+
     one(full)(), hf_one()()  # warm-up
     t_hf, hf_out = timed(hf_one(), reps)
     t_full, full_out = timed(one(full), reps)
@@ -157,10 +164,12 @@ def bench(
                 "model": label,
                 "decoder": "transformers assistant_early_exit",
                 "batch": 1,
-                "note": f"not supported by transformers for {type(model.lm).__name__} (IndexError in its layer truncation)",
+                "note": f"not supported by transformers for {type(model.lm).__name__} "
+                "(IndexError in its layer truncation)",
             }
         )
-    # batch 8: per-row exits against full depth, at the fastest batch-1 setting that keeps >= 99% agreement
+    # batch 8: per-row exits against full depth, at the fastest batch-1 setting that keeps >= 99%
+    # agreement
     ok = [(r, setting) for r, setting in tried if r["agreement_pct"] >= 99.0]
     if ok:
         best, (policy, thr, exits, min_exit) = max(ok, key=lambda rs: rs[0]["speedup_vs_full"])
@@ -187,8 +196,10 @@ def bench(
 
 
 def bench_seq2seq(spec: str, n_sources: int, new: int, reps: int) -> list[dict]:
-    """An encoder-decoder (T5) checkpoint: eexit's full-depth decoder against transformers' greedy generate
-    on test sources of its task dataset, exactly `new` tokens each, batch 1, then a few early-exit settings."""
+    """An encoder-decoder (T5) checkpoint: eexit's full-depth decoder against transformers' greedy
+    generate
+    on test sources of its task dataset, exactly `new` tokens each, batch 1, then a few early-exit
+    settings."""
     from eexit.data.pairs import model_inputs
     from eexit.data.task_data import task_split
     from eexit.data.tasks import get_task
@@ -201,10 +212,13 @@ def bench_seq2seq(spec: str, n_sources: int, new: int, reps: int) -> list[dict]:
     start = torch.tensor([[model.lm.config.decoder_start_token_id]])
     L = model.num_layers
     full = EarlyExitDecoder(model, None, "full")
-    one = lambda dec: (
-        lambda: [dec.generate(start, None, new, pad_token_id=0, source_ids=x) for x in srcs]
-    )  # noqa: E731
-    hf = lambda: [hf_greedy(model, x, new) for x in srcs]  # noqa: E731
+
+    def one(dec):
+        return lambda: [dec.generate(start, None, new, pad_token_id=0, source_ids=x) for x in srcs]
+
+    def hf():
+        return [hf_greedy(model, x, new) for x in srcs]
+
     one(full)(), hf()  # warm-up
     t_hf, hf_out = timed(hf, reps)
     t_full, full_out = timed(one(full), reps)
@@ -261,7 +275,8 @@ def profile(
     new: int,
     out: Path,
 ) -> None:
-    """Where one early-exit generation spends its time (torch.profiler, operator and Python-function view)."""
+    """Where one early-exit generation spends its time (torch.profiler, operator and Python-function
+    view)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
@@ -325,8 +340,10 @@ def main() -> None:
                 "overhead_vs_transformers",
             ],
             notes=(
-                "Median of repetitions; exactly `new_tokens` per source (EOS ignored). overhead_vs_transformers: eexit full-depth "
-                "time / transformers generate time; realized_over_ideal: speedup x layers-used fraction.\n\n"
+                "Median of repetitions; exactly `new_tokens` per source (EOS ignored). "
+                "overhead_vs_transformers: eexit full-depth "
+                "time / transformers generate time; realized_over_ideal: speedup x layers-used "
+                "fraction.\n\n"
             ),
         )
         for r in rows:
@@ -367,9 +384,12 @@ def main() -> None:
         ),
         cols,
         notes=(
-            "Median of interleaved repetitions on the same prompts (wiki-gensim test split). speedup_vs_full: eexit full-depth time / this "
-            "decoder's time; overhead_vs_transformers: eexit full-depth time / transformers generate time (target <= 1.05); "
-            "realized_over_ideal: speedup x layers used fraction (target >= 0.9 at batch 1); agreement: share of tokens equal to "
+            "Median of interleaved repetitions on the same prompts (wiki-gensim test split). "
+            "speedup_vs_full: eexit full-depth time / this "
+            "decoder's time; overhead_vs_transformers: eexit full-depth time / transformers "
+            "generate time (target <= 1.05); "
+            "realized_over_ideal: speedup x layers used fraction (target >= 0.9 at batch 1); "
+            "agreement: share of tokens equal to "
             "the full-depth greedy output.\n\n"
         ),
     )

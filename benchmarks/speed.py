@@ -145,7 +145,8 @@ def eval_bench(
 def analysis_bench(
     n_layers=8, d_model=128, vocab=4096, seq_len=128, batch=8, windows=32, reps=3
 ) -> list[dict]:
-    """analyze-monotonicity's per-batch work against a plain forward with hidden states (same tokens)."""
+    """analyze-monotonicity's per-batch work against a plain forward with hidden states (same
+    tokens)."""
     from eexit.analysis.monotonicity import forward_records
 
     model, _ = bench_model(n_layers, d_model, vocab, seq_len)
@@ -190,17 +191,20 @@ def main() -> None:
     write_results(
         a.out,
         "training_step",
-        f"Training step time over `final` ({a.layers} layers, d={a.d_model}, V={a.vocab}, batch 16x128, exits at every layer)",
+        f"Training step time over `final` ({a.layers} layers, d={a.d_model}, V={a.vocab}, batch "
+        "16x128, exits at every layer)",
         train_rows,
         provenance({"bench": "training_step", **shape, "batch": 16}),
-        notes="Median of 12 interleaved steps (forward + backward + AdamW) per variant. Target: weighted-ce <= 1.15x final.\n\n",
+        notes="Median of 12 interleaved steps (forward + backward + AdamW) per variant. "
+        "Target: weighted-ce <= 1.15x final.\n\n",
     )
     print("evaluation throughput bench ...", flush=True)
     eval_rows = eval_bench(a.layers, a.d_model, a.vocab)
     write_results(
         a.out,
         "evaluation",
-        f"LM evaluation throughput ({a.layers} layers, d={a.d_model}, V={a.vocab}, 48 windows of 128)",
+        f"LM evaluation throughput ({a.layers} layers, d={a.d_model}, V={a.vocab}, 48 windows of "
+        "128)",
         eval_rows,
         provenance({"bench": "evaluation", **shape, "batch": 8}),
         notes="Median of 3 interleaved runs.\n\n",
@@ -210,11 +214,12 @@ def main() -> None:
     write_results(
         a.out,
         "analysis",
-        f"analyze-monotonicity throughput (8 layers, d={a.d_model}, V={a.vocab}, 32 windows of 128)",
+        f"analyze-monotonicity throughput (8 layers, d={a.d_model}, V={a.vocab}, 32 windows of "
+        "128)",
         ana_rows,
         provenance({"bench": "analysis", **shape, "n_layers": 8, "batch": 8}),
-        notes="Median of 3 interleaved runs; the plain forward computes the LM head once (all positions), "
-        "the analysis once per layer. Target: <= 1.2x.\n\n",
+        notes="Median of 3 interleaved runs; the plain forward computes the LM head once "
+        "(all positions), the analysis once per layer. Target: <= 1.2x.\n\n",
     )
     for r in train_rows + eval_rows + ana_rows:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})

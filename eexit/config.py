@@ -50,7 +50,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "wiki-gensim"  # LM corpus (see `eexit.data.corpora`), a hub dataset, a .txt/.jsonl file, or a task dataset (see `eexit.data.task_data`)
+    # LM corpus (see `eexit.data.corpora`), a hub dataset, a .txt/.jsonl file, or a task dataset
+    # (see `eexit.data.task_data`)
+    dataset: str = "wiki-gensim"
     seq_len: int = 128  # tokens per training / evaluation window
     text_field: str = "text"  # field holding the text (.jsonl / .csv / .parquet, hub)
     # your own splits: one local .txt / .jsonl / .csv / .parquet file each (else the dataset's
@@ -314,7 +316,8 @@ def validate(cfg: RunConfig) -> None:
     ):
         if getattr(t, name) < (0 if name == "warmup_steps" else 1):
             raise EexitError(
-                f"train.{name} must be >= {0 if name == 'warmup_steps' else 1}; got {getattr(t, name)}"
+                f"train.{name} must be >= {0 if name == 'warmup_steps' else 1}; got "
+                f"{getattr(t, name)}"
             )
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise EexitError(

@@ -168,7 +168,9 @@ def write_results(
     check_finite(rows, title)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = f"# {title}\n\n{markdown_table(rows, columns, headers)}\n\n{notes}{chr(10) if notes else ''}## Provenance\n\n{provenance_block(prov)}"
+    table = markdown_table(rows, columns, headers)
+    gap = "\n" if notes else ""
+    md = f"# {title}\n\n{table}\n\n{notes}{gap}## Provenance\n\n{provenance_block(prov)}"
     files = {
         f"{name}.md": md,
         f"{name}.csv": csv_text(rows),

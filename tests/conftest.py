@@ -79,7 +79,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def t5():
-    """A random 3+3-layer T5 with large weights (varied, confident predictions) and a padded source batch."""
+    """A random 3+3-layer T5 with large weights (varied, confident predictions) and a padded source
+    batch."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 

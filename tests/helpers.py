@@ -19,7 +19,8 @@ def tiny(arch="gpt2", layers=3, exits="all", heads="shared", gate=False, seed=0)
 
 
 class HiddenSign(ExitPolicy):
-    """Test policy: exit where the first hidden unit is positive (about half of the rows, varying per
+    """Test policy: exit where the first hidden unit is positive (about half of the rows, varying
+    per
     row and step even on a barely trained model)."""
 
     needs_logits = False

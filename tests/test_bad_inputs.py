@@ -221,8 +221,10 @@ CASES = [
 
 
 def ids():
-    return [f"{i:03d}-{c[0][0] if c[0][0] != 'train' or len(c[0]) < 2 else 'train'}" for i, c in
-            enumerate(CASES)]
+    return [
+        f"{i:03d}-{c[0][0] if c[0][0] != 'train' or len(c[0]) < 2 else 'train'}"
+        for i, c in enumerate(CASES)
+    ]
 
 
 def test_at_least_a_hundred_cases():

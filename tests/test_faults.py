@@ -57,7 +57,11 @@ def test_killed_during_a_checkpoint_save_then_resumed_equals_uninterrupted(tmp_p
     args = tiny_overrides("train.steps=9", "train.save_every=3")
     killed = subprocess.run(
         [sys.executable, "-c", KILL_IN_SAVE, "train", *args, "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
     )
     assert killed.returncode == 137
     run = tmp_path / "run"
@@ -65,12 +69,20 @@ def test_killed_during_a_checkpoint_save_then_resumed_equals_uninterrupted(tmp_p
     assert (tmp_path / ".run.lock").exists()  # left behind by the killed process
     resumed = subprocess.run(
         [*EEXIT, "train", *args, "--out", str(run), "--resume"],
-        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr  # the stale lock was taken over
     whole = subprocess.run(
         [*EEXIT, "train", *args, "--out", str(tmp_path / "whole")],
-        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
     )
     assert whole.returncode == 0, whole.stderr
     a = (run / "model.safetensors").read_bytes()
@@ -80,17 +92,46 @@ def test_killed_during_a_checkpoint_save_then_resumed_equals_uninterrupted(tmp_p
 def test_full_disk_leaves_the_old_results_untouched(tmp_path, tiny_checkpoint):
     out = tmp_path / "res"
     first = subprocess.run(
-        [*EEXIT, "sweep", "-m", str(tiny_checkpoint), "--thresholds", "0.3,0.6",
-         "--max-tokens", "256", "--out", str(out)],
-        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300,
+        [
+            *EEXIT,
+            "sweep",
+            "-m",
+            str(tiny_checkpoint),
+            "--thresholds",
+            "0.3,0.6",
+            "--max-tokens",
+            "256",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
     )
     assert first.returncode == 0, first.stderr
     before = tree(tmp_path)
-    cmd = [*EEXIT, "sweep", "-m", str(tiny_checkpoint), "--thresholds", "0.3,0.6",
-           "--max-tokens", "256", "--out", str(out), "--overwrite"]
+    cmd = [
+        *EEXIT,
+        "sweep",
+        "-m",
+        str(tiny_checkpoint),
+        "--thresholds",
+        "0.3,0.6",
+        "--max-tokens",
+        "256",
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
     limited = subprocess.run(
         ["bash", "-c", 'ulimit -f 8; exec "$@"', "bash", *cmd],
-        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
     )
     assert limited.returncode == 2, limited.stderr
     assert "file too large" in one_error_line(limited)
@@ -102,7 +143,11 @@ def test_two_writers_of_one_folder(tmp_path):
     args = tiny_overrides("train.steps=60", "train.save_every=30", "train.eval_every=30")
     first = subprocess.Popen(
         [*EEXIT, "train", *args, "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+        cwd=ROOT,
     )
     lock = tmp_path / ".run.lock"
     deadline = time.time() + 120
@@ -111,7 +156,11 @@ def test_two_writers_of_one_folder(tmp_path):
     assert lock.exists(), "the first run never took the lock"
     second = subprocess.run(
         [*EEXIT, "train", *args, "--out", str(out), "--overwrite"],
-        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
     )
     assert second.returncode == 2
     assert f"being written by process {first.pid}" in one_error_line(second)
@@ -127,7 +176,11 @@ def test_ctrl_c_says_where_training_stopped(tmp_path):
     args = tiny_overrides("train.steps=100000", "train.save_every=3", "train.eval_every=1000")
     proc = subprocess.Popen(
         [*EEXIT, "train", *args, "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+        cwd=ROOT,
     )
     deadline = time.time() + 120
     while not list(out.glob("checkpoint-*")) and time.time() < deadline:

@@ -42,10 +42,10 @@ def test_output_folder_swaps_in_only_a_complete_run(tmp_path):
         assert not out.exists()  # nothing visible until the run completes
     assert (out / "table.md").read_text() == "first"
     assert json.loads((out / COMPLETE_MARKER).read_text())["complete"] is True
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(RuntimeError, match="the run failed"):
         with output_folder(out, overwrite=True) as d:
             (d / "table.md").write_text("second, half done")
-            1 / 0
+            raise RuntimeError("the run failed")
     assert (out / "table.md").read_text() == "first"  # the failed run changed nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # no staging left behind
     with output_folder(out, overwrite=True) as d:
@@ -76,8 +76,9 @@ def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
             with output_folder(out, overwrite=True):
                 pass
     # a lock left by a process that no longer exists
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     lock = FolderLock(out)
     lock.path.write_text(json.dumps({"pid": int(dead), "host": os.uname().nodename}))
     with output_folder(out, overwrite=True) as d:

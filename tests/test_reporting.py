@@ -17,9 +17,17 @@ def test_provenance_is_relative_versioned_and_names_the_training_command(
 ):
     shutil.copytree(tiny_checkpoint, tmp_path / "checkpoints" / "tiny")
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli("sweep", "-m", str(tmp_path / "checkpoints" / "tiny"),
-                           "--thresholds", "0.5,0.9", "--max-tokens", "256", "--out",
-                           str(tmp_path / "results" / "s"))
+    code, _, err = run_cli(
+        "sweep",
+        "-m",
+        str(tmp_path / "checkpoints" / "tiny"),
+        "--thresholds",
+        "0.5,0.9",
+        "--max-tokens",
+        "256",
+        "--out",
+        str(tmp_path / "results" / "s"),
+    )
     assert code == 0, err
     data = json.loads((tmp_path / "results" / "s" / "sweep.json").read_text())
     assert data["config"]["model"] == "checkpoints/tiny"  # relative to the project

@@ -79,7 +79,8 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
     labels = s.labels or [Path(m).stem if m.endswith(".gguf") else Path(m).name for m in s.models]
     if len(labels) != len(s.models):
         raise EexitError(
-            f"--label given {len(labels)} times for {len(s.models)} models; give one per --model or none"
+            f"--label given {len(labels)} times for {len(s.models)} models; give one per --model "
+            "or none"
         )
     if s.top_k < 1 or s.examples < 0 or s.max_tokens < 1:
         raise EexitError("--top-k and --max-tokens must be >= 1 and --examples >= 0")
@@ -131,10 +132,17 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
             "Per-layer monotonicity statistics",
             layer_rows,
             prov,
-            notes="top1_equals_final / top1_never_changes_after: % of tokens (seed 001 figure 1); p_final: probability each layer gives the final prediction (figure 2); monotone_from_here: % of tokens whose p_final never drops by more than 0.001 from this layer on.\n\n",
+            notes="top1_equals_final / top1_never_changes_after: % of tokens (seed 001 figure 1); "
+            "p_final: probability each layer gives the final prediction (figure 2); "
+            "monotone_from_here: % of tokens whose p_final never drops by more than 0.001 from "
+            "this layer on.\n\n",
         )
         write_results(folder, "topk_saturation", "Top-k saturation (seed 003)", sat_rows, prov)
-        notes = f"drop_after_peak: the final-layer probability of the final prediction is more than {mono.DROP} below its peak over layers. topk_ordered_*: ranks saturate in order (rank k+1 fixes no earlier than rank k).\n\n"
+        notes = (
+            "drop_after_peak: the final-layer probability of the final prediction is more than "
+            f"{mono.DROP} below its peak over layers. topk_ordered_*: ranks saturate in order "
+            "(rank k+1 fixes no earlier than rank k).\n\n"
+        )
         write_results(folder, "summary", "Monotonicity summary", summary_rows, prov, notes=notes)
         atomic_json(folder / "examples.json", ex_all)
         atomic_json(folder / "subword.json", subword_all)

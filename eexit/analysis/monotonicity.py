@@ -44,7 +44,8 @@ def attention_child(block):
 
 @torch.no_grad()
 def forward_records(model, x, y: torch.Tensor, k: int, sublayers: bool = True) -> LayerRecords:
-    """x: LM windows [B, T] (targets y), or a dict of model inputs of task pairs (y: labels, -100 = ignored)."""
+    """x: LM windows [B, T] (targets y), or a dict of model inputs of task pairs (y: labels, -100 =
+    ignored)."""
     layers = model.parts.layers
     mids: list[torch.Tensor] = []
     hooks = []
@@ -107,7 +108,8 @@ def concat(records: list[LayerRecords]) -> LayerRecords:
 
 
 def fixed_from(same: torch.Tensor) -> torch.Tensor:
-    """[L, ...] bool 'equals the final value' -> [L, ...] 'equals it at this layer and every later one'."""
+    """[L, ...] bool 'equals the final value' -> [L, ...] 'equals it at this layer and every later
+    one'."""
     return torch.flip(torch.cumprod(torch.flip(same.int(), [0]), 0), [0]).bool()
 
 
@@ -122,7 +124,8 @@ def per_layer_stats(r: LayerRecords) -> list[dict]:
     same = r.top1 == r.top1[-1:]
     never = fixed_from(same).float().mean(1)
     p = r.p_final
-    # non-decreasing from layer l on (within tolerance): no later step goes down by more than MONOTONE_TOL
+    # non-decreasing from layer l on (within tolerance): no later step goes down by more than
+    # MONOTONE_TOL
     down = p[1:] < p[:-1] - MONOTONE_TOL  # [L-1, N] step l -> l+1 goes down
     mono_from = torch.flip(torch.cumprod(torch.flip((~down).int(), [0]), 0), [0]).float().mean(1)
     mono_from = torch.cat([mono_from, torch.ones(1)])
@@ -156,7 +159,8 @@ def non_monotonic_share(r: LayerRecords) -> dict:
 
 
 def topk_saturation(r: LayerRecords) -> tuple[list[dict], dict]:
-    """Seed 003: per rank k, the layer where the rank-k token becomes fixed, and whether ranks saturate in order."""
+    """Seed 003: per rank k, the layer where the rank-k token becomes fixed, and whether ranks
+    saturate in order."""
     K = r.topk_ids.shape[2]
     sat = torch.stack(
         [saturation_layer(r.topk_ids[:, :, k] == r.topk_ids[-1:, :, k]) for k in range(K)]
@@ -189,7 +193,8 @@ def topk_saturation(r: LayerRecords) -> tuple[list[dict], dict]:
 
 
 def word_start_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
-    """True where a token starts a word (space marker, newline or punctuation), False for continuation pieces."""
+    """True where a token starts a word (space marker, newline or punctuation), False for
+    continuation pieces."""
     pieces = tokenizer.convert_ids_to_tokens(ids.tolist())
     out = []
     for p in pieces:
@@ -204,7 +209,8 @@ def word_start_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
 
 
 def subword_exits(r: LayerRecords, tokenizer) -> dict:
-    """Seed 004: oracle exit layer (top-1 fixed from there on) for word-start vs continuation predictions."""
+    """Seed 004: oracle exit layer (top-1 fixed from there on) for word-start vs continuation
+    predictions."""
     exit_layer = saturation_layer(r.top1 == r.top1[-1:])
     final = r.top1[-1]
     uniq, inverse = torch.unique(final, return_inverse=True)

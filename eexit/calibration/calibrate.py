@@ -6,7 +6,8 @@ windows train the classifiers and the odd windows calibrate the threshold, so th
 share tokens. The guarantee is checked on a separate split (default `test`).
 
 Risks per token at a threshold (both in [0, 1]):
-- `consistency` (CALM's textual consistency): 1 if the early-exit top-1 differs from the full model's;
+- `consistency` (CALM's textual consistency): 1 if the early-exit top-1 differs from the full
+model's;
   tested with binomial-tail p-values.
 - `loss` (risk consistency): the relative drop of the probability of the correct next token,
   max(0, 1 - p_exit(y) / p_full(y)); tested with Hoeffding-Bentkus p-values.

@@ -89,14 +89,16 @@ def _h1(a: float, b: float) -> float:
 
 
 def binomial_tail_pvalue(risk_hat: float, n: int, eps: float) -> float:
-    """Exact p-value for H0: R > eps with binary losses: P(Binomial(n, eps) <= k), k = round(n * risk_hat)."""
+    """Exact p-value for H0: R > eps with binary losses: P(Binomial(n, eps) <= k), k = round(n *
+    risk_hat)."""
     _check_common(risk_hat, n, eps)
     k = int(round(n * risk_hat))
     return math.exp(_log_binom_cdf(k, int(n), eps))
 
 
 def hoeffding_bentkus_pvalue(risk_hat: float, n: int, eps: float) -> float:
-    """Hoeffding-Bentkus p-value for H0: R > eps with losses in [0, 1] (LTT, Angelopoulos et al. 2021).
+    """Hoeffding-Bentkus p-value for H0: R > eps with losses in [0, 1] (LTT, Angelopoulos et al.
+    2021).
 
     ``min(exp(-n h1(min(risk_hat, eps), eps)), e * P(Binomial(n, eps) <= ceil(n * risk_hat)))``,
     capped at 1.  It is 1 whenever ``risk_hat >= eps`` (the Hoeffding term is then exp(0)).
@@ -115,7 +117,8 @@ _PVALUES: dict[str, Callable[[float, int, float], float]] = {
 
 
 class ThresholdRow(NamedTuple):
-    """One row of a fixed-sequence test: H0: R(threshold) > eps is rejected when p_value <= delta."""
+    """One row of a fixed-sequence test: H0: R(threshold) > eps is rejected when
+    p_value <= delta."""
 
     threshold: float
     risk_hat: float
@@ -183,7 +186,8 @@ def fixed_sequence_test(
         raise EexitError("risks must lie in [0, 1] (bounded per-example losses)")
     if method == "binomial" and not torch.equal(r, r.round()):
         raise EexitError(
-            "method 'binomial' needs binary (0/1) risks; use 'hoeffding-bentkus' for losses in [0, 1]"
+            "method 'binomial' needs binary (0/1) risks; use 'hoeffding-bentkus' for losses in [0, "
+            "1]"
         )
 
     n = int(r.shape[1])
@@ -213,7 +217,10 @@ def no_threshold_message(result: CalibrationResult) -> str:
             f"threshold {_num(result.threshold)} satisfies risk <= {result.eps:g} with {conf} "
             f"on {result.n} calibration examples ({result.method} test)"
         )
-    head = f"no threshold satisfies risk <= {result.eps:g} with {conf} on {result.n} calibration examples"
+    head = (
+        f"no threshold satisfies risk <= {result.eps:g} with {conf} on {result.n} "
+        "calibration examples"
+    )
     if result.tested:
         first = result.tested[0]
         head += (

@@ -95,7 +95,8 @@ def hub_corpus(name: str, config: str | None, field: str) -> dict[str, list[str]
         ds = datasets.load_dataset(name, config)
     except Exception as e:  # network, unknown name, ... -> one line
         raise EexitError(
-            f"could not load hub dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"could not load hub dataset {name!r}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
     out = {}
     for split in SPLITS:
@@ -316,7 +317,8 @@ def random_windows(tokens: torch.Tensor, seq_len: int, batch_size: int, generato
 
 
 def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None):
-    """Non-overlapping windows covering the split (inputs, targets), at most `max_tokens` targets."""
+    """Non-overlapping windows covering the split (inputs, targets), at most `max_tokens`
+    targets."""
     n = (len(tokens) - 1) // seq_len
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seq_len))

@@ -47,7 +47,8 @@ def shorten(tokenizer, text: str, max_tokens: int) -> str:
 def model_inputs(
     tokenizer, task: Task, ex: Example, seq2seq: bool, max_source_len: int
 ) -> list[int]:
-    """The ids a model reads for one example (encoder input, or the prompt of a decoder-only model)."""
+    """The ids a model reads for one example (encoder input, or the prompt of a decoder-only
+    model)."""
     short = Example(
         shorten(tokenizer, ex.source, max_source_len), ex.target, ex.question, ex.answers, ex.id
     )
@@ -80,7 +81,8 @@ def encode_pairs(
 
 
 def collate(p: EncodedPairs, idx: list[int]) -> tuple[dict, torch.Tensor]:
-    """(model inputs, labels) for the examples idx; right-padded (causal attention keeps pads out of real positions)."""
+    """(model inputs, labels) for the examples idx; right-padded (causal attention keeps pads out of
+    real positions)."""
     if p.seq2seq:
         src = [p.sources[i] for i in idx]
         S = max(map(len, src))
@@ -104,7 +106,8 @@ def collate(p: EncodedPairs, idx: list[int]) -> tuple[dict, torch.Tensor]:
 
 
 def batches(p: EncodedPairs, batch_size: int, limit: int | None = None):
-    """(inputs, labels) of the first `limit` examples (all by default) in order, `batch_size` at a time."""
+    """(inputs, labels) of the first `limit` examples (all by default) in order, `batch_size` at a
+    time."""
     n = len(p) if limit is None else min(limit, len(p))
     for i in range(0, n, batch_size):
         yield collate(p, list(range(i, min(i + batch_size, n))))

@@ -62,7 +62,10 @@ def bible_pairs(src: str = "4", tgt: str = "l") -> list[Example]:
         ).fetchall()
     finally:
         con.close()
-    clean = lambda s: " ".join(s.split())
+
+    def clean(s):
+        return " ".join(s.split())
+
     return [
         Example(clean(e), clean(f), id=f"{b}:{c}:{v}")
         for b, c, v, e, f in rows
@@ -99,7 +102,8 @@ _DETOK = [
 
 
 def detokenize(text: str) -> str:
-    """Undo the space-separated punctuation of the aclsum sentences ("word , word ." -> "word, word.")."""
+    """Undo the space-separated punctuation of the aclsum sentences ("word , word ." -> "word,
+    word.")."""
     for pat, rep in _DETOK:
         text = pat.sub(rep, text)
     return text
@@ -107,7 +111,8 @@ def detokenize(text: str) -> str:
 
 @register_task_data("aclsum")
 def aclsum() -> TaskData:
-    """ACL papers: abstract -> human-written summary (challenge, approach, outcome); 99/49/99 papers."""
+    """ACL papers: abstract -> human-written summary (challenge, approach, outcome); 99/49/99
+    papers."""
     import json
 
     out = {}
@@ -191,16 +196,19 @@ def wiki_cloze_qa() -> TaskData:
 def squad() -> TaskData:
     """SQuAD v1.1 from the hub (train / validation; the validation set doubles as test)."""
     ds = _hub("rajpurkar/squad", None)
-    conv = lambda rows: [
-        Example(
-            r["context"],
-            r["answers"]["text"][0],
-            question=r["question"],
-            answers=list(r["answers"]["text"]),
-            id=r["id"],
-        )
-        for r in rows
-    ]
+
+    def conv(rows):
+        return [
+            Example(
+                r["context"],
+                r["answers"]["text"][0],
+                question=r["question"],
+                answers=list(r["answers"]["text"]),
+                id=r["id"],
+            )
+            for r in rows
+        ]
+
     val = conv(ds["validation"])
     return "qa", {"train": conv(ds["train"]), "validation": val, "test": val}
 
@@ -212,5 +220,6 @@ def _hub(name: str, config: str | None):
         return datasets.load_dataset(name, config)
     except Exception as e:  # network, unknown name, ... -> one line
         raise EexitError(
-            f"could not load hub dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"could not load hub dataset {name!r}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None

@@ -112,7 +112,8 @@ class Translation(Task):
 
 # ---------------------------------------------------------------------------- SQuAD metric
 def normalize_answer(s: str) -> str:
-    """SQuAD v1.1 normalisation: lower case, drop punctuation and the articles a/an/the, squeeze spaces."""
+    """SQuAD v1.1 normalisation: lower case, drop punctuation and the articles a/an/the, squeeze
+    spaces."""
     s = s.lower()
     s = "".join(ch for ch in s if ch not in set(string.punctuation))
     s = re.sub(r"\b(a|an|the)\b", " ", s)
@@ -143,7 +144,10 @@ class OpenBookQA(Task):
         return f"question: {ex.question} context: {ex.source}"
 
     def user_text(self, ex):
-        return f"{self.instruction}\n\nText: {ex.source}\n\nQuestion: {ex.question}\n\nReply with the answer only."
+        return (
+            f"{self.instruction}\n\nText: {ex.source}\n\nQuestion: {ex.question}\n\n"
+            "Reply with the answer only."
+        )
 
     def score(self, predictions, examples):
         n = max(1, len(predictions))

@@ -39,13 +39,13 @@ _SKIP_LINK_NS = ("file", "image", "category", "media")
 _COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
 _REF_SELF = re.compile(r"<ref\b[^>]*/\s*>", re.I)
 _REF_PAIR = re.compile(r"<ref\b[^>]*>.*?</ref\s*>", re.I | re.S)
-_DROP_PAIR = re.compile(r"<(%s)\b[^>]*?(?<!/)>.*?</\1\s*>" % "|".join(_DROP_TAGS), re.I | re.S)
+_DROP_PAIR = re.compile(r"<(" + "|".join(_DROP_TAGS) + r")\b[^>]*?(?<!/)>.*?</\1\s*>", re.I | re.S)
 _BR = re.compile(r"<br\s*/?\s*>", re.I)
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*\b[^<>]*>")
 _HEADING = re.compile(r"^\s*(=+)\s*(.*?)\s*\1\s*$")
 _EXT_LINK = re.compile(r"\[(?:https?:|ftp:|//|mailto:)[^\s\]]*(?:\s+([^\]]*))?\]", re.I)
 _INNER_LINK = re.compile(r"\[\[([^\[\]]*(?:\[[^\[\]]*\][^\[\]]*)*)\]\]")
-_MEDIA_OPEN = re.compile(r"\[\[\s*(?:%s)\s*:" % "|".join(_SKIP_LINK_NS), re.I)
+_MEDIA_OPEN = re.compile(r"\[\[\s*(?:" + "|".join(_SKIP_LINK_NS) + r")\s*:", re.I)
 _INTERLANG = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]+)*:")
 _QUOTES = re.compile(r"'{2,5}")
 _MAGIC = re.compile(r"__[A-Z]+__")
@@ -60,7 +60,7 @@ _TABLE_CLOSE = re.compile(r"^\s*\|\}")
 def iter_pages(xml_text: str) -> Iterator[tuple[str, str]]:
     """Yield (title, wikitext) for non-redirect main-namespace pages."""
     title, ns, text, redirect = None, None, None, False
-    for event, elem in ET.iterparse(io.StringIO(xml_text), events=("end",)):
+    for _event, elem in ET.iterparse(io.StringIO(xml_text), events=("end",)):
         tag = elem.tag.rsplit("}", 1)[-1]
         if tag == "title":
             title = elem.text or ""

@@ -64,7 +64,8 @@ def read_calibrated(folder: str) -> dict:
     p = Path(folder) / CALIBRATED_FILE
     if not p.is_file():
         raise EexitError(
-            f"{folder} holds no {CALIBRATED_FILE} (make one with eexit calibrate ... --out {folder})"
+            f"{folder} holds no {CALIBRATED_FILE} (make one with eexit calibrate ... --out "
+            f"{folder})"
         )
     try:
         c = json.loads(p.read_text())

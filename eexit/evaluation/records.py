@@ -52,7 +52,8 @@ def forward_batches(
     model, inputs, targets: torch.Tensor | None, batch_size: int, with_inputs: bool = True
 ):
     """Teacher-forced passes: yield (states [each n x d], targets [n], positions [n]) per batch.
-    `inputs`: LM windows [N, T] with `targets`, or `EncodedPairs` of a task (labelled positions only)."""
+    `inputs`: LM windows [N, T] with `targets`, or `EncodedPairs` of a task (labelled positions
+    only)."""
     from eexit.data.pairs import IGNORE, EncodedPairs, batches, keep_labelled
 
     dev, d = model.device, model.hidden_size

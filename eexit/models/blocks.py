@@ -52,15 +52,18 @@ class BlockAdapter:
         self, l: int, h: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
         """Attention output ctx [B, H, t, dh] -> block output (output projection, residuals, MLP).
-        `rows`: the batch rows of h (encoder-decoder models attend to those rows' encoder output)."""
+        `rows`: the batch rows of h (encoder-decoder models attend to those rows' encoder
+        output)."""
         raise NotImplementedError
 
     def attn_bias(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor | None:
-        """Additive attention bias [B, H, t, S] for query positions [B, t] and key positions [S] (None: no bias)."""
+        """Additive attention bias [B, H, t, S] for query positions [B, t] and key positions [S]
+        (None: no bias)."""
         return None
 
     def begin(self, source_ids: torch.Tensor | None, source_mask: torch.Tensor | None) -> None:
-        """Start a generation (encoder-decoder models: encode the source, cache cross-attention K/V)."""
+        """Start a generation (encoder-decoder models: encode the source, cache cross-attention
+        K/V)."""
         if source_ids is not None:
             raise EexitError("source_ids are for encoder-decoder models only")
 

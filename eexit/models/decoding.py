@@ -4,8 +4,10 @@ Each new token runs block after block; after every exit layer the policy decides
 row that exits stops using compute (the rows still running are gathered per layer). The keys
 and values the skipped layers would have produced are handled by `kv_mode`:
 
-- `full`: the exited row keeps running the deeper layers for their KV (quality reference, no saving);
-- `propagate` (CALM): the exited hidden state is fed to the skipped layers' key/value projections only;
+- `full`: the exited row keeps running the deeper layers for their KV (quality reference, no
+saving);
+- `propagate` (CALM): the exited hidden state is fed to the skipped layers' key/value projections
+only;
 - `recompute` (FREE / EE-LLM): skipped positions stay pending and are computed later, batched into
   the next token of the same row that goes deeper. This yields exactly the full model's KV.
 
@@ -75,7 +77,8 @@ class EarlyExitDecoder:
         check_kv_mode(kv_mode)
         if policy is not None and policy.needs_future:
             raise EexitError(
-                f"policy {policy.registered_name!r} needs every layer and cannot decide during decoding"
+                f"policy {policy.registered_name!r} needs every layer and cannot decide during "
+                "decoding"
             )
         self.model, self.policy, self.kv_mode = model, policy, kv_mode
         self.blocks = model.family.adapter(model)
@@ -87,7 +90,8 @@ class EarlyExitDecoder:
 
     # ------------------------------------------------------------------ attention over our cache
     def _attend(self, l, q, k_new, v_new, rows, slots, qvalid=None):
-        """Write k/v of (rows, slots) into layer l's cache, then attend q over the valid slots <= each query's slot."""
+        """Write k/v of (rows, slots) into layer l's cache, then attend q over the valid slots <=
+        each query's slot."""
         c = self.cache
         gqa = self.blocks.n_heads != self.blocks.n_kv_heads
         if qvalid is None and slots.shape[1] == 1 and rows.numel() == c["k"][l].shape[0]:
@@ -373,7 +377,8 @@ class EarlyExitDecoder:
         return out_logits, out_layer, n_dec
 
     def _recompute_layer(self, l, h, r, slot, pos, frontier, depth):
-        """Layer l for the current token of rows r plus their pending positions computed up to layer l."""
+        """Layer l for the current token of rows r plus their pending positions computed up to layer
+        l."""
         dev = h.device
         pending = depth[r, :slot] == l  # computed through layer l (0-based l = layers done)
         counts = pending.sum(1)

@@ -148,9 +148,11 @@ class EarlyExitModel(nn.Module):
         source_ids: torch.Tensor | None = None,
         source_mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Run the whole stack once; return every block's output hidden state (before the final norm),
+        """Run the whole stack once; return every block's output hidden state (before the final
+        norm),
         preceded by the input of block 1 (embeddings, positions included) when `with_inputs`.
-        Encoder-decoder models: `input_ids` are the decoder inputs and `source_ids` the encoder's."""
+        Encoder-decoder models: `input_ids` are the decoder inputs and `source_ids` the
+        encoder's."""
         states: list[torch.Tensor] = []
 
         def grab(_mod, _inp, out):

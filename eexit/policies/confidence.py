@@ -56,7 +56,8 @@ class Saturation(ExitPolicy):
 
 @register_policy("static")
 class Static(ExitPolicy):
-    """Every token exits at the first exit at or after a fixed layer (`layer`, default: the last = full model)."""
+    """Every token exits at the first exit at or after a fixed layer (`layer`, default: the last =
+    full model)."""
 
     needs_logits = False
     threshold_free = True
@@ -74,7 +75,8 @@ class Static(ExitPolicy):
     def bind(self, model, model_dir) -> None:
         if self.layer is not None and self.layer > model.num_layers:
             raise EexitError(
-                f"static: --param layer={self.layer} is beyond the model's {model.num_layers} layers"
+                f"static: --param layer={self.layer} is beyond the model's {model.num_layers} "
+                "layers"
             )
 
     def score(self, view):
@@ -97,12 +99,14 @@ class Oracle(ExitPolicy):
 
     def score(self, view):
         raise EexitError(
-            "the oracle policy needs every layer's prediction: use it with evaluate / sweep, not decoding"
+            "the oracle policy needs every layer's prediction: use it with evaluate / sweep, not "
+            "decoding"
         )
 
     @staticmethod
     def scores_from_top1(top1: torch.Tensor) -> torch.Tensor:
-        """[K, N] top-1 ids per exit -> [K, N] 1.0 where the prediction is fixed from this exit on."""
+        """[K, N] top-1 ids per exit -> [K, N] 1.0 where the prediction is fixed from this exit
+        on."""
         same = top1 == top1[-1:]
         stable = torch.flip(torch.cumprod(torch.flip(same.int(), [0]), 0), [0])
         return stable.float()

@@ -105,7 +105,8 @@ def fit_classifier(
     lr: float = 3e-3,
     batch: int = 128,
 ) -> tuple[nn.Module, dict]:
-    """feats [N, L, d] normed states of every layer; labels [L, N]; trained on the given exit layers."""
+    """feats [N, L, d] normed states of every layer; labels [L, N]; trained on the given exit
+    layers."""
     torch.manual_seed(seed)
     n, L, d = feats.shape
     clf = CLASSIFIERS.get(name)(d)
@@ -121,7 +122,8 @@ def fit_classifier(
     pos = y[tr][:, cols].mean().item()
     if pos in (0.0, 1.0):
         raise EexitError(
-            f"cannot fit {name}: every calibration label is {int(pos)} (use more data or another label)"
+            f"cannot fit {name}: every calibration label is {int(pos)} (use more data or another "
+            "label)"
         )
     pos_weight = torch.tensor((1 - pos) / pos)
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
@@ -131,7 +133,8 @@ def fit_classifier(
         return F.binary_cross_entropy_with_logits(logit, y[rows][:, cols], pos_weight=pos_weight)
 
     best, best_state, bad, epochs = float("inf"), None, 0, 0
-    for epochs in range(1, max_epochs + 1):
+    for epoch in range(1, max_epochs + 1):
+        epochs = epoch
         clf.train()
         order = tr[torch.randperm(len(tr))]
         for i in range(0, len(order), batch):
@@ -175,7 +178,8 @@ def load_classifier(
     p = Path(path)
     if not p.is_file():
         raise EexitError(
-            f"no fitted exit classifier at {p}; fit one with: eexit calibrate --model <checkpoint> --fit {p.stem}"
+            f"no fitted exit classifier at {p}; fit one with: eexit calibrate --model <checkpoint> "
+            f"--fit {p.stem}"
         )
     try:
         blob = torch.load(p, weights_only=False)
@@ -243,7 +247,8 @@ class LearnedPolicy(ExitPolicy):
 
 @register_policy("meta")
 class MetaPolicy(LearnedPolicy):
-    """CALM: a linear classifier on the current hidden state (fit with `eexit calibrate --fit meta`)."""
+    """CALM: a linear classifier on the current hidden state (fit with `eexit calibrate --fit
+    meta`)."""
 
     kind = "meta"
 
@@ -253,7 +258,8 @@ class MetaPolicy(LearnedPolicy):
 
 @register_policy("lstm")
 class LSTMPolicy(LearnedPolicy):
-    """Seed 001: a two-layer LSTM over the token's hidden states so far (state carried across exits)."""
+    """Seed 001: a two-layer LSTM over the token's hidden states so far (state carried across
+    exits)."""
 
     kind = "lstm"
     stateful = True

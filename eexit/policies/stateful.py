@@ -11,7 +11,8 @@ from eexit.policies.base import ExitPolicy, positive_int, register_policy
 
 @register_policy("halting-cdf")
 class HaltingCDF(ExitPolicy):
-    """Seed 000: exit once the learned gate's cumulative halting probability CDF_n exceeds the threshold."""
+    """Seed 000: exit once the learned gate's cumulative halting probability CDF_n exceeds the
+    threshold."""
 
     stateful = True
 
@@ -21,7 +22,8 @@ class HaltingCDF(ExitPolicy):
         model = view.model
         if model is None or getattr(model, "halting_gate", None) is None:
             raise EexitError(
-                "policy halting-cdf needs a model trained with --loss ponder (it has no halting gate)"
+                "policy halting-cdf needs a model trained with --loss ponder (it has no halting "
+                "gate)"
             )
         lam = torch.sigmoid(model.halting_gate(view.hidden).squeeze(-1).float())
         if view.layer == view.num_layers:
@@ -56,7 +58,8 @@ class MonotonicHeuristic(ExitPolicy):
 
 @register_policy("patience")
 class Patience(ExitPolicy):
-    """PABEE: exit once the top-1 prediction has stayed the same for `patience` consecutive exits."""
+    """PABEE: exit once the top-1 prediction has stayed the same for `patience` consecutive
+    exits."""
 
     stateful = True
     threshold_free = True

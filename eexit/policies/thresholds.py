@@ -39,7 +39,8 @@ def parse_thresholds(spec: str) -> list[float]:
         n = int(round((b - a) / step + 1e-9))
         if n + 1 > MAX_THRESHOLDS:
             raise EexitError(
-                f"thresholds {spec!r} make {n + 1} values; at most {MAX_THRESHOLDS} (use a larger step)"
+                f"thresholds {spec!r} make {n + 1} values; at most {MAX_THRESHOLDS} (use a larger "
+                "step)"
             )
         values = [round(a + i * step, 10) for i in range(n + 1)]
         if values[-1] < b - 1e-9:

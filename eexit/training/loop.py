@@ -128,7 +128,8 @@ def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
             raise EexitError(f"--resume: no checkpoint found in {out}")
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise EexitError(
-            f"output folder {out} already exists; pass --resume to continue it or --overwrite to start again"
+            f"output folder {out} already exists; pass --resume to continue it or --overwrite to "
+            "start again"
         )
 
 
@@ -154,14 +155,16 @@ def check_resumable(ck: Path, cfg: RunConfig) -> None:
 
 
 def prepare_data(cfg: RunConfig, tokenizer=None, seq2seq: bool = False):
-    """(tokenizer, train, validation): token streams of an LM corpus, or `EncodedPairs` of a task dataset."""
+    """(tokenizer, train, validation): token streams of an LM corpus, or `EncodedPairs` of a task
+    dataset."""
     from eexit.data.task_data import TASK_DATA, load_task_data
 
     if cfg.data.dataset in TASK_DATA:
         return prepare_task_data(cfg, tokenizer, seq2seq, *load_task_data(cfg.data.dataset))
     if seq2seq:
         raise EexitError(
-            f"an encoder-decoder model trains on a task dataset (one of {', '.join(TASK_DATA.names())}); got {cfg.data.dataset!r}"
+            "an encoder-decoder model trains on a task dataset (one of "
+            f"{', '.join(TASK_DATA.names())}); got {cfg.data.dataset!r}"
         )
     corpus = data_mod.load_corpus(cfg.data.dataset, cfg.data.text_field, cfg.data.split_files())
     train_docs = data_mod.corpus_split(corpus, "train", cfg.data.dataset)
@@ -183,9 +186,12 @@ def prepare_task_data(cfg: RunConfig, tokenizer, seq2seq: bool, task_name: str, 
     if tokenizer is None:  # BPE on both sides of the training pairs
         texts = [task.source_text(e) for e in train_ex] + [e.target for e in train_ex]
         tokenizer = data_mod.train_tokenizer(texts, cfg.model.vocab_size)
-    encode = lambda exs: pairs_mod.encode_pairs(
-        tokenizer, task, exs, seq2seq, d.max_source_len, d.max_target_len
-    )
+
+    def encode(exs):
+        return pairs_mod.encode_pairs(
+            tokenizer, task, exs, seq2seq, d.max_source_len, d.max_target_len
+        )
+
     train, val = encode(train_ex), encode(val_ex)
     longest = max(len(s) + len(t) for s, t in zip(train.sources, train.targets))
     fixed_positions = FAMILIES.get(cfg.model.arch).learned_positions and not cfg.model.pretrained
@@ -323,7 +329,8 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
     make_loss(
         cfg.loss
     )  # unknown loss ("did you mean") or bad loss.params: an error before any work
-    # torchrun / accelerate launch without GPUs: accelerate takes the multi-process run only with cpu=True
+    # torchrun / accelerate launch without GPUs: accelerate takes the multi-process run only with
+    # cpu=True
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -351,7 +358,8 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
         )
     if cfg.train.batch_size % world:
         raise EexitError(
-            f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes ({world})"
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
+            f"processes ({world})"
         )
     torch.manual_seed(cfg.seed)
     pretrained, pretrained_tok = (
@@ -433,7 +441,8 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
                     else f"no checkpoint of this run was written; {out} is as it was before"
                 )
                 raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {step + 1}; training stopped ({where}); lower train.lr or raise warmup"
+                    f"loss became {loss.item()} at step {step + 1}; training stopped ({where}); "
+                    "lower train.lr or raise warmup"
                 )
             if cfg.train.grad_clip > 0:
                 acc.clip_grad_norm_(wrapped.parameters(), cfg.train.grad_clip)

@@ -103,14 +103,19 @@ def main() -> None:
         "calibration_risk": "Calibration risk",
     }
     fit_md = "\n".join(
-        f"- {r['classifier']}: held-out accuracy {r['heldout_accuracy']:.3f} (positives {r['positive_share']:.2f}), {r['epochs']} epochs"
+        f"- {r['classifier']}: held-out accuracy {r['heldout_accuracy']:.3f} (positives "
+        f"{r['positive_share']:.2f}), {r['epochs']} epochs"
         for r in fit_rows
     )
     notes = (
-        f"Learn-then-Test, risk = token-level disagreement with the full model's top-1, epsilon = {a.epsilon}, delta = {a.delta} "
-        f"(binomial tail, fixed-sequence test over {len(GRID)} thresholds), min exit layer {a.min_exit_layer}; "
-        f"calibrated on odd validation windows, reported on the test split. Decision overhead: LM-head matmuls or classifier "
-        f"cost per decision, in layer-equivalents.\n\nClassifiers (fit on even validation windows):\n{fit_md}\n\n"
+        "Learn-then-Test, risk = token-level disagreement with the full model's top-1, epsilon = "
+        f"{a.epsilon}, delta = {a.delta} "
+        f"(binomial tail, fixed-sequence test over {len(GRID)} thresholds), min exit layer "
+        f"{a.min_exit_layer}; "
+        "calibrated on odd validation windows, reported on the test split. Decision overhead: "
+        "LM-head matmuls or classifier "
+        "cost per decision, in layer-equivalents.\n\nClassifiers (fit on even validation "
+        f"windows):\n{fit_md}\n\n"
     )
     write_results(
         a.out,

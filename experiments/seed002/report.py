@@ -98,9 +98,12 @@ def main() -> None:
     }
     parts = [
         "# Seed 002, experiments 3 and 4: reproduction on the packaged Wikipedia text\n",
-        f"Early-exit rows use the max-prob policy at threshold {HEADLINE_THRESHOLD} (the seed's quality setting); "
-        "the seed does not state the threshold of its headline rows. Compute% is relative to 3 layers. "
-        "'seed' columns are the numbers printed in seed 002, for comparison (a different corpus and tokenizer: "
+        f"Early-exit rows use the max-prob policy at threshold {HEADLINE_THRESHOLD} (the seed's "
+        "quality setting); "
+        "the seed does not state the threshold of its headline rows. Compute% is relative to 3 "
+        "layers. "
+        "'seed' columns are the numbers printed in seed 002, for comparison (a different corpus "
+        "and tokenizer: "
         "PPLs are not directly comparable across the two).\n",
         markdown_table(main_rows, list(heads), heads),
     ]
@@ -154,7 +157,8 @@ def main() -> None:
     )
     parts += [
         "\n## Provenance\n",
-        f"- made by: `python experiments/seed002/report.py` (after `make reproduce`), commit `{prov['commit']}`",
+        "- made by: `python experiments/seed002/report.py` (after `make reproduce`), commit "
+        f"`{prov['commit']}`",
         *[
             f"- {r}: `{d['command']}` at commit `{d['commit']}`"
             for r, d in {**sweeps, **evals}.items()

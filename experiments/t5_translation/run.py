@@ -8,7 +8,8 @@ BLEU / chrF against compute % and measured tokens/s.
    the even validation pairs, teacher-forced (label: exit top-1 = final top-1).
 2. Sweep: greedy early-exit decoding of the first N test verses at several thresholds per policy.
 3. Calibrated: for each policy, the threshold Learn-then-Test picks on the odd validation pairs
-   (token-level disagreement with the full model <= epsilon w.p. >= 1 - delta), then decode the test verses.
+   (token-level disagreement with the full model <= epsilon w.p. >= 1 - delta), then decode the test
+   verses.
 Every row decodes the same verses; "full" is full-depth decoding of the same model in the same run.
 """
 
@@ -69,9 +70,10 @@ def main() -> None:
     model, tok = ctx.model, ctx.tokenizer
     task, examples = prepare(ctx, o)
     L = model.num_layers
-    decode = lambda pol: decode_all(
-        model, tok, task, examples, EarlyExitDecoder(model, pol, a.kv), o
-    )  # noqa: E731
+
+    def decode(pol):
+        return decode_all(model, tok, task, examples, EarlyExitDecoder(model, pol, a.kv), o)
+
     decode_all(model, tok, task, examples[:2], EarlyExitDecoder(model, None, "full"), o)  # warm-up
     full = decode(None)
     full_row = {
@@ -124,15 +126,20 @@ def main() -> None:
     )
     sig = {k: v for k, v in task.score(full.texts, examples).items() if k.endswith("signature")}
     fit_md = "\n".join(
-        f"- {r['classifier']}: held-out accuracy {r['heldout_accuracy']:.3f} (positives {r['positive_share']:.2f})"
+        f"- {r['classifier']}: held-out accuracy {r['heldout_accuracy']:.3f} (positives "
+        f"{r['positive_share']:.2f})"
         for r in fit_rows
     )
     notes = (
-        f"{len(examples)} test verses (bible-en-fr), greedy decoding at batch 1, KV of skipped layers: {a.kv}. "
+        f"{len(examples)} test verses (bible-en-fr), greedy decoding at batch 1, KV of skipped "
+        f"layers: {a.kv}. "
         f"BLEU signature `{sig['bleu_signature']}`; chrF `{sig['chrf_signature']}`.\n\n"
-        "Compute% = decoder layers run per generated token / layers (first token always full depth); Cost% adds exit "
-        "decisions and KV filling in layer-equivalents; Speedup = full-depth seconds per token / early-exit seconds per "
-        "token, same run; Agreement = tokens equal to the full-depth output at the same position.\n\n"
+        "Compute% = decoder layers run per generated token / layers (first token always full "
+        "depth); Cost% adds exit "
+        "decisions and KV filling in layer-equivalents; Speedup = full-depth seconds per token / "
+        "early-exit seconds per "
+        "token, same run; Agreement = tokens equal to the full-depth output at the same "
+        "position.\n\n"
         f"Classifiers (fit on even validation pairs, teacher-forced):\n{fit_md}\n\n"
     )
     prov = provenance(
@@ -156,10 +163,12 @@ def main() -> None:
         notes=notes,
     )
     cal_notes = (
-        f"Thresholds from Learn-then-Test on the odd validation pairs (teacher-forced): token disagreement with the full "
-        f"model <= {a.epsilon} with probability >= {1 - a.delta:.2f} (binomial tail, fixed-sequence over {len(GRID)} thresholds); "
-        "teacher_forced_risk = the calibration risk at that threshold. Then free-running decoding of the test verses.\n\n"
-        + notes
+        "Thresholds from Learn-then-Test on the odd validation pairs (teacher-forced): token "
+        "disagreement with the full "
+        f"model <= {a.epsilon} with probability >= {1 - a.delta:.2f} (binomial tail, "
+        f"fixed-sequence over {len(GRID)} thresholds); "
+        "teacher_forced_risk = the calibration risk at that threshold. Then free-running decoding "
+        "of the test verses.\n\n" + notes
     )
     write_results(
         a.out,

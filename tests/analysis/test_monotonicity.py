@@ -48,7 +48,8 @@ def test_probability_curves_and_non_monotonic_tokens():
 
 
 def test_topk_saturation_order():
-    # token 0: rank 1 fixed at layer 1, rank 2 at layer 3 (in order); token 1: rank 2 fixed before rank 1
+    # token 0: rank 1 fixed at layer 1, rank 2 at layer 3 (in order); token 1: rank 2 fixed before
+    # rank 1
     top1 = [[3, 9], [3, 8], [3, 4], [3, 4]]
     k2 = [[5, 6], [6, 6], [7, 6], [7, 6]]
     rows, summary = mono.topk_saturation(records(top1, [[0.5, 0.5]] * 4, k2))

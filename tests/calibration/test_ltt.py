@@ -1,4 +1,5 @@
-"""Learn-then-Test threshold calibration: exact p-values, fixed-sequence testing, the coverage guarantee."""
+"""Learn-then-Test threshold calibration: exact p-values, fixed-sequence testing, the coverage
+guarantee."""
 
 from __future__ import annotations
 
@@ -205,7 +206,8 @@ GRID = [round(1.0 - 0.01 * i, 2) for i in range(101)]  # 1.00, 0.99, ..., 0.00
 
 
 def population(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens with confidence s ~ U(0, 1) and an error w.p. 0.3 (1 - s): risk(lam) ~ 0.15 (1 - lam)^2.
+    """Tokens with confidence s ~ U(0, 1) and an error w.p. 0.3 (1 - s): risk(lam) ~ 0.15 (1 -
+    lam)^2.
 
     Population risk crosses eps = 0.05 near lam = 0.42, well inside the grid.
     """
@@ -216,7 +218,8 @@ def population(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_guarantee(method: str) -> tuple[float, float, float]:
-    """Return (violation rate, mean chosen threshold, mean test risk) over random cal/test splits."""
+    """Return (violation rate, mean chosen threshold, mean test risk) over random cal/test
+    splits."""
     s, err = population()
     grid = torch.tensor(GRID, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
@@ -247,7 +250,8 @@ def one_thread():
 def test_risk_control_guarantee(method, one_thread):
     rate, mean_lam, mean_risk = run_guarantee(method)
     print(
-        f"\n{method}: violation rate {rate:.4f}, mean threshold {mean_lam:.4f}, mean test risk {mean_risk:.4f}"
+        f"\n{method}: violation rate {rate:.4f}, mean threshold {mean_lam:.4f}, mean test risk "
+        f"{mean_risk:.4f}"
     )
     assert rate <= DELTA + 0.03
     assert mean_lam < 0.7  # far from the trivial "never exit" answer (1.0); oracle is ~0.42

@@ -67,13 +67,24 @@ def test_editing_a_local_text_file_changes_the_evaluated_ppl(tiny_checkpoint, tm
     from tests.conftest import run_cli
 
     text = tmp_path / "corpus.txt"
-    paragraphs = [f"The history of the war in Albania part {i} was long and hard." for i in range(400)]
+    paragraphs = [
+        f"The history of the war in Albania part {i} was long and hard." for i in range(400)
+    ]
     text.write_text("\n\n".join(paragraphs))
     rows = []
     for attempt in range(2):
         out = tmp_path / f"e{attempt}"
-        code, _, err = run_cli("evaluate", "--model", str(tiny_checkpoint), "--dataset", str(text),
-                               "--max-tokens", "256", "--out", str(out))
+        code, _, err = run_cli(
+            "evaluate",
+            "--model",
+            str(tiny_checkpoint),
+            "--dataset",
+            str(text),
+            "--max-tokens",
+            "256",
+            "--out",
+            str(out),
+        )
         assert code == 0, err
         rows.append(json.loads((out / "evaluate.json").read_text())["rows"][0]["ppl"])
         text.write_text(text.read_text().replace("war", "wor"))  # same number of documents

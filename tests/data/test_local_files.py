@@ -63,20 +63,37 @@ def test_train_and_evaluate_on_split_files(tmp_path):
     write_jsonl(tmp_path / "tr.jsonl", 300)
     write_jsonl(tmp_path / "va.jsonl", 40, 1000)
     write_jsonl(tmp_path / "te.jsonl", 40, 2000)
-    files = [f"data.train_file={tmp_path / 'tr.jsonl'}",
-             f"data.validation_file={tmp_path / 'va.jsonl'}",
-             f"data.test_file={tmp_path / 'te.jsonl'}", "data.dataset=my-jsonl"]
+    files = [
+        f"data.train_file={tmp_path / 'tr.jsonl'}",
+        f"data.validation_file={tmp_path / 'va.jsonl'}",
+        f"data.test_file={tmp_path / 'te.jsonl'}",
+        "data.dataset=my-jsonl",
+    ]
     code, _, err = run_cli("train", *tiny_overrides(*files), "--out", str(tmp_path / "ck"))
     assert code == 0, err
-    code, _, err = run_cli("evaluate", "--model", str(tmp_path / "ck"), "--max-tokens", "128",
-                           "--out", str(tmp_path / "ev"))
+    code, _, err = run_cli(
+        "evaluate",
+        "--model",
+        str(tmp_path / "ck"),
+        "--max-tokens",
+        "128",
+        "--out",
+        str(tmp_path / "ev"),
+    )
     assert code == 0, err
     row = json.loads((tmp_path / "ev" / "evaluate.json").read_text())
     assert row["config"]["dataset"] == "my-jsonl" and row["rows"][0]["tokens"] == 128
     # the test file really is read: editing it changes the result
     write_jsonl(tmp_path / "te.jsonl", 40, 5000)
-    code, _, err = run_cli("evaluate", "--model", str(tmp_path / "ck"), "--max-tokens", "128",
-                           "--out", str(tmp_path / "ev2"))
+    code, _, err = run_cli(
+        "evaluate",
+        "--model",
+        str(tmp_path / "ck"),
+        "--max-tokens",
+        "128",
+        "--out",
+        str(tmp_path / "ev2"),
+    )
     assert code == 0, err
     again = json.loads((tmp_path / "ev2" / "evaluate.json").read_text())
     assert again["rows"][0]["ppl"] != row["rows"][0]["ppl"]

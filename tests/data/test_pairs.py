@@ -1,4 +1,5 @@
-"""Task pairs -> tensors: labels cover the answer only; every loss and policy runs on T5 decoder exits."""
+"""Task pairs -> tensors: labels cover the answer only; every loss and policy runs on T5 decoder
+exits."""
 
 import pytest
 import torch

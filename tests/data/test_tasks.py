@@ -86,9 +86,12 @@ def test_aclsum_abstract_to_summary():
 
 def test_cloze_qa_is_extractive_squad_format():
     para = (
-        "Anarchism is a political philosophy. It was described by William Godwin in 1793 in a famous book, "
-        "which argued that government corrupts society and perpetuates dependency and ignorance among people. "
-        "The movement grew in the nineteenth century across Europe and later spread to the Americas and Asia too."
+        "Anarchism is a political philosophy. It was described by William Godwin in 1793 in a "
+        "famous book, "
+        "which argued that government corrupts society and perpetuates dependency and ignorance "
+        "among people. "
+        "The movement grew in the nineteenth century across Europe and later spread to the "
+        "Americas and Asia too."
     )
     (ex,) = cloze_questions("doc#0", para)
     assert (

@@ -71,7 +71,8 @@ def test_references_section_cut():
 def test_iter_pages_filters_namespace_and_redirects():
     xml = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">
   <page><title>Good &amp; Fine</title><ns>0</ns><id>1</id>
-    <revision><text xml:space="preserve">'''Good''' &lt;ref&gt;x&lt;/ref&gt;text</text></revision></page>
+    <revision><text xml:space="preserve">'''Good''' &lt;ref&gt;x&lt;/ref&gt;text</text>
+    </revision></page>
   <page><title>Redir</title><ns>0</ns><id>2</id>
     <revision><text xml:space="preserve">#redirect [[Good]]</text></revision></page>
   <page><title>Talk:Good</title><ns>1</ns><id>3</id>

@@ -1,4 +1,5 @@
-"""Task evaluation end to end: early-exit decoding scored by the task metric, T5 and decoder-only."""
+"""Task evaluation end to end: early-exit decoding scored by the task metric, T5 and
+decoder-only."""
 
 import json
 

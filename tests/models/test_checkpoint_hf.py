@@ -28,14 +28,21 @@ print(json.dumps({"keys": sorted(enc.keys()), "ids": out[0].tolist(),
 
 
 def test_plain_transformers_loads_the_checkpoint_and_decodes_the_same(tiny_checkpoint):
-    proc = subprocess.run([sys.executable, "-c", PLAIN, str(tiny_checkpoint)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN, str(tiny_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     plain = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not plain["eexit_loaded"]
     assert plain["keys"] == ["attention_mask", "input_ids"]
     # transformers 5 names its standard fast tokenizer TokenizersBackend (PreTrainedTokenizerFast)
-    assert plain["max_len"] == 32 and plain["class"] in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    assert plain["max_len"] == 32 and plain["class"] in (
+        "TokenizersBackend",
+        "PreTrainedTokenizerFast",
+    )
     model, tok, _ = load_model(str(tiny_checkpoint))
     ids = torch.tensor([tok("The history of the war")["input_ids"]])
     never = make_policy("max-prob", threshold=1.0)
@@ -49,5 +56,9 @@ def test_model_card_and_exits_in_config_json(tiny_checkpoint):
     assert "exits after layers: [1, 2, 3]" in card and "loss `weighted-ce`" in card
     assert "validation perplexity per exit: layer 1:" in card
     config = json.loads((tiny_checkpoint / "config.json").read_text())
-    assert config["eexit"] == {"exit_layers": [1, 2, 3], "exit_heads": "shared",
-                               "lens_rank": 0, "halting_gate": False}
+    assert config["eexit"] == {
+        "exit_layers": [1, 2, 3],
+        "exit_heads": "shared",
+        "lens_rank": 0,
+        "halting_gate": False,
+    }

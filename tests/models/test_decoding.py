@@ -220,7 +220,8 @@ def test_evaluate_generate_reports_speed_compute_and_agreement(tiny_checkpoint, 
     ],
 )
 def test_decoding_with_full_kv_takes_the_exits_evaluate_predicts(name, params, min_exit):
-    """Decoding (full KV) and the teacher-forced evaluation table agree on every exit, for stateless and
+    """Decoding (full KV) and the teacher-forced evaluation table agree on every exit, for stateless
+    and
     stateful policies, with and without a minimum exit layer."""
     from eexit.evaluation.records import collect_exit_table, exit_indices
 

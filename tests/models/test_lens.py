@@ -33,9 +33,16 @@ def agreement_at_layer_1(spec, windows):
 def test_lens_kl_on_a_frozen_backbone(tiny_checkpoint, tmp_path):
     out = tmp_path / "lens"
     args = tiny_overrides(
-        f"model.pretrained={tiny_checkpoint}", "model.exit_heads=lens", "model.lens_rank=8",
-        "model.freeze_backbone=true", "loss.name=lens-kl", "train.steps=30", "train.lr=3e-2",
-        "train.eval_every=30", "train.save_every=30", "loss.params.exits_per_step=1",
+        f"model.pretrained={tiny_checkpoint}",
+        "model.exit_heads=lens",
+        "model.lens_rank=8",
+        "model.freeze_backbone=true",
+        "loss.name=lens-kl",
+        "train.steps=30",
+        "train.lr=3e-2",
+        "train.eval_every=30",
+        "train.save_every=30",
+        "loss.params.exits_per_step=1",
     )
     code, _, err = run_cli("train", *args, "--out", str(out))
     assert code == 0, err
@@ -58,6 +65,7 @@ def test_lens_kl_on_a_frozen_backbone(tiny_checkpoint, tmp_path):
 
 
 def test_freeze_backbone_needs_something_to_train(tmp_path):
-    code, _, err = run_cli("train", *tiny_overrides("model.freeze_backbone=true"), "--out",
-                           str(tmp_path / "x"))
+    code, _, err = run_cli(
+        "train", *tiny_overrides("model.freeze_backbone=true"), "--out", str(tmp_path / "x")
+    )
     assert code == 2 and "leaves nothing to train" in err

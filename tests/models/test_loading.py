@@ -1,4 +1,5 @@
-"""The hub paths stay in the code for users who have the hub; offline they fail with one clear line."""
+"""The hub paths stay in the code for users who have the hub; offline they fail with one clear
+line."""
 
 import pytest
 

@@ -27,9 +27,18 @@ def gpt2(tiny_checkpoint):
 
 def llama(vocab=97, scale=1.0, seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     lm = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in lm.parameters():
@@ -42,8 +51,14 @@ def llama(vocab=97, scale=1.0, seed=0):
 def test_greedy_equals_transformers_generate_gpt2(gpt2, draft_layer, draft_length, batch):
     model, ids, mask, pad = gpt2
     ids, mask = ids[-batch:], mask[-batch:]
-    ref = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16,
-                            do_sample=False, pad_token_id=pad, eos_token_id=None)
+    ref = model.lm.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=16,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=None,
+    )
     dec = SelfSpeculativeDecoder(model, draft_layer, draft_length)
     out = dec.generate(ids, mask, 16, pad_token_id=pad)
     assert torch.equal(out.sequences, ref)
@@ -58,8 +73,14 @@ def test_greedy_equals_transformers_generate_llama_gqa_padded(draft_layer, draft
     mask = torch.ones_like(ids)
     ids[1, :3], mask[1, :3] = 0, 0
     ids[2, :5], mask[2, :5] = 0, 0
-    ref = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14,
-                            do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = model.lm.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=14,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     dec = SelfSpeculativeDecoder(model, draft_layer, draft_length)
     out = dec.generate(ids, mask, 14, pad_token_id=0)
     assert torch.equal(out.sequences, ref)
@@ -86,8 +107,9 @@ def test_stops_at_eos_and_checks_its_options(gpt2):
     model, ids, mask, pad = gpt2
     ref = SelfSpeculativeDecoder(model, 1, 3).generate(ids[:1], mask[:1], 12, pad_token_id=pad)
     eos = int(ref.new_tokens[0, 4])
-    out = SelfSpeculativeDecoder(model, 1, 3).generate(ids[:1], mask[:1], 12, eos_token_id=eos,
-                                                       pad_token_id=pad)
+    out = SelfSpeculativeDecoder(model, 1, 3).generate(
+        ids[:1], mask[:1], 12, eos_token_id=eos, pad_token_id=pad
+    )
     first = int((out.new_tokens[0] == eos).nonzero()[0])
     assert (out.new_tokens[0, first + 1 :] == pad).all()
     for layer, length in [(0, 2), (3, 2), (1, 0)]:
@@ -129,19 +151,49 @@ def test_evaluate_generate_self_spec_reports_acceptance_and_identical_output(
     from tests.conftest import run_cli
 
     out = tmp_path / "spec"
-    code, _, err = run_cli("evaluate", "--model", str(tiny_checkpoint), "--generate", "--mode",
-                           "self-spec", "--draft-layer", "1", "--draft-length", "3",
-                           "--prompts", "3", "--prompt-len", "8", "--max-new-tokens", "12",
-                           "--batch-size", "1", "--out", str(out))
+    code, _, err = run_cli(
+        "evaluate",
+        "--model",
+        str(tiny_checkpoint),
+        "--generate",
+        "--mode",
+        "self-spec",
+        "--draft-layer",
+        "1",
+        "--draft-length",
+        "3",
+        "--prompts",
+        "3",
+        "--prompt-len",
+        "8",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "1",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     rows = json.loads((out / "generation.json").read_text())["rows"]
     total = rows[-1]
     assert total["agreement_pct"] == 100.0  # greedy self-speculation is lossless
     assert 0 <= total["acceptance_rate"] <= 1 and 1 <= total["tokens_per_cycle"] <= 4
-    code, _, err = run_cli("evaluate", "--model", str(tiny_checkpoint), "--generate", "--mode",
-                           "sideways")
+    code, _, err = run_cli(
+        "evaluate", "--model", str(tiny_checkpoint), "--generate", "--mode", "sideways"
+    )
     assert code == 2 and "unknown --mode 'sideways'" in err
-    code, _, err = run_cli("evaluate", "--model", str(tiny_checkpoint), "--generate", "--mode",
-                           "self-spec", "--draft-layer", "3", "--prompt-len", "8",
-                           "--max-new-tokens", "8")
+    code, _, err = run_cli(
+        "evaluate",
+        "--model",
+        str(tiny_checkpoint),
+        "--generate",
+        "--mode",
+        "self-spec",
+        "--draft-layer",
+        "3",
+        "--prompt-len",
+        "8",
+        "--max-new-tokens",
+        "8",
+    )
     assert code == 2 and "--draft-layer must be in 1..2" in err

@@ -135,7 +135,8 @@ def test_decaying_threshold_follows_calm():
     lg = probs_logits([[0.93, 0.04, 0.03]] * 3)
     p = make_policy("max-prob", threshold=0.9, decay_tau=4.0)
     pos = torch.tensor([0, 5, 10])
-    # lambda'(t) = 0.9 * 0.9 + 0.1 * exp(-4 t / 10): 0.91, 0.8235, 0.8283 -> 0.93 passes all but... check each
+    # lambda'(t) = 0.9 * 0.9 + 0.1 * exp(-4 t / 10): 0.91, 0.8235, 0.8283 -> 0.93 passes all but...
+    # check each
     thr = [0.81 + 0.1 * math.exp(-4 * t / 10) for t in (0, 5, 10)]
     assert p.decide(view(lg, positions=pos, max_steps=10)).tolist() == [0.93 > t for t in thr]
     lg2 = probs_logits(

@@ -153,12 +153,36 @@ def test_accelerate_launch_two_processes_match_one_and_a_silent_single_process_i
     code, _, err = run_cli("train", *args, "--out", str(tmp_path / "one"))
     assert code == 0, err
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     proc = subprocess.run(
-        [*launch, "--multi_gpu", "--num_processes", "2", "--main_process_port", "29519",
-         "-m", "eexit.cli", "train", *args, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            *launch,
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29519",
+            "-m",
+            "eexit.cli",
+            "train",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "'processes': 2" in proc.stdout
@@ -166,17 +190,31 @@ def test_accelerate_launch_two_processes_match_one_and_a_silent_single_process_i
     meta = json.loads((tmp_path / "two" / "eexit.json").read_text())
     assert meta["processes"] == 2
     proc = subprocess.run(
-        [*launch, "--cpu", "--num_processes", "2", "-m", "eexit.cli", "train", *args,
-         "--out", str(tmp_path / "silent")],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            *launch,
+            "--cpu",
+            "--num_processes",
+            "2",
+            "-m",
+            "eexit.cli",
+            "train",
+            *args,
+            "--out",
+            str(tmp_path / "silent"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode != 0
     assert "asked for 2 processes but this run has 1" in proc.stderr
 
 
 def test_progress_is_logged_as_timestamped_lines_when_not_on_a_terminal(tmp_path):
-    code, out, err = run_cli("train", *tiny_overrides("train.log_every=3"), "--out",
-                             str(tmp_path / "r"))
+    code, out, err = run_cli(
+        "train", *tiny_overrides("train.log_every=3"), "--out", str(tmp_path / "r")
+    )
     assert code == 0, err
     steps = [ln for ln in err.splitlines() if "step " in ln and "tok/s" in ln]
     assert [ln.split("step ")[1].split(":")[0] for ln in steps] == ["3/6", "6/6"]
@@ -188,20 +226,23 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_batch(tmp_path):
     """2 micro-batches of 2 windows per step = 1 batch of 4 (same global batch)."""
     code, _, err = run_cli("train", *tiny_overrides(), "--out", str(tmp_path / "one"))
     assert code == 0, err
-    code, _, err = run_cli("train", *tiny_overrides("train.grad_accum_steps=2"), "--out",
-                           str(tmp_path / "two"))
+    code, _, err = run_cli(
+        "train", *tiny_overrides("train.grad_accum_steps=2"), "--out", str(tmp_path / "two")
+    )
     assert code == 0, err
     a = load_file(str(tmp_path / "one" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     meta = json.loads((tmp_path / "two" / "eexit.json").read_text())
     assert meta["processes"] == 1 and meta["mixed_precision"] == "no"
-    code, _, err = run_cli("train", *tiny_overrides("train.grad_accum_steps=3"), "--out",
-                           str(tmp_path / "three"))
+    code, _, err = run_cli(
+        "train", *tiny_overrides("train.grad_accum_steps=3"), "--out", str(tmp_path / "three")
+    )
     assert code == 2 and "divisible by train.grad_accum_steps (3)" in err
 
 
 def test_trackers_must_be_installed(tmp_path):
-    code, _, err = run_cli("train", *tiny_overrides("train.report_to=[tensorbored]"), "--out",
-                           str(tmp_path / "t"))
+    code, _, err = run_cli(
+        "train", *tiny_overrides("train.report_to=[tensorbored]"), "--out", str(tmp_path / "t")
+    )
     assert code == 2 and "unknown tracker 'tensorbored'" in err

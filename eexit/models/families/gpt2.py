@@ -21,7 +21,8 @@ class GPT2Blocks(BlockAdapter):
             attn, "reorder_and_upcast_attn", False
         ):
             raise EexitError(
-                "GPT-2 variants with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported by the decoder"
+                "GPT-2 variants with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are "
+                "not supported by the decoder"
             )
 
     @property

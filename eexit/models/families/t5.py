@@ -13,7 +13,8 @@ from eexit.models.families.base import Family, register_family
 
 
 class ScaledNorm(nn.Module):
-    """T5's final norm followed by the d_model^-0.5 scaling its LM head expects (tied embeddings)."""
+    """T5's final norm followed by the d_model^-0.5 scaling its LM head expects (tied
+    embeddings)."""
 
     def __init__(self, norm: nn.Module, scale: float):
         super().__init__()

@@ -1,4 +1,5 @@
-"""T5 (encoder-decoder): exits on the decoder, early-exit decoding with every KV mode, training on task pairs."""
+"""T5 (encoder-decoder): exits on the decoder, early-exit decoding with every KV mode, training on
+task pairs."""
 
 import json
 
@@ -81,7 +82,8 @@ def test_train_t5_on_translation_pairs_and_evaluate(tmp_path):
     model, tok, _ = load_model(str(out))
     assert model.is_seq2seq and model.exit_layers == [1, 2, 3]
     assert model.lm.config.decoder_start_token_id == tok.eos_token_id
-    # teacher-forced on the validation pairs: fit the 3-state MLP, calibrate its threshold with Learn-then-Test
+    # teacher-forced on the validation pairs: fit the 3-state MLP, calibrate its threshold with
+    # Learn-then-Test
     cal = tmp_path / "cal"
     code, _, err = run_cli(
         "calibrate",
