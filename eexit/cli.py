@@ -469,6 +469,59 @@ def calibrate(
         typer.echo(f"{policy}: {msg} -> {out}")
 
 
+@app.command("lm-eval")
+def lm_eval_command(
+    model: str = typer.Option(..., "--model", "-m", help="eexit checkpoint, HF folder or .gguf."),
+    tasks: str = typer.Option(..., help="lm-eval task names, comma separated."),
+    include_path: Optional[str] = typer.Option(None, help="A folder of your own task YAMLs."),
+    policy: str = _POLICY,
+    threshold: float = typer.Option(1.0, help="Exit threshold (1.0: never exit = plain model)."),
+    min_exit_layer: int = _MIN,
+    kv: str = _KV,
+    limit: Optional[int] = typer.Option(None, help="Examples per task (all by default)."),
+    out: Optional[str] = typer.Option(None, help="Write the table to this results folder."),
+    overwrite: bool = _OVERWRITE,
+):
+    """lm-evaluation-harness tasks with early exit: the harness's metrics beside compute % and
+    exit shares (loglikelihood and generation run through eexit's exit rule)."""
+    _quiet()
+    try:
+        from eexit.integrations.lm_eval_harness import EexitLM, run_harness
+    except ImportError:
+        raise EexitError("lm-eval is not installed: pip install 'eexit[lmeval]'") from None
+    from eexit.files import check_output_path, output_folder
+    from eexit.reporting import print_rows, provenance, write_results
+
+    if out:
+        check_output_path(Path(out), overwrite)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    lm = EexitLM(
+        pretrained=model, policy=policy, threshold=threshold, min_exit_layer=min_exit_layer, kv=kv
+    )
+    rows, stats, _ = run_harness(lm, names, include_path, limit)
+    rows = [{**r, "policy": policy, "threshold": threshold, **stats} for r in rows]
+    print_rows(rows, title=f"lm-eval {', '.join(names)}: {policy} @ {threshold}")
+    if out:
+        config = {
+            "model": model,
+            "tasks": names,
+            "include_path": include_path,
+            "policy": policy,
+            "threshold": threshold,
+            "min_exit_layer": min_exit_layer,
+            "kv": kv,
+            "limit": limit,
+        }
+        with output_folder(out, overwrite) as folder:
+            write_results(
+                folder,
+                "lm_eval",
+                f"lm-eval with early exit: {policy} @ {threshold}",
+                rows,
+                provenance(config),
+            )
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,1 @@
+"""Bridges to other tools of the field (imported only when used): lm-evaluation-harness."""
