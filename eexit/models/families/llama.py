@@ -89,17 +89,21 @@ class Llama(Family):
     def build(self, cfg, vocab_size, bos_id, eos_id):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=cfg.d_model,
-            intermediate_size=cfg.d_ff,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_heads,
-            max_position_embeddings=cfg.max_len,
-            attention_dropout=cfg.dropout,
-            tie_word_embeddings=True,
-            bos_token_id=bos_id,
-            eos_token_id=eos_id,
-        )
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(LlamaConfig(**llama_style(cfg, vocab_size, bos_id, eos_id)))
+
+
+def llama_style(cfg, vocab_size: int, bos_id: int, eos_id: int) -> dict:
+    """Config keywords of a small Llama-style model from `model.*` fields (tied embeddings)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=cfg.max_len,
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=True,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+    )

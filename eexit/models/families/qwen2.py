@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from eexit.models.families.base import Family, register_family
-from eexit.models.families.llama import LlamaBlocks
+from eexit.models.families.llama import LlamaBlocks, llama_style
 
 
 @register_family
@@ -16,17 +16,4 @@ class Qwen2(Family):
     def build(self, cfg, vocab_size, bos_id, eos_id):
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        config = Qwen2Config(
-            vocab_size=vocab_size,
-            hidden_size=cfg.d_model,
-            intermediate_size=cfg.d_ff,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_heads,
-            max_position_embeddings=cfg.max_len,
-            attention_dropout=cfg.dropout,
-            tie_word_embeddings=True,
-            bos_token_id=bos_id,
-            eos_token_id=eos_id,
-        )
-        return Qwen2ForCausalLM(config)
+        return Qwen2ForCausalLM(Qwen2Config(**llama_style(cfg, vocab_size, bos_id, eos_id)))
