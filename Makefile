@@ -134,13 +134,14 @@ smollm2-adapted: install-smollm2
 	       --set model.pretrained="$(SMOLLM2)" --overwrite
 	$(EEXIT) analyze-monotonicity --model "$(SMOLLM2)" --label SmolLM2-135M \
 	  --model checkpoints/smollm2-lens --label SmolLM2-135M+lens --dataset wiki-gensim \
-	  --seq-len 256 --max-tokens 8192 --batch-size 4 --no-sublayers \
+	  --seq-len 256 --max-tokens 2048 --batch-size 4 --no-sublayers \
 	  --out results/smollm2_adapted/monotonicity --overwrite
 	$(EEXIT) calibrate --model checkpoints/smollm2-lens --policy max-prob --epsilon 0.02 \
-	  --delta 0.1 --min-exit-layer 10 --dataset wiki-gensim --max-tokens 16384 --batch-size 4 \
+	  --delta 0.1 --min-exit-layer 10 --dataset wiki-gensim --max-tokens 4096 --batch-size 4 \
 	  --out results/smollm2_adapted/calibration --overwrite
 	$(BIN)/python benchmarks/adapted_decoding.py --model checkpoints/smollm2-lens \
-	  --calibrated results/smollm2_adapted/calibration --out results/smollm2_adapted/decoding
+	  --calibrated results/smollm2_adapted/calibration --prompts 4 --new 24 --reps 1 \
+	  --drafts 8:4,15:4 --out results/smollm2_adapted/decoding
 
 # Speed ratios measured side by side (results/bench/). The generation part uses the demo model
 # (make demo first) and the SmolLM2-135M GGUF.
