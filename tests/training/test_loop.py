@@ -246,3 +246,28 @@ def test_trackers_must_be_installed(tmp_path):
         "train", *tiny_overrides("train.report_to=[tensorbored]"), "--out", str(tmp_path / "t")
     )
     assert code == 2 and "unknown tracker 'tensorbored'" in err
+
+
+def test_a_diverging_overwrite_leaves_the_old_run_as_it_was(tmp_path, tiny_checkpoint):
+    """Issue reproduction: --overwrite of a good run by one whose loss becomes NaN before its
+    first checkpoint: the NaN stop is clean and the old run is byte-identical."""
+    target = tmp_path / "c"
+    shutil.copytree(tiny_checkpoint, target)
+    before = {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    code, _, err = run_cli(
+        "train",
+        *tiny_overrides(
+            "train.lr=1e30",
+            "train.warmup_steps=0",
+            "train.grad_clip=0",
+            "train.steps=20",
+            "train.save_every=10",
+        ),
+        "--out",
+        str(target),
+        "--overwrite",
+    )
+    assert code == 2 and "loss became" in err and f"{target} is as it was before" in err
+    after = {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no staging left
