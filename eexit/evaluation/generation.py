@@ -61,8 +61,10 @@ def token_costs(
     policy = decoder.policy
     lm = layer_macs(model, context)
     dec_cost = model.decision_macs(policy) / lm if policy is not None else 0.0
-    reuse = dec_cost if (policy is not None and policy.needs_logits) else 0.0
-    overhead = res.decisions[:, 1:].float() * dec_cost - (exit_l < L).float() * reuse
+    reuse = dec_cost if (policy is not None and policy.reuses_exit_logits) else 0.0
+    extra = model.first_decision_extra_macs(policy) / lm if policy is not None else 0.0
+    n_dec = res.decisions[:, 1:].float()
+    overhead = n_dec * dec_cost + (n_dec > 0).float() * extra - (exit_l < L).float() * reuse
     if decoder.kv_mode in (
         "full",
         "recompute",

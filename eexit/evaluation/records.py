@@ -30,11 +30,13 @@ class ExitTable:
     top1: torch.Tensor  # [K, N] top-1 prediction at each exit
     score: torch.Tensor  # [K, N] policy confidence at each exit
     decision_cost: float  # one decision, in layer-equivalents
-    reuses_logits: bool  # an exit's decision logits are also its output (no extra head at the exit)
+    # an exit's decision logits are also its output (no extra head at the exit)
+    reuses_logits: bool
     positions: torch.Tensor | None = (
         None  # [N] position of each token in its window (decaying threshold)
     )
     max_steps: int | None = None  # window length
+    first_decision_extra: float = 0.0  # what a token's first decision costs beyond the others
 
     @property
     def tokens(self) -> int:
@@ -117,17 +119,18 @@ def collect_exit_table(
         if policy.needs_future
         else torch.stack([torch.cat(s) for s in score])
     )
-    cost = model.decision_macs(policy) / layer_macs(model, (T + 1) / 2.0)
+    per_layer = layer_macs(model, (T + 1) / 2.0)
     return ExitTable(
         exits,
         model.num_layers,
         torch.stack([torch.cat(v) for v in nll]),
         top1_t,
         score_t,
-        cost,
-        policy.needs_logits,
+        model.decision_macs(policy) / per_layer,
+        policy.reuses_exit_logits,
         torch.cat(all_pos),
         T,
+        first_decision_extra=model.first_decision_extra_macs(policy) / per_layer,
     )
 
 
@@ -153,7 +156,8 @@ def exit_metrics(table: ExitTable, policy: ExitPolicy) -> dict:
     decisions = torch.cumsum(torch.tensor(asked), 0)[idx]
     exited_early = (used < L).float()
     reused = exited_early * table.decision_cost if table.reuses_logits else 0.0
-    overhead = decisions * table.decision_cost - reused
+    first = (decisions > 0).float() * table.first_decision_extra
+    overhead = decisions * table.decision_cost + first - reused
     chosen_nll = table.nll[idx, cols]
     row = {
         "threshold": None if policy.threshold_free else policy.threshold,

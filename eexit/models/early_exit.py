@@ -201,6 +201,9 @@ class EarlyExitModel(nn.Module):
         own = policy.decision_macs(self.hidden_size, self.vocab_size)
         return own + (self.adapter_macs if policy.needs_logits else 0.0)
 
+    def first_decision_extra_macs(self, policy) -> float:
+        return policy.first_decision_extra_macs(self.hidden_size, self.vocab_size)
+
     def translate(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         """The exit adapter of `layer` (identity without one)."""
         key = str(layer)

@@ -152,6 +152,16 @@ class ExitPolicy:
         """Multiply-accumulates one decision costs for one token."""
         return hidden_size * vocab_size + 4.0 * vocab_size if self.needs_logits else 0.0
 
+    def first_decision_extra_macs(self, hidden_size: int, vocab_size: int) -> float:
+        """What a token's first decision costs beyond `decision_macs` (a shortlisted softmax
+        measure computes the full vocabulary once)."""
+        return 0.0
+
+    @property
+    def reuses_exit_logits(self) -> bool:
+        """The decision's logits are also the exit's output (no second head at the exit)."""
+        return self.needs_logits and not getattr(self, "shortlist", 0)
+
 
 def check_threshold(threshold) -> float:
     if not 0.0 <= float(threshold) <= 1.0:

@@ -12,31 +12,83 @@ from eexit.errors import EexitError
 from eexit.policies.base import ExitPolicy, positive_int, register_policy
 
 
+class SoftmaxMeasure(ExitPolicy):
+    """A measure of the exit's softmax. `shortlist=K` cuts its cost: the first exit where the
+    token is scored computes the full vocabulary once and keeps its top-K tokens; every later
+    exit computes the logits of those K candidates only (d x K multiply-adds instead of d x V)
+    and the measure is taken over the candidates' softmax (an approximation: calibrate it)."""
+
+    def __init__(
+        self,
+        threshold: float = 0.9,
+        min_exit_layer: int = 1,
+        decay_tau: float = 0.0,
+        shortlist: int = 0,
+        **params,
+    ):
+        super().__init__(threshold, min_exit_layer, decay_tau, **params)
+        self.shortlist = int(shortlist)
+        if self.shortlist < 0:
+            raise EexitError(f"shortlist must be >= 0 (0 = the full vocabulary); got {shortlist}")
+        if self.shortlist:
+            self.stateful = True  # the candidates come from the first scored exit
+
+    def measure_logits(self, view) -> torch.Tensor:
+        """The logits the measure reads: the full exit, or the token's K candidates."""
+        if not self.shortlist:
+            return view.logits
+        ids = view.state.get("shortlist")
+        model = view.model
+        if ids is None or str(view.layer) in getattr(model, "exit_heads", {}):
+            full = view.logits  # one full head: the first scored exit (or a separate head)
+            ids = full.topk(min(self.shortlist, full.shape[-1]), dim=-1).indices
+            view.state["shortlist"] = ids
+            return full.gather(1, ids)
+        h = model.parts.final_norm(model.translate(view.hidden, view.layer)).float()
+        head = model.parts.lm_head
+        logits = torch.einsum("nd,nkd->nk", h, head.weight[ids].float())
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[ids].float()
+        return logits
+
+    def decision_macs(self, hidden_size, vocab_size):
+        if not self.shortlist:
+            return super().decision_macs(hidden_size, vocab_size)
+        return float(hidden_size * self.shortlist + 4 * self.shortlist)
+
+    def first_decision_extra_macs(self, hidden_size, vocab_size):
+        if not self.shortlist:
+            return 0.0
+        full = super().decision_macs(hidden_size, vocab_size)
+        return full - self.decision_macs(hidden_size, vocab_size)
+
+
 @register_policy("max-prob")
-class MaxProb(ExitPolicy):
+class MaxProb(SoftmaxMeasure):
     """Seed 002: the largest softmax probability of the exit's prediction."""
 
     def score(self, view):
-        return view.probs.max(-1).values
+        return torch.softmax(self.measure_logits(view).float(), -1).max(-1).values
 
 
 @register_policy("margin")
-class Margin(ExitPolicy):
+class Margin(SoftmaxMeasure):
     """CALM: top-1 minus top-2 softmax probability."""
 
     def score(self, view):
-        top = view.probs.topk(2, dim=-1).values
+        top = torch.softmax(self.measure_logits(view).float(), -1).topk(2, dim=-1).values
         return top[:, 0] - top[:, 1]
 
 
 @register_policy("entropy")
-class Entropy(ExitPolicy):
+class Entropy(SoftmaxMeasure):
     """DeeBERT: 1 - H(p) / log V, so that a peaked distribution scores near 1."""
 
     def score(self, view):
-        logp = torch.log_softmax(view.logits, -1)
+        logits = self.measure_logits(view).float()
+        logp = torch.log_softmax(logits, -1)
         h = -(logp.exp() * logp).sum(-1)
-        return 1.0 - h / math.log(view.logits.shape[-1])
+        return 1.0 - h / math.log(logits.shape[-1])
 
 
 @register_policy("saturation")

@@ -48,6 +48,8 @@ def llama():
 
 def bound(name: str, model, min_exit: int) -> ExitPolicy:
     params = {"patience": {"patience": 1}, "topk-saturation": {"k": 1}}.get(name, {})
+    if name.endswith("+shortlist"):  # a softmax measure over the first scored exit's top 5
+        name, params = name.removesuffix("+shortlist"), {"shortlist": 5}
     pol = make_policy(name, 0.5, min_exit, **params)
     if pol.needs_classifier:  # a random classifier of the right kind stands in for a fitted one
         torch.manual_seed(2)
@@ -57,7 +59,8 @@ def bound(name: str, model, min_exit: int) -> ExitPolicy:
 
 def cases():
     names = [n for n in POLICIES.names() if not POLICIES.get(n).needs_future]
-    return [(n, m) for n in names for m in (1, 3)] + [("custom", 1)]
+    shortlisted = [("max-prob+shortlist", 1), ("margin+shortlist", 3), ("entropy+shortlist", 2)]
+    return [(n, m) for n in names for m in (1, 3)] + shortlisted + [("custom", 1)]
 
 
 @pytest.mark.parametrize("name,min_exit", cases())
