@@ -142,6 +142,10 @@ smollm2-adapted: install-smollm2
 	$(BIN)/python benchmarks/adapted_decoding.py --model checkpoints/smollm2-lens \
 	  --calibrated results/smollm2_adapted/calibration --prompts 4 --new 24 --reps 1 \
 	  --drafts 8:4,15:4 --out results/smollm2_adapted/decoding
+	for sl in 0 32; do $(EEXIT) evaluate --model checkpoints/smollm2-lens --generate --kv propagate \
+	  --policy max-prob --threshold 0.99 --min-exit-layer 10 --param shortlist=$$sl --prompts 4 \
+	  --prompt-len 32 --max-new-tokens 24 --batch-size 1 \
+	  --out results/smollm2_adapted/generate-maxprob-shortlist$$sl --overwrite || exit 1; done
 
 # Speed ratios measured side by side (results/bench/). The generation part uses the demo model
 # (make demo first) and the SmolLM2-135M GGUF.
