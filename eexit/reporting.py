@@ -164,7 +164,12 @@ def write_results(
     notes: str = "",
     overwrite: bool = True,
 ) -> Path:
-    """Write <name>.md/.csv/.json plus provenance.json into out_dir, each file atomically."""
+    """Write <name>.md/.csv/.json plus provenance.json into out_dir, each file atomically.
+
+    <name>.json is the rows as a list of records (`pandas.read_json` reads it as is); the title,
+    command, config, versions and commit are in provenance.json beside it (per table under
+    "tables") and under the .md table.
+    """
     check_finite(rows, title)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,12 +179,37 @@ def write_results(
     files = {
         f"{name}.md": md,
         f"{name}.csv": csv_text(rows),
-        f"{name}.json": json.dumps({"title": title, "rows": rows, **prov}, indent=2, default=str),
-        "provenance.json": json.dumps(prov, indent=2, default=str),
+        f"{name}.json": json.dumps(rows, indent=2, default=str),
+        "provenance.json": json.dumps(
+            {**prov, "tables": {**_tables(out), name: table_provenance(title, prov)}},
+            indent=2,
+            default=str,
+        ),
     }
     for fname, text in files.items():
         atomic_write(out / fname, text)
     return out
+
+
+def table_provenance(title: str, prov: dict) -> dict:
+    """What provenance.json keeps per table: a folder written by several commands (benchmarks)
+    still says which command, commit and config made each table."""
+    keep = ("command", "commit", "date", "config")
+    return {"title": title, **{k: prov[k] for k in keep if k in prov}}
+
+
+def _tables(out: Path) -> dict[str, dict]:
+    """The tables earlier writes put in `out` (name -> title and provenance), kept."""
+    try:
+        tables = dict(json.loads((out / "provenance.json").read_text()).get("tables", {}))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+    return {n: t for n, t in tables.items() if (out / f"{n}.json").is_file()}
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a results table (<name>.json, a list of records)."""
+    return json.loads(Path(path).read_text())
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> None:

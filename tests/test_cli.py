@@ -92,8 +92,12 @@ def test_sweep_writes_tables_plot_and_provenance(tiny_checkpoint, tmp_path):
     for f in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png", "provenance.json"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0
     data = json.loads((out / "sweep.json").read_text())
-    assert [r["threshold"] for r in data["rows"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert data["rows"][-1]["compute_pct"] == 100.0
+    assert [r["threshold"] for r in data] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert data[-1]["compute_pct"] == 100.0
+    prov = json.loads((out / "provenance.json").read_text())
+    assert list(prov["tables"]) == ["sweep"]
+    assert prov["tables"]["sweep"]["command"] == prov["command"]
+    data = prov
     assert (
         data["command"].startswith("eexit sweep")
         and data["commit"]
@@ -138,7 +142,7 @@ def test_sweep_alias_and_evaluate_output(tiny_checkpoint, tmp_path):
         str(tmp_path / "e"),
     )
     assert code == 0, err
-    row = json.loads((tmp_path / "e" / "evaluate.json").read_text())["rows"][0]
+    row = json.loads((tmp_path / "e" / "evaluate.json").read_text())[0]
     assert row["exit@2_pct"] == 100.0 and row["compute_pct"] == pytest.approx(200 / 3)
 
 
@@ -202,7 +206,7 @@ def test_sweep_one_liner_takes_the_newest_checkpoint(tmp_path, tiny_checkpoint, 
     assert code == 0, err
     assert "using the newest checkpoint, checkpoints/newer" in err
     rows = json.loads((tmp_path / "results" / "sweep-newer-max-prob" / "sweep.json").read_text())
-    assert [r["threshold"] for r in rows["rows"]][:2] == [0.5, 0.55]
+    assert [r["threshold"] for r in rows][:2] == [0.5, 0.55]
     shutil.rmtree(tmp_path / "checkpoints")
     code, _, err = run_cli("sweep", "--thresholds", "0.5:0.95")
     assert code == 2 and "no --model given and no trained checkpoint" in err

@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 
+import pandas
 import pytest
 
 from eexit.errors import EexitError
@@ -29,14 +30,17 @@ def test_provenance_is_relative_versioned_and_names_the_training_command(
         str(tmp_path / "results" / "s"),
     )
     assert code == 0, err
-    data = json.loads((tmp_path / "results" / "s" / "sweep.json").read_text())
+    data = json.loads((tmp_path / "results" / "s" / "provenance.json").read_text())
     assert data["config"]["model"] == "checkpoints/tiny"  # relative to the project
     assert str(tmp_path) not in data["command"] and "--out results/s" in data["command"]
     assert data["config"]["trained_by"].startswith("eexit train")
     env = data["environment"]
     assert all(env[k] for k in ("eexit", "torch", "transformers", "accelerate", "datasets"))
     assert data["commit"] != "unknown"  # the repository of the eexit install, not of cwd
-    row = data["rows"][0]
+    rows = pandas.read_json(tmp_path / "results" / "s" / "sweep.json")  # tidy: records
+    assert len(rows) == 2 and rows["threshold"].tolist() == [0.5, 0.9]
+    assert rows["threshold"].dtype == float and rows["cost_pct"].notna().all()
+    row = rows.iloc[0]
     assert row["threshold"] == 0.5 and row["policy"] == "max-prob"
     assert row["dataset"] == "wiki-gensim" and "cost_pct" in row
     assert set(environment()) >= {"eexit", "accelerate", "datasets"}
@@ -51,3 +55,26 @@ def test_nan_rows_are_errors_never_tables():
     check_finite([{"ppl": 3.0}], "t")
     with pytest.raises(EexitError, match="ppl is nan"):
         check_finite([{"threshold": 0.5, "ppl": math.nan}], "sweep")
+
+
+def test_old_result_tables_convert_to_records_with_their_provenance(tmp_path):
+    """scripts/tidy_results.py: {"title", "rows", ...provenance} -> records + provenance.json,
+    numbers unchanged, each table's own command kept; running it again changes nothing."""
+    from scripts.tidy_results import main as tidy
+
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    rows = [{"threshold": 0.5, "ppl": 12.25}, {"threshold": 0.9, "ppl": 11.5}]
+    for name, cmd in (("a", "bench.py"), ("b", "bench_generation.py")):
+        old = {"title": f"table {name}", "rows": rows, "command": cmd, "config": {"k": name}}
+        (folder / f"{name}.json").write_text(json.dumps(old))
+    (folder / "provenance.json").write_text(json.dumps({"command": "bench_generation.py"}))
+    tidy(str(tmp_path))
+    assert pandas.read_json(folder / "a.json")["ppl"].tolist() == [12.25, 11.5]
+    prov = json.loads((folder / "provenance.json").read_text())
+    assert prov["tables"]["a"] == {"title": "table a", "command": "bench.py", "config": {"k": "a"}}
+    assert prov["tables"]["b"]["command"] == "bench_generation.py"
+    assert prov["converted_by"] == "python scripts/tidy_results.py"
+    before = {p.name: p.read_text() for p in folder.iterdir()}
+    tidy(str(tmp_path))
+    assert {p.name: p.read_text() for p in folder.iterdir()} == before

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eexit.reporting import markdown_table, plot_tradeoff, provenance
+from eexit.files import atomic_write
+from eexit.reporting import markdown_table, plot_tradeoff, provenance, read_rows
 
 ROOT = Path("results/seed002")
 HEADLINE_THRESHOLD = 0.95  # the seed's "quality" setting (品質重視: 閾値 0.95)
@@ -49,7 +50,9 @@ NAMES = {
 
 
 def load(run: str, kind: str) -> dict:
-    return json.loads((ROOT / run / f"{kind}.json").read_text())
+    """A run's table rows beside its provenance (command, commit, config)."""
+    prov = json.loads((ROOT / run / "provenance.json").read_text())
+    return {**prov, "rows": read_rows(ROOT / run / f"{kind}.json")}
 
 
 def main() -> None:
@@ -165,10 +168,12 @@ def main() -> None:
         ],
         "",
     ]
-    (ROOT / "summary.md").write_text("\n".join(parts))
-    (ROOT / "summary.json").write_text(
-        json.dumps({"main": main_rows, "sweeps": sweep_json, **prov}, indent=2, default=str)
-    )
+    atomic_write(ROOT / "summary.md", "\n".join(parts))
+    # tidy records (pandas.read_json reads each); provenance beside them
+    atomic_write(ROOT / "summary.json", json.dumps(main_rows, indent=2, default=str))
+    sweep_records = [{"run": run, **row} for run, rows in sweep_json.items() for row in rows]
+    atomic_write(ROOT / "summary_sweeps.json", json.dumps(sweep_records, indent=2, default=str))
+    atomic_write(ROOT / "provenance.json", json.dumps(prov, indent=2, default=str))
     print((ROOT / "summary.md").read_text())
 
 

@@ -106,13 +106,13 @@ def test_analyze_command_on_a_trained_checkpoint(tiny_checkpoint, tmp_path):
         "examples.json",
     ):
         assert (out / f).is_file(), f
-    per_layer = json.loads((out / "per_layer.json").read_text())["rows"]
+    per_layer = json.loads((out / "per_layer.json").read_text())
     a = [r for r in per_layer if r["model"] == "a"]
     b = [r for r in per_layer if r["model"] == "b"]
     assert len(a) == 3 and a == [{**r, "model": "a"} for r in b]  # same model twice -> same numbers
     assert a[-1]["top1_equals_final"] == 100.0 and a[-1]["top1_never_changes_after"] == 100.0
     assert all(x["top1_never_changes_after"] <= x["top1_equals_final"] + 1e-9 for x in a)
-    sub = json.loads((out / "sublayer.json").read_text())["rows"]
+    sub = json.loads((out / "sublayer.json").read_text())
     assert [r["point"] for r in sub if r["model"] == "a"][:6] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
     ex = json.loads((out / "examples.json").read_text())["a"]
     assert len(ex) == 3 and len(ex[0]["layers"]) == 3 and len(ex[0]["layers"][0]["top"]) == 3

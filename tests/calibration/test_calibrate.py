@@ -118,7 +118,7 @@ def test_calibrate_end_to_end_and_evaluate_with_it(tiny_checkpoint, tmp_path):
         str(out),
     )
     assert code == 0, err
-    summary = json.loads((out / "calibration.json").read_text())["rows"][0]
+    summary = json.loads((out / "calibration.json").read_text())[0]
     chosen = json.loads((out / "calibrated.json").read_text())
     assert chosen["threshold"] == summary["threshold"] is not None
     assert summary["calibration_risk"] <= 0.3
@@ -135,7 +135,7 @@ def test_calibrate_end_to_end_and_evaluate_with_it(tiny_checkpoint, tmp_path):
         str(tmp_path / "ev"),
     )
     assert code == 0, err
-    row = json.loads((tmp_path / "ev" / "evaluate.json").read_text())["rows"][0]
+    row = json.loads((tmp_path / "ev" / "evaluate.json").read_text())[0]
     assert row["threshold"] == chosen["threshold"]
     assert row["compute_pct"] == pytest.approx(summary["test_compute_pct"])
 

@@ -86,6 +86,6 @@ def test_editing_a_local_text_file_changes_the_evaluated_ppl(tiny_checkpoint, tm
             str(out),
         )
         assert code == 0, err
-        rows.append(json.loads((out / "evaluate.json").read_text())["rows"][0]["ppl"])
+        rows.append(json.loads((out / "evaluate.json").read_text())[0]["ppl"])
         text.write_text(text.read_text().replace("war", "wor"))  # same number of documents
     assert rows[0] != rows[1]

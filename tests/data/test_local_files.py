@@ -81,8 +81,9 @@ def test_train_and_evaluate_on_split_files(tmp_path):
         str(tmp_path / "ev"),
     )
     assert code == 0, err
-    row = json.loads((tmp_path / "ev" / "evaluate.json").read_text())
-    assert row["config"]["dataset"] == "my-jsonl" and row["rows"][0]["tokens"] == 128
+    row = json.loads((tmp_path / "ev" / "evaluate.json").read_text())[0]
+    prov = json.loads((tmp_path / "ev" / "provenance.json").read_text())
+    assert prov["config"]["dataset"] == "my-jsonl" and row["tokens"] == 128
     # the test file really is read: editing it changes the result
     write_jsonl(tmp_path / "te.jsonl", 40, 5000)
     code, _, err = run_cli(
@@ -95,5 +96,5 @@ def test_train_and_evaluate_on_split_files(tmp_path):
         str(tmp_path / "ev2"),
     )
     assert code == 0, err
-    again = json.loads((tmp_path / "ev2" / "evaluate.json").read_text())
-    assert again["rows"][0]["ppl"] != row["rows"][0]["ppl"]
+    again = json.loads((tmp_path / "ev2" / "evaluate.json").read_text())[0]
+    assert again["ppl"] != row["ppl"]

@@ -84,7 +84,7 @@ def random_llama(tokenizer, tmp_path_factory):
 
 
 def _rows(out):
-    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    rows = json.loads((out / "sweep.json").read_text())
     assert [r["full_depth"] for r in rows] == [True] + [False] * (len(rows) - 1)
     return {"full" if r["full_depth"] else str(r["threshold"]): r for r in rows}
 

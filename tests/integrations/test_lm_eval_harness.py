@@ -120,7 +120,7 @@ def test_the_cli_shortcut_writes_its_table(tiny_checkpoint, task_dir, tmp_path):
         str(out),
     )
     assert code == 0, err
-    row = json.loads((out / "lm_eval.json").read_text())["rows"][0]
+    row = json.loads((out / "lm_eval.json").read_text())[0]
     assert row["task"] == "tiny_mc" and 0 <= row["acc"] <= 1
     assert row["loglikelihood_compute_pct"] == pytest.approx(100 / 3)
     assert row["loglikelihood_exit@1_pct"] == 100.0

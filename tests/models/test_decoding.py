@@ -194,7 +194,7 @@ def test_evaluate_generate_reports_speed_compute_and_agreement(tiny_checkpoint, 
         str(tmp_path / "g"),
     )
     assert code == 0, err
-    rows = json.loads((tmp_path / "g" / "generation.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "g" / "generation.json").read_text())
     total = rows[-1]
     assert (
         total["sample"] == "total" and total["agreement_pct"] == 100.0

@@ -174,7 +174,7 @@ def test_evaluate_generate_self_spec_reports_acceptance_and_identical_output(
         str(out),
     )
     assert code == 0, err
-    rows = json.loads((out / "generation.json").read_text())["rows"]
+    rows = json.loads((out / "generation.json").read_text())
     total = rows[-1]
     assert total["agreement_pct"] == 100.0  # greedy self-speculation is lossless
     assert 0 <= total["acceptance_rate"] <= 1 and 1 <= total["tokens_per_cycle"] <= 4

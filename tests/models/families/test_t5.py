@@ -101,7 +101,7 @@ def test_train_t5_on_translation_pairs_and_evaluate(tmp_path):
         str(cal),
     )
     assert code == 0, err
-    summary = json.loads((cal / "calibration.json").read_text())["rows"][0]
+    summary = json.loads((cal / "calibration.json").read_text())[0]
     assert summary["calibration_tokens"] > 100 and summary["test_tokens"] > 100
     assert summary["threshold"] is None or summary["test_compute_pct"] <= 100.0
     assert (out / "exit_classifiers").is_dir()
@@ -111,5 +111,5 @@ def test_train_t5_on_translation_pairs_and_evaluate(tmp_path):
         "analyze-monotonicity", "-m", str(out), "--max-tokens", "300", "--out", str(mono)
     )
     assert code == 0, err
-    rows = json.loads((mono / "per_layer.json").read_text())["rows"]
+    rows = json.loads((mono / "per_layer.json").read_text())
     assert [r["layer"] for r in rows] == [1, 2, 3] and rows[-1]["top1_equals_final"] == 100.0
