@@ -1,10 +1,10 @@
 """Convert results tables written before the tidy-JSON schema to it, numbers unchanged.
 
 Old: <name>.json = {"title", "rows", ...provenance}. New: <name>.json = the rows as a list of
-records (`pandas.read_json` reads it), its title, command, commit and config under "tables" in the
-folder's provenance.json (written from the old file's provenance when the folder has none). Each converted folder's
-provenance records the conversion ("converted_by"), so a table never claims a command it was
-not made by. Idempotent: files already in the new schema are left alone.
+records (`pandas.read_json` reads it), its title, command, commit and config under "tables" in
+the folder's provenance.json (written from the old file's provenance when the folder has none).
+Each converted folder's provenance records the conversion ("converted_by"), so a table never
+claims a command it was not made by. Idempotent: files already in the new schema are left alone.
 
     python scripts/tidy_results.py [results]
 """
