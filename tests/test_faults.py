@@ -41,12 +41,12 @@ def one_error_line(proc) -> str:
 KILL_IN_SAVE = """
 import os, sys
 import eexit.training.loop as loop
-real = loop.atomic_torch_save
-def dying_save(obj, path):
+real = loop.atomic_json
+def dying_save(path, obj):
     if "checkpoint-6" in str(path):
         os._exit(137)  # killed: no cleanup, no finally, the lock file stays behind
-    real(obj, path)
-loop.atomic_torch_save = dying_save
+    real(path, obj)
+loop.atomic_json = dying_save
 from eexit.cli import main
 sys.argv = ["eexit"] + sys.argv[1:]
 main()

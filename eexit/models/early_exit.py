@@ -220,10 +220,17 @@ class EarlyExitModel(nn.Module):
         return torch.stack([self.halting_gate(states[l - 1]).squeeze(-1) for l in self.exit_layers])
 
     # ------------------------------------------------------------------ save / load
-    def save(self, out_dir: str | Path, tokenizer=None, extra_meta: dict | None = None) -> None:
+    def save(
+        self,
+        out_dir: str | Path,
+        tokenizer=None,
+        extra_meta: dict | None = None,
+        state_dict: dict | None = None,
+    ) -> None:
         """A `save_pretrained` folder plus eexit.json and the exit modules. Written into a hidden
         folder beside `out_dir` first, then each file is renamed into place: no file of an
-        earlier save is ever replaced by a truncated one."""
+        earlier save is ever replaced by a truncated one. `state_dict` (this model's keys): the
+        weights to write instead of the module's own, e.g. gathered from FSDP shards."""
         from safetensors.torch import save as safetensors_bytes
 
         out = Path(out_dir)
@@ -246,12 +253,14 @@ class EarlyExitModel(nn.Module):
             self.lm.hf_quantizer = None
             del self.lm.config.quantization_config
         try:
-            self.lm.save_pretrained(tmp)
+            state = self.state_dict() if state_dict is None else state_dict
+            lm_state = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
+            self.lm.save_pretrained(tmp, state_dict=lm_state if state_dict is not None else None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             extras = {
                 k: v.detach().contiguous().cpu()
-                for k, v in self.state_dict().items()
+                for k, v in state.items()
                 if not k.startswith("lm.")
             }
             if extras:

@@ -26,7 +26,6 @@ from eexit.errors import EexitError, Interrupted, TrainingDiverged
 from eexit.files import (
     FolderLock,
     atomic_json,
-    atomic_torch_save,
     atomic_write,
     replace_folder,
 )
@@ -36,7 +35,9 @@ from eexit.models.loading import build_lm, load_model
 from eexit.reporting import command_line, log, progress_bar
 from eexit.training.losses import LossBatch, make_loss
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.json"  # {"step": N}; written last, it marks a complete checkpoint
+ACCELERATE_STATE = "accelerate_state"  # accelerator.save_state: optimizer, scheduler, RNG, shards
+LEGACY_STATE_FILE = "trainer_state.pt"  # written before accelerate's save_state: not resumable
 
 
 class TrainingModule(nn.Module):
@@ -124,6 +125,12 @@ def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise EexitError(f"output folder {out} is a file; choose a folder path with --out")
     if resume:
+        if not checkpoints(out) and any(out.glob(f"checkpoint-*/{LEGACY_STATE_FILE}")):
+            raise EexitError(
+                f"--resume: the checkpoints in {out} were written by an older eexit (without "
+                "accelerate's save_state) and cannot be resumed; their weights load as usual "
+                "(--model or model.pretrained)"
+            )
         if not checkpoints(out):
             raise EexitError(f"--resume: no checkpoint found in {out}")
     elif out.exists() and any(out.iterdir()) and not overwrite:
@@ -262,28 +269,37 @@ def _validation_batches(model, val, cfg: RunConfig):
         yield model(x[i : i + bs].to(dev)), y[i : i + bs].to(dev)
 
 
-def save_checkpoint(
-    acc, module: TrainingModule, optimizer, step: int, tokenizer, cfg: RunConfig, folder: Path
-) -> None:
-    """checkpoint-<step>/ written as a unit (a hidden folder renamed into place)."""
-    out = folder / f"checkpoint-{step}"
+def save_checkpoint(acc, wrapped, step: int, tokenizer, cfg: RunConfig, folder: Path) -> None:
+    """checkpoint-<step>/ written as a unit (a hidden folder renamed into place): the model as a
+    Hugging Face folder from the gathered state dict (`accelerator.get_state_dict`: whole weights
+    under FSDP / DeepSpeed), and `accelerator.save_state` for optimizer, scheduler, every
+    process's RNG (and FSDP / DeepSpeed shards)."""
+    out, tmp = folder / f"checkpoint-{step}", folder / f".tmp-checkpoint-{step}"
     if acc.is_main_process:
-        tmp = folder / f".tmp-checkpoint-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
-        module.model.save(tmp, tokenizer, {"train_config": to_dict(cfg), "step": step})
-        atomic_torch_save({"optimizer": optimizer.state_dict(), "step": step}, tmp / STATE_FILE)
+        tmp.mkdir()
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / ACCELERATE_STATE))
+    state = acc.get_state_dict(wrapped)  # collective under FSDP / DeepSpeed: every process
+    if acc.is_main_process:
+        model = acc.unwrap_model(wrapped).model
+        model_state = {k.removeprefix("model."): v for k, v in state.items()}
+        meta = {"train_config": to_dict(cfg), "step": step}
+        model.save(tmp, tokenizer, meta, state_dict=model_state)
+        atomic_json(tmp / STATE_FILE, {"step": step})
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-    acc.wait_for_everyone()
-    rng = {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    atomic_torch_save(rng, out / f"rng-{acc.process_index}.pt")
-    acc.wait_for_everyone()
-    if acc.is_main_process:
         for old in checkpoints(folder)[: -cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def use_hf_folder_for_weights(acc) -> None:
+    """The checkpoint's Hugging Face folder holds the model: accelerate's state skips a second
+    copy of the weights (its hooks see only models it does not shard itself, so FSDP /
+    DeepSpeed shards are still saved and loaded by accelerate)."""
+    acc.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+    acc.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
 
 def run_training(
@@ -387,21 +403,20 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
         model.lm.load_state_dict(lm_state)
         if (ck / "exit_modules.safetensors").is_file():
             model.load_state_dict(load_file(str(ck / "exit_modules.safetensors")), strict=False)
-        state = torch.load(ck / STATE_FILE, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+        start = json.loads((ck / STATE_FILE).read_text())["step"]
         if acc.is_main_process:
             trim_log(out / "train_log.jsonl", start)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg), last_epoch=start - 1)
+    # on --resume, accelerate's load_state below restores the scheduler, optimizer and RNG
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     torch.manual_seed(
         cfg.seed * 1000 + rank
     )  # loss-side sampling (exit_token_fraction) per process
-    if resume and (ck / f"rng-{rank}.pt").is_file():
-        rng = torch.load(ck / f"rng-{rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
     wrapped, optimizer = acc.prepare(module, optimizer)
+    # the scheduler is checkpointed, not prepared: a prepared one steps once per process
+    acc.register_for_checkpointing(scheduler)
+    use_hf_folder_for_weights(acc)
+    if resume:
+        acc.load_state(str(ck / ACCELERATE_STATE))
     wrapped.train()
     if cfg.train.report_to:
         acc.init_trackers(cfg.run_name, config=flat_config(cfg))
@@ -486,8 +501,7 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
                         ppl = " ".join(f"{k}={v:.2f}" for k, v in val.items() if "ppl" in k)
                         log(f"step {done}: validation {ppl}")
             if done % cfg.train.save_every == 0 and done < cfg.train.steps:
-                unwrapped = acc.unwrap_model(wrapped)
-                save_checkpoint(acc, unwrapped, optimizer, done, tokenizer, cfg, folder.path)
+                save_checkpoint(acc, wrapped, done, tokenizer, cfg, folder.path)
                 folder.promote(acc)
 
     # ---- save
@@ -500,6 +514,7 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
     }
     if end == cfg.train.steps:
         acc.wait_for_everyone()
+        state = acc.get_state_dict(wrapped)  # gathered whole under FSDP / DeepSpeed
         if acc.is_main_process:
             meta = {
                 "train_config": to_dict(cfg),
@@ -509,7 +524,8 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
                 "mixed_precision": acc.mixed_precision,
                 "command": command_line(),
             }
-            model.save(folder.path, tokenizer, meta)
+            model_state = {k.removeprefix("model."): v for k, v in state.items()}
+            model.save(folder.path, tokenizer, meta, state_dict=model_state)
             atomic_json(folder.path / "metrics.json", result)
         folder.promote(acc)
     acc.end_training()

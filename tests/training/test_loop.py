@@ -41,7 +41,13 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     code, out, err = run_cli("train", *args, "--out", str(tmp_path / "cut"), "--stop-after", "3")
     assert code == 0, err
     assert "stopped" in out and not (tmp_path / "cut" / "model.safetensors").exists()
-    assert (tmp_path / "cut" / "checkpoint-3").is_dir()
+    # accelerate save_state: optimizer, scheduler (custom_checkpoint_0), RNG; weights: the HF folder
+    state = tmp_path / "cut" / "checkpoint-3" / "accelerate_state"
+    assert {"optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"} <= {
+        p.name for p in state.iterdir()
+    }
+    assert not list(state.glob("model*"))
+    assert (tmp_path / "cut" / "checkpoint-3" / "model.safetensors").is_file()
     code, _, err = run_cli("train", *args, "--out", str(tmp_path / "cut"), "--resume")
     assert code == 0, err
     assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "cut")) == 0.0
@@ -55,6 +61,14 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     m_cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     for k in ("loss", "val_ppl@1", "val_ppl@3"):
         assert m_full[k] == m_cut[k]
+
+
+def test_a_checkpoint_of_an_older_eexit_is_refused_for_resume_in_one_line(tmp_path):
+    old = tmp_path / "old" / "checkpoint-3"
+    old.mkdir(parents=True)
+    (old / "trainer_state.pt").write_bytes(b"x")
+    code, _, err = run_cli("train", *tiny_overrides(), "--out", str(tmp_path / "old"), "--resume")
+    assert code == 2 and "older eexit" in err and "Traceback" not in err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -189,6 +203,17 @@ def test_accelerate_launch_two_processes_match_one_and_a_silent_single_process_i
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
     meta = json.loads((tmp_path / "two" / "eexit.json").read_text())
     assert meta["processes"] == 2
+    # stopped at a checkpoint and resumed (accelerate's save_state / load_state, one RNG state
+    # per process), the 2-process run ends with the uninterrupted one's weights
+    for port, extra in (("29521", ["--stop-after", "3"]), ("29523", ["--resume"])):
+        cut = [*launch, "--multi_gpu", "--num_processes", "2", "--main_process_port", port]
+        cut += ["-m", "eexit.cli", "train", *args, "--out", str(tmp_path / "cut"), *extra]
+        proc = subprocess.run(cut, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (
+        tmp_path / "cut" / "checkpoint-3" / "accelerate_state" / "random_states_1.pkl"
+    ).is_file()
+    assert max_diff(weights(tmp_path / "two"), weights(tmp_path / "cut")) == 0.0
     proc = subprocess.run(
         [
             *launch,
