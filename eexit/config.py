@@ -46,6 +46,11 @@ class ModelConfig:
     dropout: float = 0.0  # dropout in attention / MLP / embeddings
     lens_rank: int = 0  # exit_heads lens: adapter rank (0 = full d x d affine)
     freeze_backbone: bool = False  # train only what eexit adds (exit adapters / heads / gate)
+    # LoRA adapters on the backbone through peft (0 = off): the rest of the backbone is frozen;
+    # checkpoints hold the merged weights (plain transformers loads them)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # LoRA scale is lora_alpha / lora_rank
+    lora_targets: Any = "all-linear"  # peft target_modules: "all-linear" or a list of names
 
 
 @dataclass
@@ -102,6 +107,10 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches per pass
     log_every: int = 10  # steps between log lines in train_log.jsonl
     grad_accum_steps: int = 1  # micro-batches per step (same global batch, less memory)
+    # LayerSkip layer dropout: a block is skipped per sequence with a rate rising with depth,
+    # 0 at the first block and layer_dropout at the last (0 = off)
+    layer_dropout: float = 0.0
+    layer_dropout_scale: str = "exp"  # how the rate rises: exp | linear | uniform
     # experiment trackers through accelerate (e.g. [tensorboard], [wandb]); jsonl is always written
     report_to: list[str] = field(default_factory=list)
 
@@ -329,6 +338,20 @@ def validate(cfg: RunConfig) -> None:
         raise EexitError("train.weight_decay and train.grad_clip must be >= 0 (grad_clip 0 = off)")
     if not 0 <= m.dropout < 1:
         raise EexitError(f"model.dropout must be in [0, 1); got {m.dropout}")
+    if not 0 <= t.layer_dropout < 1:
+        raise EexitError(f"train.layer_dropout must be in [0, 1); got {t.layer_dropout}")
+    from eexit.training.layer_dropout import SCALES
+
+    if t.layer_dropout_scale not in SCALES:
+        raise EexitError(
+            f"train.layer_dropout_scale must be one of {', '.join(SCALES)}; got "
+            f"{t.layer_dropout_scale!r}"
+        )
+    if m.lora_rank < 0 or m.lora_alpha <= 0:
+        raise EexitError(
+            f"model.lora_rank must be >= 0 (0 = off) and model.lora_alpha > 0; got "
+            f"{m.lora_rank}, {m.lora_alpha}"
+        )
     if m.min_exit_layer < 1:
         raise EexitError(f"model.min_exit_layer must be >= 1; got {m.min_exit_layer}")
     if cfg.seed < 0:

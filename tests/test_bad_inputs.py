@@ -97,6 +97,17 @@ CASES = [
     ([*TR, "--set", "data.seq_len=500"], "data.seq_len must be in 2..model.max_len"),
     ([*TR, "--set", "loss.exit_token_fraction=0"], "loss.exit_token_fraction must be in (0, 1]"),
     ([*TR, "--set", "model.min_exit_layer=0"], "model.min_exit_layer must be >= 1"),
+    ([*TR, "--set", "train.layer_dropout=1"], "train.layer_dropout must be in [0, 1)"),
+    ([*TR, "--set", "train.layer_dropout_scale=log"], "must be one of exp, linear, uniform"),
+    ([*TR, "--set", "model.lora_rank=-1"], "model.lora_rank must be >= 0"),
+    (
+        [*TR, "--set", "model.lora_rank=2", "--set", "model.lora_targets=[qproj]"],
+        "model.lora_targets ['qproj'] match no layer of the model",
+    ),
+    (
+        ["train", "--loss", "layerskip", *TINY_TRAIN, "--set", "loss.params.rotation=0"],
+        "loss.params.rotation must be >= 1",
+    ),
     ([*TR, "--set", "seed=-1"], "seed must be >= 0"),
     ([*TR, "--set", "data.dataset=wiki"], "unknown dataset 'wiki'"),
     ([*TR, "--set", "data.dataset={tmp}/empty.txt"], "dataset file is empty"),

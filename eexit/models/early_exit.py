@@ -22,6 +22,7 @@ from eexit.errors import EexitError
 from eexit.files import atomic_json, atomic_write
 from eexit.models.checkpoint import EEXIT_META, EXTRA_WEIGHTS, model_card
 from eexit.models.families import family_of
+from eexit.models.lora import has_lora, merged
 
 
 def resolve_exit_layers(spec, num_layers: int, min_exit_layer: int = 1) -> list[int]:
@@ -254,8 +255,13 @@ class EarlyExitModel(nn.Module):
             del self.lm.config.quantization_config
         try:
             state = self.state_dict() if state_dict is None else state_dict
-            lm_state = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
-            self.lm.save_pretrained(tmp, state_dict=lm_state if state_dict is not None else None)
+            if has_lora(self.lm):  # the merged weights: a plain model, loadable without peft
+                merged(self.lm).save_pretrained(tmp)
+            elif state_dict is not None:
+                lm = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
+                self.lm.save_pretrained(tmp, state_dict=lm)
+            else:
+                self.lm.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             extras = {

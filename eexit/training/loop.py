@@ -32,7 +32,9 @@ from eexit.files import (
 from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
 from eexit.models.families import FAMILIES
 from eexit.models.loading import build_lm, load_model
+from eexit.models.lora import add_lora, has_lora
 from eexit.reporting import command_line, log, progress_bar
+from eexit.training.layer_dropout import layer_dropout, layer_dropout_rates
 from eexit.training.losses import LossBatch, make_loss
 
 STATE_FILE = "trainer_state.json"  # {"step": N}; written last, it marks a complete checkpoint
@@ -43,18 +45,27 @@ LEGACY_STATE_FILE = "trainer_state.pt"  # written before accelerate's save_state
 class TrainingModule(nn.Module):
     """Model + loss in one forward, so data-parallel wrappers see every parameter use."""
 
-    def __init__(self, model: EarlyExitModel, loss_cfg):
+    def __init__(self, model: EarlyExitModel, cfg: RunConfig):
         super().__init__()
         self.model = model
-        self.exit_token_fraction = loss_cfg.exit_token_fraction
-        self.loss_fn = make_loss(loss_cfg)
+        self.exit_token_fraction = cfg.loss.exit_token_fraction
+        self.loss_fn = make_loss(cfg.loss)
+        self.total_steps = cfg.train.steps
+        t = cfg.train  # LayerSkip's layer dropout: skip rates rising with depth
+        self.skip_rates = layer_dropout_rates(
+            model.num_layers, t.layer_dropout, t.layer_dropout_scale
+        )
 
-    def forward(self, inputs, targets):
-        if isinstance(inputs, dict):  # task pairs: padded, prompt positions ignored
-            states, targets = pairs_mod.keep_labelled(self.model(**inputs), targets)
-        else:
-            states = self.model(inputs)
-        return self.loss_fn(LossBatch(self.model, states, targets, self.exit_token_fraction))
+    def forward(self, inputs, targets, step: int = 0):
+        with layer_dropout(self.model.parts.layers, self.skip_rates if self.training else []):
+            if isinstance(inputs, dict):  # task pairs: padded, prompt positions ignored
+                states, targets = pairs_mod.keep_labelled(self.model(**inputs), targets)
+            else:
+                states = self.model(inputs)
+        batch = LossBatch(
+            self.model, states, targets, self.exit_token_fraction, step, self.total_steps
+        )
+        return self.loss_fn(batch)
 
 
 def lr_lambda(cfg) -> callable:
@@ -224,6 +235,8 @@ def build_model(
     layers = resolve_exit_layers(cfg.model.exit_layers, depth, cfg.model.min_exit_layer)
     gate = make_loss(cfg.loss).needs_halting_gate
     model = EarlyExitModel(lm, layers, cfg.model.exit_heads, gate, cfg.model.lens_rank)
+    if cfg.model.lora_rank:  # LoRA on the backbone; the rest of it frozen
+        add_lora(model.lm, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
     if cfg.model.freeze_backbone:  # only what eexit adds is trained: the full model is unchanged
         for param in model.lm.parameters():
             param.requires_grad_(False)
@@ -394,16 +407,18 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
             shutil.rmtree(folder.path, ignore_errors=True)
         folder.path.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-    module = TrainingModule(model, cfg.loss)
+    module = TrainingModule(model, cfg)
     optimizer = make_optimizer(module, cfg)
     start, ck = 0, checkpoints(out)[-1] if resume else None
+    lora = has_lora(model.lm)
     if resume:
         check_resumable(ck, cfg)
-        lm_state = type(model.lm).from_pretrained(ck).state_dict()
-        model.lm.load_state_dict(lm_state)
-        if (ck / "exit_modules.safetensors").is_file():
-            model.load_state_dict(load_file(str(ck / "exit_modules.safetensors")), strict=False)
         start = json.loads((ck / STATE_FILE).read_text())["step"]
+        if not lora:  # the HF folder's weights (with LoRA: accelerate's state, unmerged)
+            model.lm.load_state_dict(type(model.lm).from_pretrained(ck).state_dict())
+            if (ck / "exit_modules.safetensors").is_file():
+                exits = load_file(str(ck / "exit_modules.safetensors"))
+                model.load_state_dict(exits, strict=False)
         if acc.is_main_process:
             trim_log(out / "train_log.jsonl", start)
     # on --resume, accelerate's load_state below restores the scheduler, optimizer and RNG
@@ -414,7 +429,8 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
     wrapped, optimizer = acc.prepare(module, optimizer)
     # the scheduler is checkpointed, not prepared: a prepared one steps once per process
     acc.register_for_checkpointing(scheduler)
-    use_hf_folder_for_weights(acc)
+    if not lora:
+        use_hf_folder_for_weights(acc)
     if resume:
         acc.load_state(str(ck / ACCELERATE_STATE))
     wrapped.train()
@@ -444,7 +460,7 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
             else:
                 x = x[share].to(acc.device)
             y = y[share].to(acc.device)
-            loss, logs = accumulate(acc, wrapped, x, y, accum)
+            loss, logs = accumulate(acc, wrapped, x, y, accum, step)
             bad = acc.reduce(
                 torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0, device=acc.device), "sum"
             ).item()
@@ -532,7 +548,7 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
     return result
 
 
-def accumulate(acc, wrapped, x, y, accum: int):
+def accumulate(acc, wrapped, x, y, accum: int, step: int = 0):
     """Forward and backward over `accum` equal micro-batches (gradients summed, each loss
     scaled by 1 / accum; DDP syncs on the last one). Returns the mean loss and logs; a
     non-finite loss is returned before any backward."""
@@ -543,7 +559,7 @@ def accumulate(acc, wrapped, x, y, accum: int):
         xi = {k: v[part] for k, v in x.items()} if isinstance(x, dict) else x[part]
         sync = acc.no_sync(wrapped) if i < accum - 1 else nullcontext()
         with sync:
-            loss, logs_i = wrapped(xi, y[part])
+            loss, logs_i = wrapped(xi, y[part], step)
             if not torch.isfinite(loss):
                 return loss, logs_i
             acc.backward(loss / accum)

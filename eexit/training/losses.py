@@ -84,6 +84,8 @@ class LossBatch:
     states: list[torch.Tensor]  # every block's output [B, T, d]
     targets: torch.Tensor  # [B, T] next-token ids
     exit_token_fraction: float = 1.0  # share of positions scored at intermediate exits
+    step: int = 0  # optimizer step (0-based) of this batch: curricula depend on it
+    total_steps: int = 1  # train.steps
 
     @property
     def last(self) -> int:
@@ -329,3 +331,68 @@ class LensKL(Loss):
             total = total + kl
             logs[f"kl@{layer}"] = kl.item()
         return total / len(shallow), logs
+
+
+CURRICULA = ("none", "rotational", "gradual")
+
+
+@register_loss("layerskip")
+class LayerSkip(Loss):
+    """LayerSkip's early-exit loss (Elhoushi et al. 2024): CE at every exit through the shared
+    head, exit l (0-based block index) scaled by e_scale * sum_{i<=l} i (rising with depth), the
+    last layer by L - 1 + e_scale * sum_{i<=L-2} i, the scales of the exits switched on at this
+    step normalised to sum 1. Curricula decide which shallow exits are on at step t:
+    `rotational` every R-th exit, rotating with t ((index - t) mod R == 0); `gradual` exits
+    switched on from the last layer down, one more every total_steps / (exits - 1) steps; `none`
+    all of them. Pair it with `train.layer_dropout` for the whole recipe."""
+
+    @dataclass
+    class Params:
+        e_scale: float = 1.0  # weight of the shallow exits' losses against the last layer's
+        curriculum: str = (
+            "rotational"  # which shallow exits are on per step: none|rotational|gradual
+        )
+        rotation: int = 2  # rotational: one exit in every `rotation` is on at a step
+
+    def check(self):
+        p = self.params
+        if p.curriculum not in CURRICULA:
+            raise EexitError(
+                f"loss.params.curriculum must be one of {', '.join(CURRICULA)}; "
+                f"got {p.curriculum!r}"
+            )
+        if p.rotation < 1 or p.e_scale < 0:
+            raise EexitError("loss.params.rotation must be >= 1 and loss.params.e_scale >= 0")
+
+    def active_exits(self, exits: list[int], last: int, step: int, total: int) -> list[int]:
+        """The exits whose loss is on at `step` (the last layer always)."""
+        shallow = [l for l in exits if l != last]
+        p = self.params
+        if p.curriculum == "rotational":
+            shallow = [l for i, l in enumerate(shallow) if (i - step) % p.rotation == 0]
+        elif p.curriculum == "gradual" and shallow:
+            on = 1 + (step * len(shallow)) // max(1, total)  # 1 .. len(shallow), top down
+            shallow = shallow[len(shallow) - min(on, len(shallow)) :]
+        return [*shallow, last]
+
+    def scales(self, layers: list[int], last: int) -> dict[int, float]:
+        e = self.params.e_scale
+        raw = {
+            l: (last - 1 + e * (last - 2) * (last - 1) / 2)
+            if l == last
+            else e * (l - 1) * l / 2  # block index l - 1: sum_{i<=l-1} i
+            for l in layers
+        }
+        total = sum(raw.values())
+        if total == 0:  # a 1-layer model: the last layer alone
+            return {l: 1.0 / len(raw) for l in raw}
+        return {l: v / total for l, v in raw.items()}
+
+    def __call__(self, b):
+        on = self.active_exits(b.exits, b.last, b.step, b.total_steps)
+        ce = b.exit_ce(on)
+        scale = self.scales(on, b.last)
+        loss = sum(scale[l] * ce.per_layer[l].mean() for l in on)
+        logs = _logs(ce)
+        logs["exits_on"] = float(len(on))
+        return loss, logs

@@ -124,3 +124,38 @@ def test_loss_params_are_the_losses_own_and_checked():
         loss_of("weighted-ce", ponder_beta=0.1)  # another loss's setting
     assert make_loss(LossConfig(name="ponder")).needs_halting_gate
     assert not make_loss(LossConfig(name="free-kd")).needs_halting_gate
+
+
+def test_layerskip_scales_rise_with_depth_and_are_normalised():
+    m = tiny(layers=4)
+    b, _ = batch(m)
+    loss, logs = loss_of("layerskip", curriculum="none")(b)
+    # block index l = layer - 1: e_scale * sum_{i<=l} i -> 0, 1, 3; last: L-1 + sum_{i<=2} i = 6
+    expected = (0 * exact_ce(m, b, 1) + 1 * exact_ce(m, b, 2) + 3 * exact_ce(m, b, 3)) / 10
+    expected = expected + 6 / 10 * exact_ce(m, b, 4)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logs["exits_on"] == 4.0
+
+
+def test_layerskip_curricula_choose_the_exits_of_each_step():
+    rot = loss_of("layerskip", curriculum="rotational", rotation=2)
+    assert [rot.active_exits([1, 2, 3, 4], 4, t, 6) for t in (0, 1, 2)] == [
+        [1, 3, 4],
+        [2, 4],
+        [1, 3, 4],
+    ]
+    grad = loss_of("layerskip", curriculum="gradual")
+    assert [grad.active_exits([1, 2, 3, 4], 4, t, 3) for t in (0, 1, 2)] == [
+        [3, 4],
+        [2, 3, 4],
+        [1, 2, 3, 4],
+    ]
+    # the loss follows the curriculum: at step 1 (rotational) only exit 2 and the last count
+    m = tiny(layers=4)
+    b, _ = batch(m)
+    b.step = 1
+    loss, logs = rot(b)
+    expected = (1 * exact_ce(m, b, 2) + 6 * exact_ce(m, b, 4)) / 7
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and logs["exits_on"] == 2.0
+    with pytest.raises(EexitError, match="curriculum must be one of none, rotational, gradual"):
+        loss_of("layerskip", curriculum="cyclic")
