@@ -91,4 +91,4 @@ def test_registries_are_complete_whatever_is_imported_first():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["13", "7", "3", "6", "gpt2", "llama", "qwen2", "t5"]
+    assert out.stdout.split() == ["13", "8", "3", "6", "gpt2", "llama", "qwen2", "t5"]
