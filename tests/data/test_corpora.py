@@ -89,3 +89,22 @@ def test_editing_a_local_text_file_changes_the_evaluated_ppl(tiny_checkpoint, tm
         rows.append(json.loads((out / "evaluate.json").read_text())[0]["ppl"])
         text.write_text(text.read_text().replace("war", "wor"))  # same number of documents
     assert rows[0] != rows[1]
+
+
+def test_frequent_tokens_are_the_most_counted_ids_of_the_split(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from eexit.data.corpora import (
+        corpus_split,
+        encode_documents,
+        frequent_tokens,
+        load_corpus,
+    )
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    top = frequent_tokens(tok, "wiki-gensim", 10)
+    docs = corpus_split(load_corpus("wiki-gensim"), "train", "wiki-gensim")
+    counts = torch.bincount(encode_documents(tok, docs), minlength=len(tok))
+    assert (
+        len(top) == 10 and counts[top].tolist() == counts.sort(descending=True).values[:10].tolist()
+    )

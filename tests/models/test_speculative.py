@@ -86,6 +86,39 @@ def test_greedy_equals_transformers_generate_llama_gqa_padded(draft_layer, draft
     assert torch.equal(out.sequences, ref)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_draft_vocabulary_keeps_the_output_and_drafts_only_its_tokens(gpt2, arch):
+    """Drafting over a token list (a cheaper head) changes acceptance, never the output."""
+    if arch == "gpt2":
+        model, ids, mask, pad = gpt2
+    else:
+        model, pad = llama(scale=3.0), 0
+        torch.manual_seed(5)
+        ids = torch.randint(3, 97, (3, 7))
+        mask = torch.ones_like(ids)
+        ids[1, :3], mask[1, :3] = 0, 0
+    ref = model.lm.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=16,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=None,
+    )
+    full_vocab = SelfSpeculativeDecoder(model, 1, 4).generate(ids, mask, 16, pad_token_id=pad)
+    # the list: half of the tokens the full model emits, plus others
+    emitted = ref[:, ids.shape[1] :].unique()
+    vocab = torch.cat([emitted[::2], torch.arange(60, 80)]).unique()
+    dec = SelfSpeculativeDecoder(model, 1, 4, draft_vocab=vocab)
+    out = dec.generate(ids, mask, 16, pad_token_id=pad)
+    assert torch.equal(out.sequences, ref) and torch.equal(full_vocab.sequences, ref)
+    drafted = out.new_tokens[out.exit_layers == 1]  # accepted drafts are list tokens
+    assert dec.stats.accepted > 0 and torch.isin(drafted, vocab).all()
+    V = model.vocab_size
+    with pytest.raises(EexitError, match=f"token ids in 0..{V - 1}"):
+        SelfSpeculativeDecoder(model, 1, 4, draft_vocab=torch.tensor([3, V]))
+
+
 def test_rows_accept_different_numbers_of_drafts(gpt2):
     """Per-row acceptance: the rows of a batch advance by different amounts per cycle, and each
     row still equals its own batch-1 decoding."""
@@ -141,6 +174,13 @@ def test_sampling_follows_the_full_models_distribution():
         other = tv_distance(full.new_tokens[:, t], draft_only.new_tokens[:, t], vocab)
         assert same < 0.05, (t, same)
         assert other > 0.1, (t, other)
+    # a draft vocabulary (q = 0 off the list) keeps the full model's distribution too
+    short = SelfSpeculativeDecoder(model, 1, 3, draft_vocab=torch.arange(0, vocab, 2))
+    listed = short.generate(prompt, None, 3, do_sample=True, seed=4)
+    for t in (1, 2):
+        same = tv_distance(full.new_tokens[:, t], listed.new_tokens[:, t], vocab)
+        assert same < 0.05, (t, same)
+    assert short.stats.accepted > 0
 
 
 def test_evaluate_generate_self_spec_reports_acceptance_and_identical_output(
@@ -178,6 +218,31 @@ def test_evaluate_generate_self_spec_reports_acceptance_and_identical_output(
     total = rows[-1]
     assert total["agreement_pct"] == 100.0  # greedy self-speculation is lossless
     assert 0 <= total["acceptance_rate"] <= 1 and 1 <= total["tokens_per_cycle"] <= 4
+    # drafting over the 50 most frequent tokens: cheaper drafts, the same output
+    code, _, err = run_cli(
+        "evaluate",
+        "--model",
+        str(tiny_checkpoint),
+        "--generate",
+        "--mode",
+        "self-spec",
+        "--draft-layer",
+        "1",
+        "--draft-vocab",
+        "50",
+        "--prompts",
+        "3",
+        "--prompt-len",
+        "8",
+        "--max-new-tokens",
+        "12",
+        "--out",
+        str(tmp_path / "short"),
+    )
+    assert code == 0, err
+    short = json.loads((tmp_path / "short" / "generation.json").read_text())[-1]
+    assert short["agreement_pct"] == 100.0
+    assert short["compute_pct"] < total["compute_pct"]  # the draft head costs 50 rows, not V
     code, _, err = run_cli(
         "evaluate", "--model", str(tiny_checkpoint), "--generate", "--mode", "sideways"
     )
