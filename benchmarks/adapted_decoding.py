@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from generation import hf_greedy  # noqa: E402
 
 from eexit import quiet  # noqa: E402
+from eexit.data.corpora import frequent_tokens  # noqa: E402
 from eexit.evaluation.entry import read_calibrated  # noqa: E402
 from eexit.evaluation.generation import prompts_from  # noqa: E402
 from eexit.models.decoding import EarlyExitDecoder  # noqa: E402
@@ -102,19 +103,20 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
             toks,
             {"mean_exit_layer": mean_exit},
         )
-    for k, length in drafts:
-        dec = SelfSpeculativeDecoder(model, k, length)
+    for k, length, vocab in drafts:
+        dec = SelfSpeculativeDecoder(model, k, length, vocab)
         ours(dec)()
         dec.reset_stats()
         t, (toks, _) = median_time(ours(dec), reps)
         st = dec.stats
+        over = f" over {len(vocab)} frequent tokens" if vocab is not None else ""
         add(
-            f"eexit self-speculative, draft layer {k}, {length} drafts",
+            f"eexit self-speculative, draft layer {k}, {length} drafts{over}",
             t,
             toks,
             {"acceptance_rate": st.acceptance_rate, "tokens_per_cycle": st.tokens_per_cycle},
         )
-        if batch == 1 and type(model.lm).__name__.startswith("Llama"):
+        if batch == 1 and vocab is None and type(model.lm).__name__.startswith("Llama"):
             t, toks = median_time(hf(assistant_early_exit=k), reps)
             add(f"transformers assistant_early_exit={k}", t, toks)
     del L
@@ -125,7 +127,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint with adapted exits")
     ap.add_argument("--calibrated", help="folder of `eexit calibrate ... --out` (calibrated.json)")
-    ap.add_argument("--drafts", default="8:4,15:4", help="draft layer:length pairs")
+    ap.add_argument(
+        "--drafts",
+        default="8:4,15:4",
+        help="draft layer:length[:K] (K: draft over the K most frequent train tokens)",
+    )
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
@@ -136,7 +142,11 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model, tok, _ = load_model(a.model)
     x = prompts_from(tok, "wiki-gensim", "test", a.prompts, a.prompt_len)
-    drafts = [tuple(int(v) for v in d.split(":")) for d in a.drafts.split(",")]
+    drafts = []
+    for d in a.drafts.split(","):  # layer:length[:K], K = a draft vocabulary of frequent tokens
+        k, length, *vocab = (int(v) for v in d.split(":"))
+        ids = frequent_tokens(tok, "wiki-gensim", vocab[0]) if vocab else None
+        drafts.append((k, length, ids))
     calibrated = read_calibrated(a.calibrated) if a.calibrated else None
     rows = []
     for batch in (1, 8):
