@@ -166,7 +166,8 @@ smollm2-layerskip: install-smollm2
 	  --out results/smollm2_layerskip/calibration --overwrite
 	$(BIN)/python benchmarks/adapted_decoding.py --model checkpoints/smollm2-layerskip \
 	  --calibrated results/smollm2_layerskip/calibration --prompts 4 --new 24 --reps 1 \
-	  --drafts 8:4,8:4:2048,12:4:2048 --out results/smollm2_layerskip/decoding
+	  --drafts 8:4,8:4:2048,12:4:2048 --tasks aclsum,wiki-cloze-qa --task-examples 6 \
+	  --out results/smollm2_layerskip/decoding
 
 # Speed ratios measured side by side (results/bench/). The generation part uses the demo model
 # (make demo first) and the SmolLM2-135M GGUF.

@@ -8,6 +8,10 @@ self-speculative decoding, at batch 1 and batch 8, on the same prompts.
 
 Every decoder produces exactly `--new` tokens per prompt (EOS ignored), so tokens/s compare
 like for like; agreement is the share of tokens equal to transformers' greedy output.
+
+`--tasks aclsum,wiki-cloze-qa` adds task quality: each batch-1 decoder answers the same task
+examples (stopping at EOS), scored by the task's metric (ROUGE-L, SQuAD F1), in tasks.md and as
+columns of the decoding table.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ from generation import hf_greedy  # noqa: E402
 
 from eexit import quiet  # noqa: E402
 from eexit.data.corpora import frequent_tokens  # noqa: E402
+from eexit.data.task_data import task_split  # noqa: E402
+from eexit.data.tasks import get_task  # noqa: E402
 from eexit.evaluation.entry import read_calibrated  # noqa: E402
 from eexit.evaluation.generation import prompts_from  # noqa: E402
-from eexit.models.decoding import EarlyExitDecoder  # noqa: E402
+from eexit.evaluation.tasks import TaskOptions, decode_all  # noqa: E402
+from eexit.models.decoding import EarlyExitDecoder, GenerationResult  # noqa: E402
 from eexit.models.loading import load_model  # noqa: E402
 from eexit.models.speculative import SelfSpeculativeDecoder  # noqa: E402
 from eexit.policies import make_policy  # noqa: E402
@@ -42,6 +49,104 @@ def median_time(fn, reps: int):
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+class TransformersGreedy:
+    """transformers' greedy `generate` (optionally with `assistant_early_exit`) behind the
+    decoder interface that task decoding uses."""
+
+    policy, kv_mode = None, "full"
+
+    def __init__(self, model, **kw):
+        self.model, self.kw = model, kw
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **_):
+        t0 = time.perf_counter()
+        seq = self.model.lm.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **self.kw,
+        )
+        seconds = time.perf_counter() - t0
+        new = seq[:, input_ids.shape[1] :]
+        fill = max_new_tokens - new.shape[1]
+        new = torch.nn.functional.pad(new, (0, fill), value=pad_token_id)
+        L = self.model.num_layers
+        layers = torch.full_like(new, L)
+        return GenerationResult(seq, new, layers, torch.zeros_like(new), seconds, L)
+
+
+TASK_METRIC = {"summarization": "rougeL", "qa": "f1"}
+TASK_NEW = {"summarization": 40, "qa": 16}  # tokens generated at most per answer
+
+
+def task_rows(model, tok, decoders: dict, tasks: list[str], examples: int) -> list[dict]:
+    """Each decoder on the same task examples: the task metric, agreement with the first
+    decoder's tokens (transformers greedy), tokens/s."""
+    rows = []
+    for dataset in tasks:
+        name, exs = task_split(dataset, "test", examples)
+        task = get_task(name)
+        o = TaskOptions(examples=examples, max_new_tokens=TASK_NEW[name], max_source_len=192)
+        ref = None
+        for label, dec in decoders.items():
+            d = decode_all(model, tok, task, exs, dec, o)
+            ref = ref or d
+            same = sum(a == b for e, f in zip(d.tokens, ref.tokens) for a, b in zip(e, f))
+            total = sum(max(len(e), len(f)) for e, f in zip(d.tokens, ref.tokens))
+            layers = [l for ex in d.exit_layers for l in ex]
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "decoder": label,
+                    "metric": TASK_METRIC[name],
+                    "score": task.score(d.texts, exs)[TASK_METRIC[name]],
+                    "agreement_pct": 100 * same / total,
+                    "mean_exit_layer": sum(layers) / len(layers),
+                    "tokens_per_s": len(layers) / d.seconds,
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def batch1_decoders(model, calibrated, drafts) -> dict:
+    """The batch-1 decoders of the decoding table, by the names its rows use."""
+    decs = {"transformers greedy generate": TransformersGreedy(model)}
+    decs["eexit full depth"] = EarlyExitDecoder(model, None, "full")
+    if calibrated is not None:
+        decs[early_exit_name(calibrated)] = EarlyExitDecoder(
+            model, calibrated_policy(calibrated), "propagate"
+        )
+    for k, length, vocab in drafts:
+        decs[spec_name(k, length, vocab)] = SelfSpeculativeDecoder(model, k, length, vocab)
+        if vocab is None and type(model.lm).__name__.startswith("Llama"):
+            decs[f"transformers assistant_early_exit={k}"] = TransformersGreedy(
+                model, assistant_early_exit=k
+            )
+    return decs
+
+
+def early_exit_name(calibrated: dict) -> str:
+    return f"eexit early exit, {calibrated['policy']} @ {calibrated['threshold']} (LTT)"
+
+
+def spec_name(k: int, length: int, vocab) -> str:
+    over = f" over {len(vocab)} frequent tokens" if vocab is not None else ""
+    return f"eexit self-speculative, draft layer {k}, {length} drafts{over}"
+
+
+def calibrated_policy(calibrated: dict):
+    return make_policy(
+        calibrated["policy"],
+        calibrated["threshold"],
+        calibrated["min_exit_layer"],
+        **calibrated["policy_params"],
+    )
 
 
 def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, drafts) -> list[dict]:
@@ -88,30 +193,18 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
     t, (toks, _) = median_time(ours(EarlyExitDecoder(model, None, "full")), reps)
     add("eexit full depth", t, toks)
     if calibrated is not None:
-        pol = make_policy(
-            calibrated["policy"],
-            calibrated["threshold"],
-            calibrated["min_exit_layer"],
-            **calibrated["policy_params"],
-        )
-        dec = EarlyExitDecoder(model, pol, "propagate")
+        dec = EarlyExitDecoder(model, calibrated_policy(calibrated), "propagate")
         t, (toks, layers) = median_time(ours(dec), reps)
         mean_exit = layers[:, 1:].float().mean().item()
-        add(
-            f"eexit early exit, {calibrated['policy']} @ {calibrated['threshold']} (LTT)",
-            t,
-            toks,
-            {"mean_exit_layer": mean_exit},
-        )
+        add(early_exit_name(calibrated), t, toks, {"mean_exit_layer": mean_exit})
     for k, length, vocab in drafts:
         dec = SelfSpeculativeDecoder(model, k, length, vocab)
         ours(dec)()
         dec.reset_stats()
         t, (toks, _) = median_time(ours(dec), reps)
         st = dec.stats
-        over = f" over {len(vocab)} frequent tokens" if vocab is not None else ""
         add(
-            f"eexit self-speculative, draft layer {k}, {length} drafts{over}",
+            spec_name(k, length, vocab),
             t,
             toks,
             {"acceptance_rate": st.acceptance_rate, "tokens_per_cycle": st.tokens_per_cycle},
@@ -136,6 +229,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--tasks", default="", help="task datasets for quality, e.g. aclsum")
+    ap.add_argument("--task-examples", type=int, default=8, help="examples per task")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     quiet()
@@ -153,6 +248,14 @@ def main() -> None:
         rows += run(model, x, a.new, a.reps, batch, calibrated, drafts)
         for r in rows[-6:]:
             print(r, flush=True)
+    tasks = []
+    if a.tasks:
+        decs = batch1_decoders(model, calibrated, drafts)
+        tasks = task_rows(model, tok, decs, a.tasks.split(","), a.task_examples)
+        for r in rows:  # quality columns on the batch-1 rows
+            for t in tasks:
+                if r["batch"] == 1 and r["decoder"] == t["decoder"]:
+                    r[f"{t['dataset']}_{t['metric']}"] = t["score"]
     config = {**vars(a), "num_layers": model.num_layers, "calibrated_policy": calibrated}
     notes = (
         f"{len(x)} prompts of {a.prompt_len} tokens from the wiki-gensim test split, {a.new} new "
@@ -170,6 +273,7 @@ def main() -> None:
         "acceptance_rate",
         "tokens_per_cycle",
     ]
+    cols += sorted({k for r in rows for k in r} - set(cols))  # the task quality columns
     write_results(
         a.out,
         "decoding",
@@ -179,6 +283,19 @@ def main() -> None:
         cols,
         notes=notes,
     )
+    if tasks:
+        write_results(
+            a.out,
+            "tasks",
+            f"Task quality of each decoder, {Path(a.model).name}",
+            tasks,
+            provenance(config),
+            notes=(
+                f"{a.task_examples} test examples per task at batch 1, answers cut at EOS "
+                f"(at most {TASK_NEW['summarization']} tokens for summaries, {TASK_NEW['qa']} "
+                "for QA); agreement = generated tokens equal to transformers greedy's.\n\n"
+            ),
+        )
 
 
 if __name__ == "__main__":
