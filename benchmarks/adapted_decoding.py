@@ -207,7 +207,11 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
             spec_name(k, length, vocab),
             t,
             toks,
-            {"acceptance_rate": st.acceptance_rate, "tokens_per_cycle": st.tokens_per_cycle},
+            {
+                "acceptance_rate": st.acceptance_rate,
+                "tokens_per_cycle": st.tokens_per_cycle,
+                **dec.time_shares,
+            },
         )
         if batch == 1 and vocab is None and type(model.lm).__name__.startswith("Llama"):
             t, toks = median_time(hf(assistant_early_exit=k), reps)

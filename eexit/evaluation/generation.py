@@ -155,6 +155,7 @@ def compare(
         layers = st.drafted * (L + head)
         total["compute_pct"] = 100 * layers / (total_tokens(decoder) * L)
         total["acceptance_rate"] = st.acceptance_rate
+        total.update(decoder.time_shares)
         total["tokens_per_cycle"] = st.tokens_per_cycle
         total["realized_over_ideal"] = None
     return rows, total

@@ -38,11 +38,21 @@ from eexit.errors import EexitError
 from eexit.models.decoding import EarlyExitDecoder, GenerationResult
 
 
+def _now(device: torch.device) -> float:
+    """Wall-clock seconds, after the device's queued work (GPU timings are otherwise early)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @dataclass
 class SpeculativeStats:
     cycles: int  # draft + verify cycles (summed over rows)
     drafted: int  # draft tokens proposed
     accepted: int  # draft tokens kept
+    draft_seconds: float = 0.0  # wall-clock time in the draft passes (layers 1..k + exit head)
+    verify_seconds: float = 0.0  # in the verification passes (layers k+1..L + head)
+    total_seconds: float = 0.0  # in generate, prefill and bookkeeping included
 
     @property
     def acceptance_rate(self) -> float:
@@ -101,6 +111,19 @@ class SelfSpeculativeDecoder(EarlyExitDecoder):
         """Statistics add up over `generate` calls until reset."""
         self.stats = SpeculativeStats(0, 0, 0)
 
+    @property
+    def time_shares(self) -> dict[str, float]:
+        """Where generate's time went: draft, verify and the rest (prefill, acceptance,
+        bookkeeping), in % of the total; the profile of a missed speedup."""
+        st = self.stats
+        total = max(st.total_seconds, 1e-12)
+        rest = total - st.draft_seconds - st.verify_seconds
+        return {
+            "draft_time_pct": 100 * st.draft_seconds / total,
+            "verify_time_pct": 100 * st.verify_seconds / total,
+            "other_time_pct": 100 * rest / total,
+        }
+
     @torch.no_grad()
     def generate(
         self,
@@ -145,8 +168,12 @@ class SelfSpeculativeDecoder(EarlyExitDecoder):
         while not finished.all():
             rows = (~finished).nonzero().squeeze(1)
             last = out[rows, n_out[rows] - 1]
+            t_draft = _now(dev)
             drafts, q, hk = self._draft(last, rows, cur[rows], pos, do_sample, temperature, gen)
+            t_verify = _now(dev)
             p = self._verify(hk, rows, cur[rows], pos)  # [n, D, V] full-model logits
+            self.stats.draft_seconds += t_verify - t_draft
+            self.stats.verify_seconds += _now(dev) - t_verify
             keep, emit = self._accept(drafts, q, p, do_sample, temperature, gen)
             self.stats.cycles += len(rows)
             self.stats.drafted += len(rows) * D
@@ -175,6 +202,7 @@ class SelfSpeculativeDecoder(EarlyExitDecoder):
                 cur[r] = s0 + processed
                 finished[r] |= bool(n_out[r] >= max_new_tokens)
         seconds = time.perf_counter() - t0
+        self.stats.total_seconds += seconds
         decisions = torch.zeros_like(exit_layer)
         return GenerationResult(torch.cat([ids, out], 1), out, exit_layer, decisions, seconds, L)
 

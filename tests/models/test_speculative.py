@@ -218,6 +218,8 @@ def test_evaluate_generate_self_spec_reports_acceptance_and_identical_output(
     total = rows[-1]
     assert total["agreement_pct"] == 100.0  # greedy self-speculation is lossless
     assert 0 <= total["acceptance_rate"] <= 1 and 1 <= total["tokens_per_cycle"] <= 4
+    shares = [total[k] for k in ("draft_time_pct", "verify_time_pct", "other_time_pct")]
+    assert shares[0] > 0 and shares[1] > 0 and abs(sum(shares) - 100) < 1e-6  # the profile
     # drafting over the 50 most frequent tokens: cheaper drafts, the same output
     code, _, err = run_cli(
         "evaluate",
