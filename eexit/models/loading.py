@@ -84,7 +84,10 @@ def gguf_progress(gguf: bool):
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     log("de-quantizing the GGUF weights")
-    bar = gguf_utils.tqdm
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # another transformers layout: leave its progress as it is
+        yield
+        return
     gguf_utils.tqdm = lambda items, **_: items
     try:
         yield
