@@ -30,3 +30,19 @@ def test_hub_model_offline_is_a_one_line_error(offline):
 
     with pytest.raises(EexitError, match="could not load model 'HuggingFaceTB/SmolLM2-135M'"):
         load_model("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_gguf_dequantizing_progress_is_one_log_line_off_a_terminal(capsys):
+    """Off a terminal transformers' GGUF tqdm bar (a line of carriage returns in CI logs) is
+    replaced by one log line for the load, then restored."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from eexit.models.loading import gguf_progress
+
+    bar = gguf_utils.tqdm
+    with gguf_progress(True):
+        assert gguf_utils.tqdm is not bar and list(gguf_utils.tqdm([1, 2], desc="x")) == [1, 2]
+    assert gguf_utils.tqdm is bar
+    assert "de-quantizing the GGUF weights" in capsys.readouterr().err
+    with gguf_progress(False):  # not a GGUF file: nothing changes
+        assert gguf_utils.tqdm is bar
