@@ -112,9 +112,24 @@ def model_card(meta: dict, model_class: str) -> str:
             f"{meta.get('step')} of {train.get('steps')} steps, batch {train.get('batch_size')}, "
             f"lr {train.get('lr')}, seed {cfg.get('seed')}",
             f"- data: `{data.get('dataset')}`, windows of {data.get('seq_len')} tokens",
-            f"- size: {model.get('n_layers')} layers, d_model {model.get('d_model')}, "
-            f"{model.get('n_heads')} heads, vocabulary {model.get('vocab_size')}",
         ]
+        if model.get("pretrained"):  # the size fields of the config do not apply
+            lines.append(f"- started from `{Path(model['pretrained']).name}` (pretrained)")
+        else:
+            lines.append(
+                f"- size: {model.get('n_layers')} layers, d_model {model.get('d_model')}, "
+                f"{model.get('n_heads')} heads, vocabulary {model.get('vocab_size')}"
+            )
+        if model.get("lora_rank"):
+            lines.append(
+                f"- LoRA rank {model['lora_rank']} (alpha {model.get('lora_alpha')}) on "
+                f"{model.get('lora_targets')}, merged into these weights"
+            )
+        if train.get("layer_dropout"):
+            lines.append(
+                f"- layer dropout up to {train['layer_dropout']} "
+                f"({train.get('layer_dropout_scale')} scale over depth)"
+            )
     if ppl:
         shown = ", ".join(f"layer {k}: {v:.2f}" for k, v in ppl.items())
         lines.append(f"- validation perplexity per exit: {shown}")

@@ -70,6 +70,10 @@ def test_lora_training_changes_only_the_adapted_layers_and_resumes_exactly(
     assert frozen and all(torch.equal(tuned[k], base[k]) for k in frozen)
     meta = json.loads((tmp_path / "full" / "eexit.json").read_text())
     assert meta["train_config"]["model"]["lora_rank"] == 4
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "LoRA rank 4" in card and "merged into these weights" in card
+    assert "started from `tiny` (pretrained)" in card and "- size:" not in card
+    assert "layer dropout up to 0.2 (exp scale" in card
     # stopped at a checkpoint and resumed (unmerged LoRA weights from accelerate's state)
     cut = ["train", "--loss", "layerskip", *args, "--out", str(tmp_path / "cut")]
     code, _, err = run_cli(*cut, "--stop-after", "3")
