@@ -40,13 +40,13 @@ def one_error_line(proc) -> str:
 
 KILL_IN_SAVE = """
 import os, sys
-import eexit.training.loop as loop
-real = loop.atomic_json
+import eexit.training.checkpointing as checkpointing
+real = checkpointing.atomic_json
 def dying_save(path, obj):
     if "checkpoint-6" in str(path):
         os._exit(137)  # killed: no cleanup, no finally, the lock file stays behind
     real(path, obj)
-loop.atomic_json = dying_save
+checkpointing.atomic_json = dying_save
 from eexit.cli import main
 sys.argv = ["eexit"] + sys.argv[1:]
 main()
