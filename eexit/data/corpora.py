@@ -310,8 +310,7 @@ def frequent_tokens(tokenizer, dataset: str, k: int, split: str = "train") -> to
     docs = corpus_split(load_corpus(dataset), split, dataset)
     tokens = encode_documents(tokenizer, docs, cache_key=f"{dataset}:{split}")
     counts = torch.bincount(tokens, minlength=len(tokenizer))
-    order = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))
-    return torch.tensor(order[: min(k, len(order))], dtype=torch.long)
+    return counts.argsort(descending=True, stable=True)[:k]  # stable: ties keep id order
 
 
 # ---------------------------------------------------------------------------- windows

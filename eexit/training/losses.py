@@ -343,15 +343,15 @@ class LayerSkip(Loss):
     last layer by L - 1 + e_scale * sum_{i<=L-2} i, the scales of the exits switched on at this
     step normalised to sum 1. Curricula decide which shallow exits are on at step t:
     `rotational` every R-th exit, rotating with t ((index - t) mod R == 0); `gradual` exits
-    switched on from the last layer down, one more every total_steps / (exits - 1) steps; `none`
-    all of them. Pair it with `train.layer_dropout` for the whole recipe."""
+    switched on from the last layer down, the deepest shallow exit from step 0 and one more
+    every total_steps / (shallow exits) steps; `none` all of them. Pair it with
+    `train.layer_dropout` for the whole recipe."""
 
     @dataclass
     class Params:
         e_scale: float = 1.0  # weight of the shallow exits' losses against the last layer's
-        curriculum: str = (
-            "rotational"  # which shallow exits are on per step: none|rotational|gradual
-        )
+        # which shallow exits are on per step: none | rotational | gradual
+        curriculum: str = "rotational"
         rotation: int = 2  # rotational: one exit in every `rotation` is on at a step
 
     def check(self):

@@ -191,28 +191,10 @@ def test_evaluate_generate_self_spec_reports_acceptance_and_identical_output(
     from tests.conftest import run_cli
 
     out = tmp_path / "spec"
-    code, _, err = run_cli(
-        "evaluate",
-        "--model",
-        str(tiny_checkpoint),
-        "--generate",
-        "--mode",
-        "self-spec",
-        "--draft-layer",
-        "1",
-        "--draft-length",
-        "3",
-        "--prompts",
-        "3",
-        "--prompt-len",
-        "8",
-        "--max-new-tokens",
-        "12",
-        "--batch-size",
-        "1",
-        "--out",
-        str(out),
-    )
+    common = ["evaluate", "--model", str(tiny_checkpoint), "--generate", "--mode", "self-spec"]
+    common += ["--draft-layer", "1", "--draft-length", "3", "--prompts", "3", "--prompt-len", "8"]
+    common += ["--max-new-tokens", "12", "--batch-size", "1"]
+    code, _, err = run_cli(*common, "--out", str(out))
     assert code == 0, err
     rows = json.loads((out / "generation.json").read_text())
     total = rows[-1]
@@ -221,26 +203,7 @@ def test_evaluate_generate_self_spec_reports_acceptance_and_identical_output(
     shares = [total[k] for k in ("draft_time_pct", "verify_time_pct", "other_time_pct")]
     assert shares[0] > 0 and shares[1] > 0 and abs(sum(shares) - 100) < 1e-6  # the profile
     # drafting over the 50 most frequent tokens: cheaper drafts, the same output
-    code, _, err = run_cli(
-        "evaluate",
-        "--model",
-        str(tiny_checkpoint),
-        "--generate",
-        "--mode",
-        "self-spec",
-        "--draft-layer",
-        "1",
-        "--draft-vocab",
-        "50",
-        "--prompts",
-        "3",
-        "--prompt-len",
-        "8",
-        "--max-new-tokens",
-        "12",
-        "--out",
-        str(tmp_path / "short"),
-    )
+    code, _, err = run_cli(*common, "--draft-vocab", "50", "--out", str(tmp_path / "short"))
     assert code == 0, err
     short = json.loads((tmp_path / "short" / "generation.json").read_text())[-1]
     assert short["agreement_pct"] == 100.0
