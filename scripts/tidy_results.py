@@ -31,8 +31,10 @@ def convert(path: Path) -> bool:
     prov = json.loads(prov_path.read_text()) if prov_path.is_file() else data
     prov.setdefault("tables", {})[path.stem] = table_provenance(title, data)
     prov["converted_by"] = COMMAND
-    atomic_write(path, json.dumps(rows, indent=2, default=str))
+    # provenance first: a run killed in between leaves the old file, which holds it all and is
+    # converted again on the next run
     atomic_write(prov_path, json.dumps(prov, indent=2, default=str))
+    atomic_write(path, json.dumps(rows, indent=2, default=str))
     return True
 
 
