@@ -15,6 +15,7 @@ from eexit.models.checkpoint import EXTRA_WEIGHTS, CheckpointInfo
 from eexit.models.early_exit import EarlyExitModel
 from eexit.models.families import FAMILIES
 from eexit.reporting import log
+from eexit.runtime import LOCAL, Runtime
 
 
 def build_lm(cfg, vocab_size: int, bos_id: int, eos_id: int) -> nn.Module:
@@ -22,9 +23,10 @@ def build_lm(cfg, vocab_size: int, bos_id: int, eos_id: int) -> nn.Module:
     return FAMILIES.get(cfg.arch).build(cfg, vocab_size, bos_id, eos_id)
 
 
-def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
+def load_model(spec: str, exit_layers=None, runtime: Runtime | None = None):
     """(EarlyExitModel, tokenizer, CheckpointInfo) from an eexit checkpoint, an HF folder or hub
-    name, or a .gguf file."""
+    name, or a .gguf file, placed on `runtime`'s device in its dtype with its attention
+    implementation (default: one process, CPU, float32)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = Path(spec)
@@ -45,16 +47,19 @@ def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
     else:
         src = spec  # a hub name
     info = CheckpointInfo.read(spec)
+    runtime = runtime or LOCAL
     try:
         seq2seq = getattr(AutoConfig.from_pretrained(src, **kwargs), "is_encoder_decoder", False)
         auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         with gguf_progress(bool(kwargs)):
-            lm = auto.from_pretrained(src, **kwargs)
+            lm = auto.from_pretrained(
+                src, dtype=runtime.dtype, attn_implementation=runtime.attention, **kwargs
+            )
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except Exception as e:  # noqa: BLE001  (truncated weights, bad JSON, ...: one line)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise EexitError(f"could not load model {spec!r}: {first}") from None
-    lm.to(device).eval()
+    lm.to(runtime.device).eval()
     layers = exit_layers if exit_layers is not None else (info.exit_layers or "all")
     model = EarlyExitModel(lm, layers, info.exit_heads, info.halting_gate, info.lens_rank)
     extra = path / EXTRA_WEIGHTS if path.is_dir() else None
@@ -69,7 +74,7 @@ def load_model(spec: str, exit_layers=None, device: str | torch.device = "cpu"):
         bad = [k for k in missing.missing_keys if not k.startswith("lm.")]
         if bad:
             raise EexitError(f"{extra} lacks weights for {bad[:3]}")
-    model.to(device).eval()
+    model.to(device=runtime.device, dtype=runtime.dtype).eval()
     check_finite_weights(model, spec)
     return model, tokenizer, info
 

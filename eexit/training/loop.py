@@ -14,7 +14,6 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from eexit.models.families import FAMILIES
 from eexit.models.loading import build_lm, load_model
 from eexit.models.lora import add_lora, has_lora
 from eexit.reporting import command_line, log, progress_bar
+from eexit.runtime import check_launch
 from eexit.training.checkpointing import (
     ACCELERATE_STATE,
     STATE_FILE,
@@ -261,14 +261,7 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
         project_dir=str(folder.out / "logs"),
     )
     world, rank = acc.num_processes, acc.process_index
-    asked = requested_processes()
-    if asked is not None and asked != world:
-        raise EexitError(
-            f"accelerate launch asked for {asked} processes but this run has {world}; on CPUs "
-            "accelerate's --cpu launcher starts one process: use `accelerate launch --multi_gpu "
-            f"--num_processes {asked} -m eexit.cli train ...` (gloo) or `torchrun "
-            f"--nproc_per_node {asked} -m eexit.cli train ...`"
-        )
+    check_launch(world, "train")
     accum = cfg.train.grad_accum_steps
     if (cfg.train.batch_size // max(1, world)) % accum:
         raise EexitError(
@@ -483,38 +476,6 @@ def flat_config(cfg: RunConfig) -> dict:
             key = f"{section}.{k}" if k else section
             out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
-
-
-def requested_processes() -> int | None:
-    """How many processes `accelerate launch` (our parent process) was asked for, from its
-    command line or its config file; None when we were not started by it."""
-    try:
-        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-    except OSError:
-        return None
-    head = argv[:3]
-    by_script = "launch" in argv and any(Path(a).name == "accelerate" for a in head)
-    if not (by_script or "accelerate.commands.launch" in head):
-        return None
-    for flag in ("--num_processes", "--num-processes"):
-        if flag in argv and argv.index(flag) + 1 < len(argv):
-            return int(argv[argv.index(flag) + 1])
-        for a in argv:
-            if a.startswith(flag + "="):
-                return int(a.split("=", 1)[1])
-    config = None
-    if "--config_file" in argv:
-        config = Path(argv[argv.index("--config_file") + 1])
-    else:
-        from accelerate.commands.config import default_config_file
-
-        config = Path(default_config_file)
-    if config.is_file():
-        import yaml
-
-        data = yaml.safe_load(config.read_text()) or {}
-        return int(data.get("num_processes", 1) or 1)
-    return None
 
 
 def next_batch(train, cfg: RunConfig, g: torch.Generator):
