@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -228,9 +229,12 @@ class EarlyExitDecoder:
         seed: int = 0,
         source_ids: torch.Tensor | None = None,
         source_mask: torch.Tensor | None = None,
+        stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> GenerationResult:
         """Encoder-decoder models: `source_ids` / `source_mask` are the encoder input and
-        `input_ids` the decoder's start ([B, 1] decoder start token)."""
+        `input_ids` the decoder's start ([B, 1] decoder start token). `stop`, when given, is called
+        after every token with the new tokens so far ([B, t]) and returns one bool per row: rows
+        where it is True finish there (stop strings, e.g. lm-eval's `until`)."""
         model, L = self.model, self.L
         t0 = time.perf_counter()
         ids, mask, stops, pad, pos, logits = self._prefill(
@@ -262,6 +266,8 @@ class EarlyExitDecoder:
         out_tokens[:, 0], exit_layer[:, 0] = tok, L
         if stops is not None:
             finished |= torch.isin(tok, stops)
+        if stop is not None:
+            finished |= stop(out_tokens[:, :1]).to(dev)
         for step in range(1, max_new_tokens):
             slot = T0 + step - 1  # the slot of the token fed in this step
             pos[:, slot] = pos[:, slot - 1] + 1
@@ -279,6 +285,8 @@ class EarlyExitDecoder:
             )
             if stops is not None:
                 finished[rows] |= torch.isin(tok, stops)
+            if stop is not None:
+                finished |= stop(out_tokens[:, : step + 1]).to(dev)
         seconds = time.perf_counter() - t0
         return GenerationResult(
             torch.cat([ids, out_tokens], 1), out_tokens, exit_layer, decisions, seconds, L
