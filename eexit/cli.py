@@ -484,15 +484,35 @@ def lm_eval_command(
     threshold: float = typer.Option(1.0, help="Exit threshold (1.0: never exit = plain model)."),
     min_exit_layer: int = _MIN,
     kv: str = _KV,
+    batch_size: int = typer.Option(
+        1, "--batch-size", help="Requests per forward pass (loglikelihoods, generations)."
+    ),
+    max_length: Optional[int] = typer.Option(
+        None, "--max-length", help="Longest input in tokens (default: the model's positions)."
+    ),
+    device: str = typer.Option(
+        "auto",
+        help="auto (cuda, then mps, else cpu), cpu, cuda, cuda:N or mps. Several processes: "
+        "accelerate launch --multi_gpu --num_processes N -m eexit.cli lm-eval ...",
+    ),
+    dtype: str = typer.Option(
+        "auto", help="Weights' dtype: auto, float32, bfloat16 or float16 (scores in float32)."
+    ),
     limit: Optional[int] = typer.Option(None, help="Examples per task (all by default)."),
     out: Optional[str] = typer.Option(None, help="Write the table to this results folder."),
     overwrite: bool = _OVERWRITE,
 ):
     """lm-evaluation-harness tasks with early exit: the harness's metrics beside compute % and
-    exit shares (loglikelihood and generation run through eexit's exit rule)."""
+    exit shares (loglikelihood and generation run through eexit's exit rule). Every option and
+    task is checked before the model loads."""
     _quiet()
     try:
-        from eexit.integrations.lm_eval_harness import EexitLM, run_harness
+        from eexit.integrations.lm_eval_harness import (
+            EexitLM,
+            check_settings,
+            prepare_tasks,
+            run_harness,
+        )
     except ImportError:
         raise EexitError("lm-eval is not installed: pip install 'eexit[lmeval]'") from None
     from eexit.files import check_output_path, output_folder
@@ -500,11 +520,25 @@ def lm_eval_command(
 
     if out:
         check_output_path(Path(out), overwrite)
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    lm = EexitLM(
-        pretrained=model, policy=policy, threshold=threshold, min_exit_layer=min_exit_layer, kv=kv
+    if limit is not None and limit < 1:
+        raise EexitError(f"--limit must be >= 1; got {limit}")
+    settings = dict(
+        policy=policy,
+        threshold=threshold,
+        min_exit_layer=min_exit_layer,
+        kv=kv,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
     )
-    rows, stats, _ = run_harness(lm, names, include_path, limit)
+    check_settings(**settings)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    prepared = prepare_tasks(names, include_path)
+    lm = EexitLM(pretrained=model, **settings)  # the depth-dependent checks right after the load
+    rows, stats, _ = run_harness(lm, prepared, include_path, limit)
+    if not lm.runtime.is_main:  # several processes: the main one prints and writes
+        return
     rows = [{**r, "policy": policy, "threshold": threshold, **stats} for r in rows]
     print_rows(rows, title=f"lm-eval {', '.join(names)}: {policy} @ {threshold}")
     if out:
@@ -512,11 +546,10 @@ def lm_eval_command(
             "model": model,
             "tasks": names,
             "include_path": include_path,
-            "policy": policy,
-            "threshold": threshold,
-            "min_exit_layer": min_exit_layer,
-            "kv": kv,
             "limit": limit,
+            **{k: v for k, v in settings.items() if k not in ("device", "dtype")},
+            "max_length": lm.max_length,
+            "runtime": lm.runtime.describe(),
         }
         with output_folder(out, overwrite) as folder:
             write_results(
