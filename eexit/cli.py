@@ -145,6 +145,16 @@ _NEW = typer.Option(
     "max_target_len).",
 )
 _OVERWRITE = typer.Option(False, help="Replace an existing results folder.")
+_DEVICE = typer.Option(
+    "auto",
+    help="auto (cuda, then mps, else cpu), cpu, cuda, cuda:N or mps. Several processes: "
+    "accelerate launch --multi_gpu --num_processes N -m eexit.cli ...",
+)
+_DTYPE = typer.Option(
+    "auto",
+    help="Weights' dtype: auto (bfloat16 on a GPU that has it, float32 on the CPU), float32, "
+    "bfloat16 or float16. Scores and log-probabilities are float32 in every case.",
+)
 
 
 def _request(
@@ -159,6 +169,8 @@ def _request(
     max_tokens,
     batch_size,
     exit_layers,
+    device="auto",
+    dtype="auto",
 ):
     from eexit.evaluation.context import EvalRequest
 
@@ -174,6 +186,8 @@ def _request(
         max_tokens=max_tokens,
         batch_size=batch_size,
         exit_layers=exit_layers,
+        device=device,
+        dtype=dtype,
     )
 
 
@@ -227,6 +241,8 @@ def evaluate(
     ),
     max_new_tokens: Optional[int] = _NEW,
     examples: int = _EXAMPLES,
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
 ):
     """Perplexity, compute % and exit shares of one policy at one threshold (or, with
     --generate, decoding speed and agreement). On a task dataset: the task metric of early-exit
@@ -251,6 +267,8 @@ def evaluate(
         max_tokens,
         batch_size,
         exit_layers,
+        device,
+        dtype,
     )
     if calibrated:
         apply_calibrated(r, calibrated)
@@ -271,6 +289,8 @@ def evaluate(
         examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv, batch_size=batch_size
     )
     res = run(r, out=out, overwrite=overwrite, generation=gen, task=task)
+    if not res.main:  # several processes: the main one prints
+        return
     at = f"{r.policy} @ {r.thresholds[0]}"
     if res.kind == "generation":
         print_rows(res.rows, title=f"{at}, kv {kv}: per sample")
@@ -300,6 +320,8 @@ def sweep_threshold(
     kv: str = _KV,
     max_new_tokens: Optional[int] = _NEW,
     examples: int = _EXAMPLES,
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
 ):
     """One row per threshold: PPL (or, on a task dataset, the task metric of early-exit
     decoding), compute %, exit shares; Markdown/CSV/JSON + PNG in results/."""
@@ -324,11 +346,15 @@ def sweep_threshold(
         max_tokens,
         batch_size,
         exit_layers,
+        device,
+        dtype,
     )
     task = TaskOptions(
         examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv, batch_size=batch_size
     )
     res = run(r, out=out, overwrite=overwrite, sweep=True, task=task)
+    if not res.main:
+        return
     where = f" on {res.dataset}" if res.kind == "task" else ""
     print_rows(_shown(res.rows), title=f"{policy} sweep{where} -> {out}")
 
@@ -359,6 +385,8 @@ def analyze_monotonicity(
         None, help="Results folder (default results/monotonicity-<first model>)."
     ),
     overwrite: bool = _OVERWRITE,
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
 ):
     """Seed 001 figures 1-3, top-k saturation order (seed 003), sub-word / sub-layer exits
     (seed 004)."""
@@ -378,8 +406,12 @@ def analyze_monotonicity(
         top_k=top_k,
         examples=examples,
         sublayers=sublayers,
+        device=device,
+        dtype=dtype,
     )
     res = run_analysis(s, out, overwrite)
+    if not res["main"]:
+        return
     keep = (
         "model",
         "peak_before_last_pct",
@@ -428,6 +460,8 @@ def calibrate(
         None, help="Results folder (default results/calibrate-<model>-<policy>)."
     ),
     overwrite: bool = _OVERWRITE,
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
 ):
     """Fit learned exit classifiers and/or pick a threshold with a Learn-then-Test guarantee."""
     _quiet()
@@ -458,8 +492,12 @@ def calibrate(
         max_tokens,
         batch_size,
         exit_layers,
+        device,
+        dtype,
     )
     res = run_calibration(r, CalibrationRun(fit=names, label=label, ltt=ltt), out, overwrite)
+    if not res["main"]:
+        return
     for row in res["fit"]:
         typer.echo(
             f"{row['classifier']}: held-out accuracy {row['heldout_accuracy']:.3f}, "

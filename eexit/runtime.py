@@ -14,6 +14,7 @@ holds exactly what one process would have computed, and only the main process wr
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ DTYPE_CHOICES = "auto, " + ", ".join(DTYPES)
 ATTENTION = "sdpa"  # PyTorch's scaled_dot_product_attention: fused kernels on GPUs
 
 
-@dataclass
+@dataclass(frozen=True)
 class Runtime:
     """The resolved placement of one command (see the module docstring)."""
 
@@ -99,6 +100,23 @@ def now(device: torch.device | str = "cpu") -> float:
     """Wall-clock seconds after the device's queued work: use it for every timing."""
     synchronize(device)
     return time.perf_counter()
+
+
+CPU_LOGITS_BUDGET = 256 * 2**20  # bytes of exit logits at a time on the CPU (fixed: reproducible)
+LOGIT_COPIES = 4  # logits in the weights' dtype, in float32, softmax, temporaries
+
+
+def logits_chunk_tokens(vocab_size: int, device: torch.device | str) -> int:
+    """How many tokens' exit logits (and their float32 softmax) to hold at once: a quarter of the
+    GPU's free memory, a fixed 256 MiB on the CPU. Tables, calibration and analysis keep only
+    per-token summaries (NLL, top-1, scores, top-k), so their peak memory is set by this chunk,
+    not by the batch."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 4
+    else:
+        budget = CPU_LOGITS_BUDGET
+    return max(1, int(budget // (vocab_size * 4 * LOGIT_COPIES)))
 
 
 def device_name(device: torch.device) -> str:
@@ -170,6 +188,13 @@ def parse_dtype(spec: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def runtime_of(model) -> Runtime:
+    """One process on the model's own device and dtype (a model built or placed in code)."""
+    p = next(model.parameters())
+    return Runtime(device=p.device, dtype=p.dtype)
+
+
+@functools.cache
 def resolve_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """The placement of this command (validated before any model loads). Started by
     `accelerate launch` / `torchrun` with several processes: one process group (gloo on the CPU),

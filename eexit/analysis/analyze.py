@@ -15,6 +15,7 @@ from eexit.errors import EexitError
 from eexit.evaluation.context import EvalRequest, open_context, teacher_forced_inputs
 from eexit.files import atomic_json, output_folder
 from eexit.reporting import prepare_dir, provenance, track, write_results
+from eexit.runtime import Runtime, resolve_runtime
 
 
 @dataclass(kw_only=True)
@@ -29,9 +30,13 @@ class AnalyzeSetup:
     top_k: int = 5  # ranks followed for top-k saturation
     examples: int = 3  # tokens shown in figure 3
     sublayers: bool = True  # also read the residual stream after attention
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
 
 
-def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object, dict]:
+def analyze_model(
+    spec: str, s: AnalyzeSetup, runtime: Runtime
+) -> tuple[mono.LayerRecords, object, dict]:
     request = EvalRequest(
         model=spec,
         dataset=s.dataset,
@@ -40,17 +45,20 @@ def analyze_model(spec: str, s: AnalyzeSetup) -> tuple[mono.LayerRecords, object
         max_tokens=s.max_tokens,
         batch_size=s.batch_size,
     )
-    ctx = open_context(request, bind=False)
+    ctx = open_context(request, bind=False, runtime=runtime)
     model = ctx.model
     if s.top_k > model.vocab_size:
         raise EexitError(f"--top-k {s.top_k} is above the vocabulary size {model.vocab_size}")
     x, y, resolved = teacher_forced_inputs(ctx)
     records = []
     batches = list(_batches(x, y, s.batch_size))
+    shard = ctx.runtime.shard(len(batches))  # several processes: a contiguous block each
+    mine = batches[shard.start : shard.stop]
     dev = model.device
-    for xb, yb in track(batches, len(batches), f"analysing {Path(spec).name}"):
+    for xb, yb in track(mine, len(mine), f"analysing {Path(spec).name}"):
         xb = {k: v.to(dev) for k, v in xb.items()} if isinstance(xb, dict) else xb.to(dev)
         records.append(mono.forward_records(model, xb, yb.to(dev), s.top_k, s.sublayers))
+    records = ctx.runtime.gather(records)  # every process: the batches in one-process order
     info = {
         "model": spec,
         "dataset": ctx.dataset,
@@ -85,10 +93,11 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
     if s.top_k < 1 or s.examples < 0 or s.max_tokens < 1:
         raise EexitError("--top-k and --max-tokens must be >= 1 and --examples >= 0")
     prepare_dir(out, overwrite)
+    runtime = resolve_runtime(s.device, s.dtype)  # before any model loads
     layer_rows, sat_rows, summary_rows, ex_all, sub_all, subword_all = [], [], [], {}, {}, {}
     infos = []
     for spec, label in zip(s.models, labels):
-        rec, tok, info = analyze_model(spec, s)
+        rec, tok, info = analyze_model(spec, s, runtime)
         infos.append(info)
         layers = mono.per_layer_stats(rec)
         layer_rows += [{"model": label, **r} for r in layers]
@@ -123,8 +132,12 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
             "labels": labels,
             **{k: v for k, v in s.__dict__.items() if k not in ("models", "labels")},
             "data": infos,
+            "runtime": runtime.describe(),
         }
     )
+    result = {"summary": summary_rows, "per_layer": layer_rows, "main": runtime.is_main}
+    if not runtime.is_main:  # several processes: the main one alone writes
+        return result
     with output_folder(out, overwrite) as folder:
         write_results(
             folder,
@@ -156,4 +169,4 @@ def run_analysis(s: AnalyzeSetup, out: str, overwrite: bool = False) -> dict:
                 prov,
             )
         plot_all(folder, layer_rows, sat_rows, ex_all, subword_all, sub_all)
-    return {"summary": summary_rows, "per_layer": layer_rows}
+    return result

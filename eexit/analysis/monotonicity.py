@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eexit.runtime import logits_chunk_tokens
+
 MONOTONE_TOL = 1e-3  # a probability may dip by this much and still count as non-decreasing
 DROP = 0.05  # "drops after its peak": the final-layer probability is > DROP below the peak
 
@@ -33,6 +35,20 @@ class LayerRecords:
     @property
     def top1(self) -> torch.Tensor:
         return self.topk_ids[..., 0]
+
+    def to_cpu(self) -> LayerRecords:
+        def cpu(t):
+            return None if t is None else t.cpu()
+
+        return LayerRecords(
+            cpu(self.topk_ids),
+            cpu(self.topk_probs),
+            cpu(self.p_final),
+            cpu(self.targets),
+            cpu(self.sub_top1),
+            cpu(self.sub_p_final),
+            self.extras,
+        )
 
 
 def attention_child(block):
@@ -73,9 +89,22 @@ def forward_records(model, x, y: torch.Tensor, k: int, sublayers: bool = True) -
         states, y2 = keep_labelled(states, y)
         mids = keep_labelled(mids, y)[0] if len(mids) == len(states) else mids
         y = y2
-    n = y.numel()
-    L = len(states)
-    final = model.exit_logits(states[-1], L).reshape(n, -1).argmax(-1)
+    n, d = y.numel(), states[0].shape[-1]
+    states = [h.reshape(n, d) for h in states]
+    mids = [h.reshape(n, d) for h in mids] if can_split and len(mids) == len(states) else None
+    chunk = logits_chunk_tokens(model.vocab_size, states[0].device)
+    parts = []
+    for a in range(0, n, chunk):  # at most one chunk of logits per layer in memory
+        rows = slice(a, a + chunk)
+        sub = [h[rows] for h in mids] if mids is not None else None
+        parts.append(token_records(model, [h[rows] for h in states], sub, y.reshape(-1)[rows], k))
+    return concat(parts)
+
+
+def token_records(model, states, mids, y: torch.Tensor, k: int) -> LayerRecords:
+    """The records of n tokens from their states [n, d] per layer (and after-attention states)."""
+    n, L = y.numel(), len(states)
+    final = model.exit_logits(states[-1], L).float().argmax(-1)
     ids, probs, pf = [], [], []
     for layer, h in enumerate(states, start=1):  # log-sum-exp once; no full log-softmax tensor
         logits = model.exit_logits(h, layer).reshape(n, -1).float()
@@ -84,8 +113,8 @@ def forward_records(model, x, y: torch.Tensor, k: int, sublayers: bool = True) -
         ids.append(top.indices)
         probs.append((top.values - lse).exp())
         pf.append((logits.gather(1, final[:, None]) - lse).squeeze(1).exp())
-    rec = LayerRecords(torch.stack(ids), torch.stack(probs), torch.stack(pf), y.reshape(-1))
-    if can_split and len(mids) == L:
+    rec = LayerRecords(torch.stack(ids), torch.stack(probs), torch.stack(pf), y)
+    if mids is not None:
         st, sp = [], []
         for layer, h in enumerate(mids, start=1):
             logits = model.exit_logits(h, layer).reshape(n, -1).float()
@@ -94,7 +123,7 @@ def forward_records(model, x, y: torch.Tensor, k: int, sublayers: bool = True) -
                 (logits.gather(1, final[:, None]).squeeze(1) - torch.logsumexp(logits, -1)).exp()
             )
         rec.sub_top1, rec.sub_p_final = torch.stack(st), torch.stack(sp)
-    return rec
+    return rec.to_cpu()
 
 
 def concat(records: list[LayerRecords]) -> LayerRecords:

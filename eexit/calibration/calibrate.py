@@ -44,6 +44,7 @@ from eexit.policies.learned import (
     save_classifier,
 )
 from eexit.reporting import markdown_table, provenance, write_results
+from eexit.runtime import LOCAL, Runtime, logits_chunk_tokens
 
 RISKS = {"consistency": "binomial", "loss": "hoeffding-bentkus"}
 
@@ -71,15 +72,32 @@ def token_risks(table: ExitTable, policy, thresholds: list[float], risk: str) ->
 
 
 @torch.no_grad()
-def layer_features(model, x, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normed hidden state of every layer [N, L, d] and top-1 per layer [L, N]."""
-    feats, tops = [], []
+def layer_features(
+    model, x, batch_size: int = 8, runtime: Runtime | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normed hidden state of every layer [N, L, d] (float32) and top-1 per layer [L, N]. Several
+    processes: each runs a contiguous block of the batches; every process gets all rows, in order.
+    """
+    runtime = runtime or LOCAL
+    shard = runtime.shard(-(-len(x) // batch_size))
+    part = x[shard.start * batch_size : shard.stop * batch_size]
+    chunk = logits_chunk_tokens(model.vocab_size, model.device)
     norm = model.parts.final_norm
-    for states, _, _ in forward_batches(model, x, None, batch_size, with_inputs=False):
-        feats.append(torch.stack([norm(s) for s in states], 1).float().cpu())
-        top = [model.exit_logits(s, i + 1).argmax(-1) for i, s in enumerate(states)]
-        tops.append(torch.stack(top).cpu())
-    return torch.cat(feats), torch.cat(tops, 1)
+    parts = []
+    for states, _, _ in forward_batches(model, part, None, batch_size, with_inputs=False):
+        feats = torch.stack([norm(s) for s in states], 1).float().cpu()
+        top = [
+            torch.cat(
+                [
+                    model.exit_logits(s[a : a + chunk], i + 1).argmax(-1)
+                    for a in range(0, len(s), chunk)
+                ]
+            )
+            for i, s in enumerate(states)
+        ]
+        parts.append((feats, torch.stack(top).cpu()))
+    parts = runtime.gather(parts)
+    return torch.cat([f for f, _ in parts]), torch.cat([t for _, t in parts], 1)
 
 
 def fit(ctx: EvalContext, names: list[str], label: str) -> list[dict]:
@@ -95,10 +113,10 @@ def fit(ctx: EvalContext, names: list[str], label: str) -> list[dict]:
         )
     model = ctx.model
     x, _, resolved = teacher_forced_inputs(ctx)
-    feats, top1 = layer_features(model, x[0::2], ctx.request.batch_size)
+    feats, top1 = layer_features(model, x[0::2], ctx.request.batch_size, ctx.runtime)
     labels = exit_labels(top1, label)
     rows = []
-    for name in names:
+    for name in names if ctx.runtime.is_main else []:  # the main process fits and saves
         clf, metrics = fit_classifier(name, feats, labels, model.exit_layers)
         meta = {
             "label": label,
@@ -109,6 +127,7 @@ def fit(ctx: EvalContext, names: list[str], label: str) -> list[dict]:
         }
         path = save_classifier(folder, name, clf, meta)
         rows.append({"classifier": name, "label": label, **metrics, "saved": str(path)})
+    ctx.runtime.barrier()  # every process loads the saved classifiers after this
     return rows
 
 
@@ -149,12 +168,12 @@ def calibrate(
     policy = ctx.policy
     x, y, resolved = teacher_forced_inputs(ctx)
     ys = None if y is None else y[calibration_windows]
-    cal = collect_exit_table(model, x[calibration_windows], ys, policy, r.batch_size)
+    cal = collect_exit_table(model, x[calibration_windows], ys, policy, r.batch_size, ctx.runtime)
     check_provable(cal.tokens, opts)
     risks = token_risks(cal, policy, grid, opts.risk).numpy()
     result = fixed_sequence_test(grid, risks, opts.epsilon, opts.delta, RISKS[opts.risk])
     xt, yt, _ = teacher_forced_inputs(ctx, opts.test_split)
-    test = collect_exit_table(model, xt, yt, policy, r.batch_size)
+    test = collect_exit_table(model, xt, yt, policy, r.batch_size, ctx.runtime)
     summary = {
         "policy": r.policy,
         "policy_params": r.policy_params or {},
@@ -230,20 +249,27 @@ def run_calibration(request: EvalRequest, run: CalibrationRun, out: str, overwri
     ctx = open_context(request, bind=False)
     if run.fit:
         check_classifiers_free(ctx, run.fit, overwrite)
-    with output_folder(out, overwrite) as folder:
-        lock = FolderLock(ctx.checkpoint.folder) if run.fit else nullcontext()
+    main = ctx.runtime.is_main  # several processes: each runs its shard, the main one writes
+    with output_folder(out, overwrite) if main else nullcontext(None) as folder:
+        lock = FolderLock(ctx.checkpoint.folder) if run.fit and main else nullcontext()
         with lock:  # classifiers are written beside the checkpoint: one writer there too
             fit_rows = fit(ctx, run.fit, run.label) if run.fit else []
         if run.ltt is None:
-            prov = provenance({"model": request.model, "fit": run.fit, "label": run.label})
-            title = f"Exit classifiers fitted on {request.split}"
-            write_results(folder, "classifiers", title, fit_rows, prov)
-            return {"fit": fit_rows}
+            if main:
+                prov = provenance(
+                    {"model": request.model, "fit": run.fit, "label": run.label}
+                    | {"runtime": ctx.runtime.describe()}
+                )
+                title = f"Exit classifiers fitted on {request.split}"
+                write_results(folder, "classifiers", title, fit_rows, prov)
+            return {"fit": fit_rows, "main": main}
         ctx.policy.bind(ctx.model, ctx.checkpoint.folder)  # after fitting: the new classifier
         windows = slice(1, None, 2) if run.fit else slice(None)
         summary, tested = calibrate(ctx, run.ltt, windows)
-        write_calibration(str(folder), summary, tested, fit_rows)
-    return {"fit": fit_rows, "summary": summary}
+        if main:
+            write_calibration(str(folder), summary, tested, fit_rows)
+    ctx.runtime.barrier()
+    return {"fit": fit_rows, "summary": summary, "main": main}
 
 
 def check_classifiers_free(ctx: EvalContext, names: list[str], overwrite: bool) -> None:

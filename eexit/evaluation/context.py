@@ -19,6 +19,7 @@ from eexit.errors import EexitError
 from eexit.models.checkpoint import CheckpointInfo
 from eexit.models.loading import load_model
 from eexit.policies import ExitPolicy, make_policy
+from eexit.runtime import LOCAL, Runtime, resolve_runtime, runtime_of
 
 DEFAULT_DATASET = "wiki-gensim"
 
@@ -36,6 +37,8 @@ class EvalRequest:
     max_tokens: int | None = None  # bound the evaluated targets
     batch_size: int = 8
     exit_layers: str | None = None  # override the checkpoint's exits ("all" or "1,3")
+    device: str = "auto"  # auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (bf16 on a GPU that has it, float32 on the CPU), float32, ...
 
     def describe(self) -> dict:
         """The request as provenance (JSON-ready)."""
@@ -50,6 +53,7 @@ class EvalContext:
     checkpoint: CheckpointInfo
     policy: ExitPolicy  # bound, at the request's first threshold
     dataset: str
+    runtime: Runtime = LOCAL  # device, dtype, this process's shard
 
     @property
     def is_task(self) -> bool:
@@ -65,6 +69,7 @@ class EvalContext:
         out = {**r.describe(), "dataset": self.dataset, "exit_layers": self.model.exit_layers}
         out["num_layers"] = self.model.num_layers
         out["trained_by"] = self.checkpoint.extra.get("command")  # the command that made it
+        out["runtime"] = self.runtime.describe()  # device name, dtype, attention, processes
         return {**out, **extra}
 
 
@@ -83,12 +88,17 @@ def make_bound_policy(r: EvalRequest, model, checkpoint: CheckpointInfo) -> Exit
     return policy
 
 
-def open_context(r: EvalRequest, model=None, tokenizer=None, bind: bool = True) -> EvalContext:
-    """Load (or reuse) the model, read its checkpoint once, build the policy and the dataset."""
+def open_context(
+    r: EvalRequest, model=None, tokenizer=None, bind: bool = True, runtime: Runtime | None = None
+) -> EvalContext:
+    """Resolve where the command runs (`runtime`, or the request's device and dtype), load (or
+    reuse) the model there, read its checkpoint once, build the policy and the dataset."""
     check_sizes(r.batch_size, r.max_tokens)
     make_policy(r.policy, 0.5, r.min_exit_layer, **(r.policy_params or {}))  # bad input first
+    if runtime is None:
+        runtime = resolve_runtime(r.device, r.dtype) if model is None else runtime_of(model)
     if model is None:
-        model, tokenizer, checkpoint = load_model(r.model, exit_layers=r.exit_layers)
+        model, tokenizer, checkpoint = load_model(r.model, r.exit_layers, runtime)
     else:
         checkpoint = CheckpointInfo.read(r.model)
     dataset = r.dataset or checkpoint.trained_dataset or DEFAULT_DATASET
@@ -107,6 +117,7 @@ def open_context(r: EvalRequest, model=None, tokenizer=None, bind: bool = True) 
         checkpoint=checkpoint,
         policy=policy,
         dataset=dataset,
+        runtime=runtime,
     )
 
 

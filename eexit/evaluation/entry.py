@@ -30,6 +30,7 @@ class EvalResult:
     rows: list[dict]  # one per threshold (task: the full-depth row first; generation: per sample)
     total: dict | None = None  # generation: the whole run
     dataset: str = ""
+    main: bool = True  # the main process (the only one that writes and prints)
 
 
 def evaluate(
@@ -49,14 +50,18 @@ def evaluate(
     if out:
         check_output_path(Path(out), overwrite)  # before any work
     ctx = open_context(request)
-    with output_folder(out, overwrite) if out else nullcontext(None) as folder:
+    main = ctx.runtime.is_main  # several processes: each computes its shard, the main one writes
+    with output_folder(out, overwrite) if out and main else nullcontext(None) as folder:
+        result = EvalResult(kind="lm", rows=[], dataset=ctx.dataset, main=main)
         if ctx.is_task and generation is None:
-            rows = run_task_sweep(ctx, task, folder)
-            return EvalResult(kind="task", rows=rows, dataset=ctx.dataset)
-        if generation is not None:
-            rows, total = run_generation(ctx, generation, folder)
-            return EvalResult(kind="generation", rows=rows, total=total, dataset=ctx.dataset)
-        return EvalResult(kind="lm", rows=run_lm(ctx, folder, sweep), dataset=ctx.dataset)
+            result.kind, result.rows = "task", run_task_sweep(ctx, task, folder)
+        elif generation is not None:
+            result.kind = "generation"
+            result.rows, result.total = run_generation(ctx, generation, folder)
+        else:
+            result.rows = run_lm(ctx, folder, sweep)
+    ctx.runtime.barrier()
+    return result
 
 
 def read_calibrated(folder: str) -> dict:

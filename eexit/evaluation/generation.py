@@ -176,6 +176,12 @@ def run_generation(ctx: EvalContext, g: GenerationOptions, out: str | None) -> t
             "without --generate (it reports speedup and agreement with full-depth decoding next "
             "to the task metric)"
         )
+    if ctx.runtime.world > 1:
+        raise EexitError(
+            "--generate measures decoding speed in one process; run it without accelerate launch "
+            "(teacher-forced evaluation, task decoding, sweep, calibrate and analysis shard "
+            "across processes)"
+        )
     limit = max_positions(model)
     if limit and g.prompt_len + g.max_new_tokens > limit:
         raise EexitError(

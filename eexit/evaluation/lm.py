@@ -41,7 +41,7 @@ def run_lm(ctx: EvalContext, out: str | None, sweep: bool) -> list[dict]:
     r = ctx.request
     x, y, resolved = lm_windows(ctx)
     t0 = time.perf_counter()
-    table = collect_exit_table(ctx.model, x, y, ctx.policy, batch_size=r.batch_size)
+    table = collect_exit_table(ctx.model, x, y, ctx.policy, r.batch_size, ctx.runtime)
     seconds = time.perf_counter() - t0
     rows = [{**exit_metrics(table, ctx.policy.at(t)), **ctx.identity()} for t in r.thresholds]
     if not sweep:

@@ -20,6 +20,7 @@ import torch
 
 from eexit.policies.base import ExitPolicy, ExitView
 from eexit.reporting import track
+from eexit.runtime import LOCAL, Runtime, logits_chunk_tokens
 
 
 @dataclass
@@ -82,55 +83,84 @@ def window_length(inputs) -> int:
 
 @torch.no_grad()
 def collect_exit_table(
-    model, inputs, targets: torch.Tensor | None, policy: ExitPolicy, batch_size: int = 8
+    model,
+    inputs,
+    targets: torch.Tensor | None,
+    policy: ExitPolicy,
+    batch_size: int = 8,
+    runtime: Runtime | None = None,
+    chunk_tokens: int | None = None,
 ) -> ExitTable:
+    """The exit table of `inputs` (LM windows [N, T] with `targets`, or task pairs). With a
+    `runtime` of several processes each process runs a contiguous block of the batches and the
+    records are gathered in order: every process gets the one-process table. Each exit's logits
+    exist for at most `chunk_tokens` tokens at a time (default: what the device's free memory
+    allows, `logits_chunk_tokens`); only NLL, top-1 and the score are kept, in float32."""
     model.eval()
+    runtime = runtime or LOCAL
     exits = model.exit_layers
     T = window_length(inputs)
-    nll, top1, score, all_pos = [[] for _ in exits], [[] for _ in exits], [[] for _ in exits], []
-    batches = forward_batches(model, inputs, targets, batch_size)
     n_batches = -(-len(inputs) // batch_size)
+    mine = runtime.shard(n_batches)
+    start, stop = mine.start * batch_size, min(len(inputs), mine.stop * batch_size)
+    part_targets = targets[start:stop] if targets is not None else None
+    chunk = chunk_tokens or logits_chunk_tokens(model.vocab_size, model.device)
+    batches = forward_batches(model, inputs[start:stop], part_targets, batch_size)
+    records = []  # per chunk: (nll [K, n], top1 [K, n], score [K, n] or None, positions [n])
     # flat: [input of block 1, output of block 1, ...]
-    for flat, y, positions in track(batches, n_batches, "exit records"):
-        all_pos.append(positions.cpu())
-        state: dict = {}
-        for k, layer in enumerate(exits):
-            h = flat[layer]
-            view = ExitView(
-                layer,
-                model.num_layers,
-                flat[: layer + 1],
-                lambda h=h, layer=layer: model.exit_logits(h, layer),
-                model,
-                state,
-                positions,
-                T,
+    for flat, y, positions in track(batches, len(mine), "exit records"):
+        for a in range(0, len(y), chunk):
+            rows = slice(a, a + chunk)
+            records.append(
+                exit_records(model, policy, [h[rows] for h in flat], y[rows], positions[rows], T)
             )
-            logits = view.logits
-            nll[k].append(
-                (torch.logsumexp(logits, -1) - logits.gather(1, y[:, None]).squeeze(1)).cpu()
-            )
-            top1[k].append(logits.argmax(-1).cpu())
-            if not policy.needs_future:
-                score[k].append(policy.score(view).float().cpu())
-    top1_t = torch.stack([torch.cat(t) for t in top1])
-    score_t = (
-        policy.scores_from_top1(top1_t)
-        if policy.needs_future
-        else torch.stack([torch.cat(s) for s in score])
-    )
+    records = runtime.gather(records)
+    nll, top1, score, positions = (list(parts) for parts in zip(*records)) if records else ([],) * 4
+    top1_t = torch.cat(top1, 1)
+    score_t = policy.scores_from_top1(top1_t) if policy.needs_future else torch.cat(score, 1)
     per_layer = layer_macs(model, (T + 1) / 2.0)
     return ExitTable(
         exits,
         model.num_layers,
-        torch.stack([torch.cat(v) for v in nll]),
+        torch.cat(nll, 1),
         top1_t,
         score_t,
         model.decision_macs(policy) / per_layer,
         policy.reuses_exit_logits,
-        torch.cat(all_pos),
+        torch.cat(positions),
         T,
         first_decision_extra=model.first_decision_extra_macs(policy) / per_layer,
+    )
+
+
+def exit_records(model, policy: ExitPolicy, flat, y, positions, T: int) -> tuple:
+    """(nll [K, n], top1 [K, n], score [K, n] or None, positions [n]) of n tokens at every exit,
+    on the CPU in float32 (the exit logits are cast once, in `ExitView.logits`)."""
+    state: dict = {}
+    nll, top1, score = [], [], []
+    for layer in model.exit_layers:
+        h = flat[layer]
+        view = ExitView(
+            layer,
+            model.num_layers,
+            flat[: layer + 1],
+            lambda h=h, layer=layer: model.exit_logits(h, layer),
+            model,
+            state,
+            positions,
+            T,
+        )
+        logits = view.logits
+        nll.append(torch.logsumexp(logits, -1) - logits.gather(1, y[:, None]).squeeze(1))
+        top1.append(logits.argmax(-1))
+        if not policy.needs_future:
+            score.append(policy.score(view).float())
+        del view, logits
+    return (
+        torch.stack(nll).cpu(),
+        torch.stack(top1).cpu(),
+        None if policy.needs_future else torch.stack(score).cpu(),
+        positions.cpu(),
     )
 
 

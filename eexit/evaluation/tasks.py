@@ -25,6 +25,7 @@ from eexit.evaluation.context import EvalContext
 from eexit.evaluation.generation import token_costs
 from eexit.models.decoding import EarlyExitDecoder, check_kv_mode
 from eexit.reporting import plot_tradeoff, provenance, track, write_results
+from eexit.runtime import LOCAL, Runtime
 
 
 @dataclass(kw_only=True)
@@ -71,16 +72,27 @@ def _batches(model, tokenizer, task, examples, o: TaskOptions):
 
 
 def decode_all(
-    model, tokenizer, task, examples, decoder: EarlyExitDecoder, o: TaskOptions
+    model,
+    tokenizer,
+    task,
+    examples,
+    decoder: EarlyExitDecoder,
+    o: TaskOptions,
+    runtime: Runtime | None = None,
 ) -> Decoded:
+    """Decode every example. Several processes (`runtime`): each decodes a contiguous block of the
+    batches and the results are gathered in order; `seconds` is then the longest process's time
+    (the wall clock of the parallel run), so tokens/s is the whole run's throughput."""
+    runtime = runtime or LOCAL
     eos = tokenizer.eos_token_id
     vocab = tokenizer.get_vocab()
     stop = {eos} | {
         vocab[s] for s in ("<|im_end|>", "<|endoftext|>") if s in vocab
     }  # chat models end a turn with <|im_end|>
     out = Decoded([], [], [], [], 0.0)
-    n_batches = -(-len(examples) // o.batch_size)
-    for batch in track(_batches(model, tokenizer, task, examples, o), n_batches, "decoding"):
+    batches = list(_batches(model, tokenizer, task, examples, o))
+    shard = runtime.shard(len(batches))
+    for batch in track(batches[shard.start : shard.stop], len(shard), "decoding"):
         b = batch["input_ids"].shape[0]
         res = decoder.generate(
             batch["input_ids"],
@@ -103,7 +115,16 @@ def decode_all(
             out.tokens.append(kept)
             out.exit_layers.append(res.exit_layers[r, : end + 1].tolist())
             out.cost.append(cost[r, :end].tolist())
-    return out
+    if runtime.world == 1:
+        return out
+    parts = runtime.gather([out])
+    return Decoded(
+        [t for p in parts for t in p.texts],
+        [t for p in parts for t in p.tokens],
+        [t for p in parts for t in p.exit_layers],
+        [t for p in parts for t in p.cost],
+        max(p.seconds for p in parts),
+    )
 
 
 def summarize(
@@ -151,13 +172,13 @@ def run_task_sweep(ctx: EvalContext, o: TaskOptions, out: str | None, plot: bool
     L = model.num_layers
     full_decoder = EarlyExitDecoder(model, None, "full")
     decode_all(model, tokenizer, task, examples[:1], full_decoder, o)  # warm-up, not timed
-    full = decode_all(model, tokenizer, task, examples, full_decoder, o)
+    full = decode_all(model, tokenizer, task, examples, full_decoder, o, ctx.runtime)
     full_row = summarize(task, examples, full, None, L, model.exit_layers)
     full_depth = {"threshold": None, "full_depth": True}
     rows = [{**full_depth, **full_row, "speedup": 1.0, "agreement_pct": 100.0}]
     for t in r.thresholds:
         decoder = EarlyExitDecoder(model, ctx.policy.at(t), o.kv_mode)
-        d = decode_all(model, tokenizer, task, examples, decoder, o)
+        d = decode_all(model, tokenizer, task, examples, decoder, o, ctx.runtime)
         row = summarize(task, examples, d, full, L, model.exit_layers)
         rows.append({"threshold": t, "full_depth": False, **row})
     rows = [{**r, **ctx.identity()} for r in rows]
