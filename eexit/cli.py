@@ -11,10 +11,8 @@ from typing import List, Optional
 
 import typer
 
-from eexit.data.names import dataset_names
 from eexit.errors import EexitError
-from eexit.policies import POLICIES
-from eexit.training.losses import LOSSES
+from eexit.names import dataset_names, loss_names, policy_names
 
 app = typer.Typer(
     add_completion=True,
@@ -75,7 +73,9 @@ def train(
     config: Optional[str] = typer.Option(
         None, "--config", "-c", help="YAML experiment config (experiments/*.yaml)."
     ),
-    loss: Optional[str] = typer.Option(None, help=f"Training objective: {', '.join(LOSSES)}."),
+    loss: Optional[str] = typer.Option(
+        None, help=f"Training objective: {', '.join(loss_names())}."
+    ),
     set_: List[str] = typer.Option(
         [], "--set", help="Override a config key: --set train.lr=3e-4 (repeatable)."
     ),
@@ -95,6 +95,8 @@ def train(
 
     overrides = list(set_)
     if loss:
+        from eexit.training.losses import LOSSES
+
         LOSSES.get(loss)
         overrides.append(f"loss.name={loss}")
     if out:
@@ -120,7 +122,7 @@ _MODEL = typer.Option(
     help="eexit checkpoint folder, HF folder / hub name, or .gguf file (default: the newest "
     "trained checkpoint under checkpoints/).",
 )
-_POLICY = typer.Option("max-prob", help=f"Exit policy: {', '.join(POLICIES)}.")
+_POLICY = typer.Option("max-prob", help=f"Exit policy: {', '.join(policy_names())}.")
 _MIN = typer.Option(1, "--min-exit-layer", help="No exit below this layer.")
 _PARAM = typer.Option(
     [], "--param", help="Policy parameter key=value, e.g. --param layer=2 for static."

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+from eexit.names import DATASET_PATTERNS
 from eexit.registry import Registry, unknown_name_error
 
 # LM corpora: name -> loader returning {split: [documents]}  (eexit.data.corpora)
 CORPORA: Registry[Callable[[], dict[str, list[str]]]] = Registry("dataset")
 # task datasets: name -> loader returning (task name, {split: [Example]})  (eexit.data.task_data)
 TASK_DATA: Registry[Callable] = Registry("task dataset")
-PATTERNS = [
-    "hf:<hub name>[:<config>]",
-    "<file>.txt|.jsonl|.csv|.parquet",
-    "<folder of split files>",
-]
+PATTERNS = DATASET_PATTERNS  # defined where the CLI's help reads it (no torch)
 
 
 def dataset_names() -> list[str]:
