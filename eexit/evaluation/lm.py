@@ -8,19 +8,33 @@ import time
 from pathlib import Path
 
 from eexit.evaluation.context import EvalContext, lm_windows
+from eexit.evaluation.frontier import frontier_rows
 from eexit.evaluation.records import ExitTable, collect_exit_table, exit_metrics, per_exit_ppl
 from eexit.reporting import plot_tradeoff, provenance, write_results
+
+HEADROOM = [
+    "oracle_compute_pct",
+    "efficiency",
+    "oracle_hit_pct",
+    "oracle_distance",
+    "ideal_speedup",
+]
 
 
 def table_columns(exit_layers: list[int]) -> tuple[list[str], dict[str, str]]:
     shares = [f"exit@{layer}_pct" for layer in exit_layers]
-    cols = ["threshold", "ppl", "compute_pct", "overhead_pct", "agreement_pct"] + shares
+    cols = ["threshold", "ppl", "compute_pct", "overhead_pct", "agreement_pct"] + HEADROOM + shares
     headers = {
         "threshold": "Threshold",
         "ppl": "PPL",
         "compute_pct": "Compute%",
         "overhead_pct": "Decision overhead%",
         "agreement_pct": "Top-1 agreement%",
+        "oracle_compute_pct": "Oracle compute% (same agreement)",
+        "efficiency": "Efficiency",
+        "oracle_hit_pct": "At oracle exit%",
+        "oracle_distance": "Distance to oracle (layers)",
+        "ideal_speedup": "Ideal speedup",
         **{f"exit@{layer}_pct": f"Exit@{layer}%" for layer in exit_layers},
     }
     return cols, headers
@@ -32,6 +46,36 @@ def per_exit_notes(table: ExitTable) -> str:
     return (
         f"Static exits (every token at one layer), PPL — {rows}. "
         f"Full-model PPL: {ppl[table.num_layers]:.2f}. Tokens: {table.tokens}.\n\n"
+    )
+
+
+def write_frontier(out, table: ExitTable, policy: str, rows, min_exit_layer: int, resolved):
+    """The oracle frontier beside the sweep: its table (agreements 100 / 99 / 98 / 95 %) and the
+    compute / cost vs agreement plot with the frontier drawn."""
+    title = f"Oracle frontier ({table.tokens} tokens, head = {table.head_cost:.1f} layers)"
+    notes = (
+        "The cheapest exits at each agreement with the full model: the oracle exit (earliest exit "
+        "whose top-1 equals the final one and never changes after), with (1 - agreement) of the "
+        "tokens, those with the deepest oracle exits, sent to the first allowed exit. Ideal "
+        "speedup = (layers + head) / (mean exit + head), decisions free.\n\n"
+    )
+    frontier = frontier_rows(table, min_exit_layer)
+    write_results(out, "frontier", title, frontier, provenance(resolved), notes=notes)
+    grid = [100.0 - 0.5 * i for i in range(41)]  # 100 % down to 80 %
+    curve = frontier_rows(table, min_exit_layer, grid)
+    series = {
+        f"{policy} (compute)": [
+            (x["compute_pct"], x["agreement_pct"], x["threshold"]) for x in rows
+        ],
+        f"{policy} (cost)": [(x["cost_pct"], x["agreement_pct"], None) for x in rows],
+        "oracle frontier": [(x["compute_pct"], x["agreement_pct"], None) for x in curve],
+    }
+    plot_tradeoff(
+        Path(out) / "frontier.png",
+        series,
+        "compute % (cost %: decisions counted)",
+        "top-1 agreement with the full model (%)",
+        f"{policy} against the oracle frontier",
     )
 
 
@@ -69,6 +113,7 @@ def run_lm(ctx: EvalContext, out: str | None, sweep: bool) -> list[dict]:
             title,
             statics,
         )
+        write_frontier(out, table, r.policy, rows, ctx.policy.min_exit_layer, resolved)
     else:
         title = f"Early-exit evaluation: {r.policy} on {where}"
         write_results(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eexit.evaluation.frontier import policy_headroom
 from eexit.policies.base import ExitPolicy, ExitView
 from eexit.reporting import track
 from eexit.runtime import LOCAL, Runtime, logits_chunk_tokens
@@ -38,6 +39,7 @@ class ExitTable:
     )
     max_steps: int | None = None  # window length
     first_decision_extra: float = 0.0  # what a token's first decision costs beyond the others
+    head_cost: float = 0.0  # the LM head (d x V) in layer-equivalents, paid once per token
 
     @property
     def tokens(self) -> int:
@@ -130,6 +132,7 @@ def collect_exit_table(
         torch.cat(positions),
         T,
         first_decision_extra=model.first_decision_extra_macs(policy) / per_layer,
+        head_cost=model.hidden_size * model.vocab_size / per_layer,
     )
 
 
@@ -200,6 +203,8 @@ def exit_metrics(table: ExitTable, policy: ExitPolicy) -> dict:
     }
     # cost %: layers run plus what deciding costs, in layer-equivalents (one name everywhere)
     row["cost_pct"] = row["compute_pct"] + row["overhead_pct"]
+    # beside the oracle frontier: efficiency, exit-location accuracy, ideal speedup
+    row.update(policy_headroom(table, idx, row, policy.min_exit_layer))
     for k, layer in enumerate(table.exit_layers):
         row[f"exit@{layer}_pct"] = 100.0 * (idx == k).float().mean().item()
     return row
