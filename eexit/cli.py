@@ -225,21 +225,24 @@ def evaluate(
         help="Evaluate early-exit decoding against full-depth decoding instead of perplexity.",
     ),
     kv: str = _KV,
-    prompts: int = typer.Option(8, help="--generate: number of prompts."),
-    prompt_len: int = typer.Option(32, help="--generate: tokens per prompt."),
-    mode: str = typer.Option(
-        "early-exit",
-        help="--generate: early-exit (the policy decides per token) or self-spec (LayerSkip: "
-        "draft with the first layers, verify with the rest; output = full-depth greedy).",
+    prompts: Optional[int] = typer.Option(None, help="--generate: number of prompts (8)."),
+    prompt_len: Optional[int] = typer.Option(None, help="--generate: tokens per prompt (32)."),
+    mode: Optional[str] = typer.Option(
+        None,
+        help="--generate: early-exit (default: the policy decides per token) or self-spec "
+        "(LayerSkip: draft with the first layers, verify with the rest; output = full-depth "
+        "greedy).",
     ),
     draft_layer: Optional[int] = typer.Option(
         None, help="--mode self-spec: the exit that drafts (default: a quarter of the depth)."
     ),
-    draft_length: int = typer.Option(4, help="--mode self-spec: tokens drafted per verification."),
-    draft_vocab: int = typer.Option(
-        0,
+    draft_length: Optional[int] = typer.Option(
+        None, help="--mode self-spec: tokens drafted per verification (4)."
+    ),
+    draft_vocab: Optional[int] = typer.Option(
+        None,
         help="--mode self-spec: draft over the K most frequent tokens of the dataset's train split "
-        "(0 = every token); cheaper drafts, the same output.",
+        "(0, the default = every token); cheaper drafts, the same output.",
     ),
     max_new_tokens: Optional[int] = _NEW,
     examples: int = _EXAMPLES,
@@ -253,10 +256,22 @@ def evaluate(
     model = _model_or_newest(model)
     from eexit.evaluation.entry import apply_calibrated
     from eexit.evaluation.entry import evaluate as run
-    from eexit.evaluation.generation import GenerationOptions
+    from eexit.evaluation.generation import generation_options
     from eexit.evaluation.tasks import TaskOptions
     from eexit.reporting import print_rows
 
+    gen = generation_options(  # refuses decoding-only options without --generate
+        generate,
+        prompts=prompts,
+        prompt_len=prompt_len,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        kv_mode=kv,
+        mode=mode,
+        draft_layer=draft_layer,
+        draft_length=draft_length,
+        draft_vocab=draft_vocab,
+    )
     r = _request(
         model,
         policy,
@@ -274,19 +289,6 @@ def evaluate(
     )
     if calibrated:
         apply_calibrated(r, calibrated)
-    gen = None
-    if generate:
-        gen = GenerationOptions(
-            prompts=prompts,
-            prompt_len=prompt_len,
-            batch_size=batch_size,
-            max_new_tokens=32 if max_new_tokens is None else max_new_tokens,
-            kv_mode=kv,
-            mode=mode,
-            draft_layer=draft_layer,
-            draft_length=draft_length,
-            draft_vocab=draft_vocab,
-        )
     task = TaskOptions(
         examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv, batch_size=batch_size
     )
@@ -295,7 +297,11 @@ def evaluate(
         return
     at = f"{r.policy} @ {r.thresholds[0]}"
     if res.kind == "generation":
-        print_rows(res.rows, title=f"{at}, kv {kv}: per sample")
+        if gen.mode == "self-spec":  # the policy and --kv play no part
+            at = f"self-spec, draft layer {gen.draft_layer}, {gen.draft_length} drafts"
+        else:
+            at = f"{at}, kv {kv}"
+        print_rows(res.rows, title=f"{at}: per sample")
         print_rows([res.total], title="total")
     elif res.kind == "task":
         print_rows(_shown(res.rows), title=f"{res.dataset}: full depth vs {at}, kv {kv}")

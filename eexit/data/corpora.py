@@ -304,12 +304,15 @@ def encode_documents(tokenizer, docs: list[str], cache_key: str | None = None) -
     return tokens
 
 
-def frequent_tokens(tokenizer, dataset: str, k: int, split: str = "train") -> torch.Tensor:
+def frequent_tokens(
+    tokenizer, dataset: str, k: int, vocab_size: int | None = None, split: str = "train"
+) -> torch.Tensor:
     """The ids of the `k` most frequent tokens of a corpus split (ties by id): a frequency
-    shortlist, e.g. the draft vocabulary of self-speculative decoding."""
+    shortlist, e.g. the draft vocabulary of self-speculative decoding. `vocab_size` (default: the
+    tokenizer's) bounds the ids, so that any k up to it gives k ids."""
     docs = corpus_split(load_corpus(dataset), split, dataset)
     tokens = encode_documents(tokenizer, docs, cache_key=f"{dataset}:{split}")
-    counts = torch.bincount(tokens, minlength=len(tokenizer))
+    counts = torch.bincount(tokens, minlength=vocab_size or len(tokenizer))
     return counts.argsort(descending=True, stable=True)[:k]  # stable: ties keep id order
 
 

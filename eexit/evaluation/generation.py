@@ -14,13 +14,26 @@ from eexit.evaluation.context import EvalContext, max_positions
 from eexit.evaluation.records import layer_macs
 from eexit.models.decoding import EarlyExitDecoder, GenerationResult, check_kv_mode
 from eexit.models.speculative import SelfSpeculativeDecoder
+from eexit.registry import unknown_name_error
 from eexit.reporting import provenance, write_results
 
 MODES = ("early-exit", "self-spec")
+DRAFT_LENGTH = 4  # self-spec: tokens drafted per verification, when --draft-length is not given
+# options that mean something with --generate only (None: not given)
+GENERATE_ONLY = ("prompts", "prompt_len", "mode", "draft_layer", "draft_length", "draft_vocab")
+SELF_SPEC_ONLY = ("draft_layer", "draft_length", "draft_vocab")
+
+
+def flag(name: str, value=None) -> str:
+    """An option as the user typed it: `--draft-layer 0`."""
+    return f"--{name.replace('_', '-')}" + ("" if value is None else f" {value}")
 
 
 @dataclass(kw_only=True)
 class GenerationOptions:
+    """`evaluate --generate`; the self-spec options are None where not given, so that one given
+    in early-exit mode is refused rather than ignored (`check`, before the model loads)."""
+
     prompts: int = 8  # number of prompts (from the starts of the split's documents)
     prompt_len: int = 32  # tokens per prompt
     max_new_tokens: int = 32  # tokens generated per prompt (fixed length: no stop at EOS)
@@ -28,19 +41,76 @@ class GenerationOptions:
     kv_mode: str = "propagate"  # KV of skipped layers: full | propagate | recompute
     mode: str = "early-exit"  # early-exit (the policy decides) | self-spec (draft, then verify)
     draft_layer: int | None = None  # self-spec: the exit that drafts (default: a quarter deep)
-    draft_length: int = 4  # self-spec: tokens drafted per verification
+    draft_length: int | None = None  # self-spec: tokens drafted per verification (default 4)
     # self-spec: the draft head scores only the K most frequent tokens of the dataset's train
-    # split (0 = the whole vocabulary); cheaper drafts, output unchanged
-    draft_vocab: int = 0
+    # split (0 or None = the whole vocabulary); cheaper drafts, output unchanged
+    draft_vocab: int | None = None
 
     def check(self) -> None:
+        """Everything that can be checked without the model (the depth and vocabulary next,
+        in `check_model`)."""
         check_kv_mode(self.kv_mode)
         if self.mode not in MODES:
-            raise EexitError(f"unknown --mode {self.mode!r}; valid: {', '.join(MODES)}")
-        if self.draft_vocab < 0:
+            raise unknown_name_error("--mode", self.mode, list(MODES))
+        given = [flag(k, getattr(self, k)) for k in SELF_SPEC_ONLY if getattr(self, k) is not None]
+        if self.mode != "self-spec" and given:
+            raise EexitError(
+                f"{', '.join(given)}: for --mode self-spec only (this run is --mode {self.mode}); "
+                "add --mode self-spec or drop them"
+            )
+        if self.draft_layer is not None and self.draft_layer < 1:
+            raise EexitError(
+                f"--draft-layer must be >= 1 (layers count from 1, and the drafting exit lies "
+                f"below the depth); got {self.draft_layer}"
+            )
+        if self.draft_length is not None and self.draft_length < 1:
+            raise EexitError(f"--draft-length must be >= 1; got {self.draft_length}")
+        if self.draft_vocab is not None and self.draft_vocab < 0:
             raise EexitError(f"--draft-vocab must be >= 0 (0 = all tokens); got {self.draft_vocab}")
         if self.prompts < 1 or self.prompt_len < 1 or self.max_new_tokens < 2:
             raise EexitError("--prompts and --prompt-len must be >= 1 and --max-new-tokens >= 2")
+
+    def check_model(self, model) -> None:
+        """The checks that need the loaded model (its depth and vocabulary), before any work;
+        fills in the self-spec defaults, so that the provenance says what ran."""
+        if self.mode != "self-spec":
+            return
+        L, V = model.num_layers, model.vocab_size
+        if L < 2:
+            raise EexitError(
+                "--mode self-spec drafts with the first layers and verifies with the rest: it "
+                f"needs a model of at least 2 layers; this one has {L}"
+            )
+        k = self.draft_layer if self.draft_layer is not None else max(1, L // 4)
+        if not 1 <= k < L:
+            raise EexitError(
+                f"--draft-layer must be in 1..{L - 1} (below the model's {L} layers); got {k}"
+            )
+        if self.draft_vocab is not None and self.draft_vocab > V:
+            raise EexitError(
+                f"--draft-vocab must be <= the vocabulary size {V} (0 = every token); "
+                f"got {self.draft_vocab}"
+            )
+        self.draft_layer = k
+        self.draft_length = self.draft_length if self.draft_length is not None else DRAFT_LENGTH
+        self.draft_vocab = self.draft_vocab or 0
+
+
+def generation_options(generate: bool, **options) -> GenerationOptions | None:
+    """The options of `evaluate --generate`, checked (None values: not given, the defaults
+    apply). Without --generate, any option that only decoding reads is refused, not ignored."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if not generate:
+        only = [flag(k, given[k]) for k in GENERATE_ONLY if k in given]
+        if only:
+            raise EexitError(
+                f"{', '.join(only)}: for --generate only (decoding speed and agreement); add "
+                "--generate or drop " + ("it" if len(only) == 1 else "them")
+            )
+        return None
+    g = GenerationOptions(**given)
+    g.check()
+    return g
 
 
 def prompts_from(tokenizer, dataset: str, split: str, n: int, length: int) -> torch.Tensor:
@@ -60,7 +130,10 @@ def prompts_from(tokenizer, dataset: str, split: str, n: int, length: int) -> to
 def token_costs(
     model, decoder: EarlyExitDecoder, res: GenerationResult, context: float
 ) -> torch.Tensor:
-    """Executed layer-equivalents per generated token (excluding the first, which is full depth)."""
+    """Executed layer-equivalents per generated token (excluding the first, which is full depth),
+    [rows, new tokens - 1]."""
+    if isinstance(decoder, SelfSpeculativeDecoder):
+        return speculative_costs(model, decoder, res, context)
     L = res.num_layers
     exit_l = res.exit_layers[:, 1:].float()
     policy = decoder.policy
@@ -79,6 +152,26 @@ def token_costs(
         kv = 2 * model.hidden_size * decoder.blocks.n_kv_heads * decoder.blocks.head_dim / lm
         layers = exit_l + (L - exit_l) * kv
     return layers + overhead
+
+
+def speculative_costs(
+    model, decoder: SelfSpeculativeDecoder, res: GenerationResult, context: float
+) -> torch.Tensor:
+    """Layer-equivalents per generated token (excluding the first) of self-speculative decoding,
+    each row's work spread evenly over its tokens. A cycle runs its D positions through all L
+    layers (k drafting, L - k verifying), D draft heads (over the draft vocabulary) and D
+    verifier heads; one verifier head per emitted token is the head full-depth decoding runs
+    too, so only the others count (the full model's head is not in its L layers either)."""
+    L, D = res.num_layers, decoder.D
+    lm = layer_macs(model, context)
+    scored = model.vocab_size if decoder.draft_vocab is None else len(decoder.draft_vocab)
+    draft_head = (model.hidden_size * scored + model.adapter_macs) / lm
+    full_head = model.hidden_size * model.vocab_size / lm
+    emitted = (res.exit_layers[:, 1:] > 0).sum(1).float().cpu()  # pads have no exit layer
+    positions = decoder.row_cycles.float() * D
+    work = positions * (L + draft_head) + (positions - emitted) * full_head
+    per_token = work / emitted.clamp_min(1)
+    return per_token[:, None].expand(-1, res.exit_layers.shape[1] - 1).clone()
 
 
 def compare(
@@ -146,14 +239,10 @@ def compare(
     }
     total["realized_over_ideal"] = total["speedup"] * total["compute_pct"] / 100
     if isinstance(decoder, SelfSpeculativeDecoder):
-        # every drafted position runs all L layers (k while drafting, L - k while verifying)
-        # plus a draft exit head (over the draft vocabulary when there is one); what
-        # speculation saves is sequential passes, not layers
+        # compute % (per sample and in total, `speculative_costs`): every drafted position runs
+        # all L layers plus the draft head, rejected ones a verifier head too; what speculation
+        # saves is sequential passes, not layers
         st = decoder.stats
-        rows_scored = model.vocab_size if decoder.draft_vocab is None else len(decoder.draft_vocab)
-        head = model.hidden_size * rows_scored / layer_macs(model, ctx)
-        layers = st.drafted * (L + head)
-        total["compute_pct"] = 100 * layers / (total_tokens(decoder) * L)
         total["acceptance_rate"] = st.acceptance_rate
         total.update(decoder.time_shares)
         total["tokens_per_cycle"] = st.tokens_per_cycle
@@ -161,9 +250,21 @@ def compare(
     return rows, total
 
 
-def total_tokens(decoder) -> int:
-    st = decoder.stats
-    return max(1, st.accepted + st.cycles)
+EARLY_EXIT_NOTES = (
+    "Compute % (per sample and in total): layer-equivalents run per generated token after the "
+    "first, in % of the model's layers: the layers up to each token's exit, the exit decisions "
+    "and the KV filling of skipped layers (`--kv`); 100 % = full-depth decoding. Agreement: "
+    "generated tokens equal to full-depth greedy decoding at the same position.\n"
+)
+SELF_SPEC_NOTES = (
+    "Compute % (per sample and in total, the same measure; the total is the token-weighted mean "
+    "of the samples): layer-equivalents run per generated token after the first, in % of the "
+    "model's layers. Every drafted position runs all layers (the draft layers while drafting, "
+    "the rest while verifying) and the draft head, and a rejected draft also its verifier "
+    "head, so compute is at least 100 % of full-depth decoding and grows as acceptance falls: "
+    "self-speculation saves sequential passes (speedup), not arithmetic. Agreement: generated "
+    "tokens equal to full-depth greedy decoding at the same position (100 % when greedy).\n"
+)
 
 
 def run_generation(ctx: EvalContext, g: GenerationOptions, out: str | None) -> tuple[list, dict]:
@@ -188,14 +289,14 @@ def run_generation(ctx: EvalContext, g: GenerationOptions, out: str | None) -> t
             f"--prompt-len + --max-new-tokens must be <= {limit} (the model's positions); "
             f"got {g.prompt_len + g.max_new_tokens}"
         )
+    g.check_model(model)  # the draft layer and vocabulary against the model, before any work
     if g.mode == "self-spec":
-        k = g.draft_layer or max(1, model.num_layers // 4)
         vocab = (
-            data_mod.frequent_tokens(ctx.tokenizer, ctx.dataset, g.draft_vocab)
+            data_mod.frequent_tokens(ctx.tokenizer, ctx.dataset, g.draft_vocab, model.vocab_size)
             if g.draft_vocab
             else None
         )
-        decoder = SelfSpeculativeDecoder(model, k, g.draft_length, vocab)
+        decoder = SelfSpeculativeDecoder(model, g.draft_layer, g.draft_length, vocab)
     else:
         decoder = EarlyExitDecoder(model, ctx.policy, g.kv_mode)
     reference = EarlyExitDecoder(model, None, "full")
@@ -208,5 +309,7 @@ def run_generation(ctx: EvalContext, g: GenerationOptions, out: str | None) -> t
             if g.draft_vocab:
                 title += f" over the {g.draft_vocab} most frequent tokens"
         prov = provenance(ctx.resolved(**g.__dict__))
-        write_results(out, "generation", title, rows + [{"sample": "total", **total}], prov)
+        rows_out = rows + [{"sample": "total", **total}]
+        notes = SELF_SPEC_NOTES if g.mode == "self-spec" else EARLY_EXIT_NOTES
+        write_results(out, "generation", title, rows_out, prov, notes=notes)
     return rows, total

@@ -98,6 +98,7 @@ class SelfSpeculativeDecoder(EarlyExitDecoder):
             bias = getattr(head, "bias", None)
             self._draft_bias = bias[ids] if bias is not None else None
         self.reset_stats()
+        self.row_cycles = torch.zeros(0, dtype=torch.long)  # per row of the last generate call
 
     def _draft_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Exit-k logits for drafting: the whole vocabulary, or the draft vocabulary's rows
@@ -165,8 +166,10 @@ class SelfSpeculativeDecoder(EarlyExitDecoder):
         cur = torch.full((B,), T0, dtype=torch.long, device=dev)  # slot of each row's last token
         finished = torch.isin(first, stops) if stops is not None else torch.zeros_like(n_out) > 0
         finished |= n_out >= max_new_tokens
+        self.row_cycles = torch.zeros(B, dtype=torch.long)  # what each row's tokens cost
         while not finished.all():
             rows = (~finished).nonzero().squeeze(1)
+            self.row_cycles[rows.cpu()] += 1
             last = out[rows, n_out[rows] - 1]
             t_draft = _now(dev)
             drafts, q, hk = self._draft(last, rows, cur[rows], pos, do_sample, temperature, gen)
