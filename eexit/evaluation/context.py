@@ -94,7 +94,7 @@ def open_context(
     """Resolve where the command runs (`runtime`, or the request's device and dtype), load (or
     reuse) the model there, read its checkpoint once, build the policy and the dataset."""
     check_sizes(r.batch_size, r.max_tokens)
-    make_policy(r.policy, 0.5, r.min_exit_layer, **(r.policy_params or {}))  # bad input first
+    probe = make_policy(r.policy, 0.5, r.min_exit_layer, **(r.policy_params or {}))  # bad input
     if runtime is None:
         runtime = resolve_runtime(r.device, r.dtype) if model is None else runtime_of(model)
     if model is None:
@@ -106,6 +106,7 @@ def open_context(
         raise EexitError(
             f"--min-exit-layer {r.min_exit_layer} is beyond the model's {model.num_layers} layers"
         )
+    probe.check_model(model)  # e.g. a shortlist beyond the vocabulary, before any work
     if bind:
         policy = make_bound_policy(r, model, checkpoint)
     else:

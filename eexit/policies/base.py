@@ -145,6 +145,10 @@ class ExitPolicy:
         other.threshold = check_threshold(threshold)
         return other
 
+    def check_model(self, model) -> None:
+        """Refuse parameters this model cannot honour (a depth or a vocabulary size exceeded),
+        right after the load and before any work; nothing is loaded here."""
+
     def bind(self, model, model_dir) -> None:
         """Attach what the policy loads for a model (learned policies: their classifier)."""
 

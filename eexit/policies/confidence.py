@@ -51,10 +51,18 @@ class SoftmaxMeasure(ExitPolicy):
             logits = logits + head.bias[ids].float()
         return logits
 
+    def check_model(self, model) -> None:
+        if self.shortlist > model.vocab_size:
+            raise EexitError(
+                f"--param shortlist={self.shortlist} is more candidates than the vocabulary: K "
+                f"must be <= {model.vocab_size} (0 = the full vocabulary)"
+            )
+
     def decision_macs(self, hidden_size, vocab_size):
         if not self.shortlist:
             return super().decision_macs(hidden_size, vocab_size)
-        return float(hidden_size * self.shortlist + 4 * self.shortlist)
+        k = min(self.shortlist, vocab_size)  # the candidates actually scored
+        return float(hidden_size * k + 4 * k)
 
     def first_decision_extra_macs(self, hidden_size, vocab_size):
         if not self.shortlist:
