@@ -4,13 +4,13 @@ threshold, then the tables and the compute / perplexity plot."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from eexit.evaluation.context import EvalContext, lm_windows
 from eexit.evaluation.frontier import frontier_rows
 from eexit.evaluation.records import ExitTable, collect_exit_table, exit_metrics, per_exit_ppl
 from eexit.reporting import plot_tradeoff, provenance, write_results
+from eexit.runtime import now
 
 HEADROOM = [
     "oracle_compute_pct",
@@ -84,9 +84,9 @@ def run_lm(ctx: EvalContext, out: str | None, sweep: bool) -> list[dict]:
     single evaluation."""
     r = ctx.request
     x, y, resolved = lm_windows(ctx)
-    t0 = time.perf_counter()
+    t0 = now(ctx.model.device)
     table = collect_exit_table(ctx.model, x, y, ctx.policy, r.batch_size, ctx.runtime)
-    seconds = time.perf_counter() - t0
+    seconds = now(ctx.model.device) - t0
     rows = [{**exit_metrics(table, ctx.policy.at(t)), **ctx.identity()} for t in r.thresholds]
     if not sweep:
         rows[0]["eval_tokens_per_s"] = table.tokens / seconds

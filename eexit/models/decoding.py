@@ -17,7 +17,6 @@ The prompt (prefill) and the first generated token use the full depth. Positions
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from eexit.errors import EexitError
 from eexit.policies.base import ExitPolicy, ExitView
+from eexit.runtime import now
 
 KV_MODES = ("full", "propagate", "recompute")
 
@@ -236,7 +236,7 @@ class EarlyExitDecoder:
         after every token with the new tokens so far ([B, t]) and returns one bool per row: rows
         where it is True finish there (stop strings, e.g. lm-eval's `until`)."""
         model, L = self.model, self.L
-        t0 = time.perf_counter()
+        t0 = now(model.device)
         ids, mask, stops, pad, pos, logits = self._prefill(
             input_ids,
             attention_mask,
@@ -287,7 +287,7 @@ class EarlyExitDecoder:
                 finished[rows] |= torch.isin(tok, stops)
             if stop is not None:
                 finished |= stop(out_tokens[:, : step + 1]).to(dev)
-        seconds = time.perf_counter() - t0
+        seconds = now(dev) - t0
         return GenerationResult(
             torch.cat([ids, out_tokens], 1), out_tokens, exit_layer, decisions, seconds, L
         )

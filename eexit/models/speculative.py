@@ -29,20 +29,13 @@ always holds exactly the full model's keys and values: there is no KV approximat
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from eexit.errors import EexitError
 from eexit.models.decoding import EarlyExitDecoder, GenerationResult
-
-
-def _now(device: torch.device) -> float:
-    """Wall-clock seconds, after the device's queued work (GPU timings are otherwise early)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+from eexit.runtime import now
 
 
 @dataclass
@@ -145,7 +138,7 @@ class SelfSpeculativeDecoder(EarlyExitDecoder):
         if top_k:
             raise EexitError("self-speculative sampling takes the full distribution (top_k=0)")
         L, k, D = self.L, self.k, self.D
-        t0 = time.perf_counter()
+        t0 = now(self.model.device)
         ids, _, stops, pad, pos, logits = self._prefill(
             input_ids,
             attention_mask,
@@ -171,12 +164,12 @@ class SelfSpeculativeDecoder(EarlyExitDecoder):
             rows = (~finished).nonzero().squeeze(1)
             self.row_cycles[rows.cpu()] += 1
             last = out[rows, n_out[rows] - 1]
-            t_draft = _now(dev)
+            t_draft = now(dev)
             drafts, q, hk = self._draft(last, rows, cur[rows], pos, do_sample, temperature, gen)
-            t_verify = _now(dev)
+            t_verify = now(dev)
             p = self._verify(hk, rows, cur[rows], pos)  # [n, D, V] full-model logits
             self.stats.draft_seconds += t_verify - t_draft
-            self.stats.verify_seconds += _now(dev) - t_verify
+            self.stats.verify_seconds += now(dev) - t_verify
             keep, emit = self._accept(drafts, q, p, do_sample, temperature, gen)
             self.stats.cycles += len(rows)
             self.stats.drafted += len(rows) * D
@@ -204,7 +197,7 @@ class SelfSpeculativeDecoder(EarlyExitDecoder):
                     self.cache["valid"][l][r, s0 + processed : s0 + D] = False
                 cur[r] = s0 + processed
                 finished[r] |= bool(n_out[r] >= max_new_tokens)
-        seconds = time.perf_counter() - t0
+        seconds = now(dev) - t0
         self.stats.total_seconds += seconds
         decisions = torch.zeros_like(exit_layer)
         return GenerationResult(torch.cat([ids, out], 1), out, exit_layer, decisions, seconds, L)
