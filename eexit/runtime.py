@@ -102,13 +102,13 @@ def now(device: torch.device | str = "cpu") -> float:
     return time.perf_counter()
 
 
-CPU_LOGITS_BUDGET = 256 * 2**20  # bytes of exit logits at a time on the CPU (fixed: reproducible)
+CPU_LOGITS_BUDGET = 2**30  # bytes of exit logits at a time on the CPU (fixed: reproducible)
 LOGIT_COPIES = 4  # logits in the weights' dtype, in float32, softmax, temporaries
 
 
 def logits_chunk_tokens(vocab_size: int, device: torch.device | str) -> int:
     """How many tokens' exit logits (and their float32 softmax) to hold at once: a quarter of the
-    GPU's free memory, a fixed 256 MiB on the CPU. Tables, calibration and analysis keep only
+    GPU's free memory, a fixed 1 GiB on the CPU. Tables, calibration and analysis keep only
     per-token summaries (NLL, top-1, scores, top-k), so their peak memory is set by this chunk,
     not by the batch."""
     device = torch.device(device)
