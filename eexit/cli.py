@@ -436,7 +436,7 @@ def analyze_monotonicity(
 def calibrate(
     model: Optional[str] = _MODEL,
     fit: Optional[str] = typer.Option(
-        None, help="Fit exit classifiers first: comma list of meta, lstm, mlp3."
+        None, help="Fit exit classifiers first: comma list of meta, lstm, mlp3, predictor."
     ),
     label: str = typer.Option(
         "consistent",
@@ -488,9 +488,10 @@ def calibrate(
             test_split=test_split,
         )
     out = out or f"results/calibrate-{Path(model).name}-{policy or 'fit'}"
+    # without --policy, --param reaches the predictor being fitted (its shortlist=K)
     r = _request(
         model,
-        policy or "max-prob",
+        policy or ("predictor" if "predictor" in names else "max-prob"),
         [],
         min_exit_layer,
         param,

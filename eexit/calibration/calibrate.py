@@ -43,6 +43,7 @@ from eexit.policies.learned import (
     fit_classifier,
     save_classifier,
 )
+from eexit.policies.predictor import PREDICTOR, fit_from_data, fit_shortlist, predictor_data
 from eexit.reporting import markdown_table, provenance, write_results
 from eexit.runtime import LOCAL, Runtime, logits_chunk_tokens
 
@@ -112,13 +113,22 @@ def fit(ctx: EvalContext, names: list[str], label: str) -> list[dict]:
             f"got {ctx.request.model}"
         )
     model = ctx.model
+    k = fit_shortlist(ctx.request, model.vocab_size) if PREDICTOR in names else 0
     x, _, resolved = teacher_forced_inputs(ctx)
-    feats, top1 = layer_features(model, x[0::2], ctx.request.batch_size, ctx.runtime)
-    labels = exit_labels(top1, label)
+    bs = ctx.request.batch_size
+    if set(names) - {PREDICTOR}:
+        feats, top1 = layer_features(model, x[0::2], bs, ctx.runtime)
+        labels = exit_labels(top1, label)
+    if k:  # the SpecEE-style predictor learns from its own shortlist features
+        data = predictor_data(model, x[0::2], k, bs, ctx.runtime)
     rows = []
     for name in names if ctx.runtime.is_main else []:  # the main process fits and saves
-        clf, metrics = fit_classifier(name, feats, labels, model.exit_layers)
+        if name == PREDICTOR:
+            clf, metrics = fit_from_data(*data, label)
+        else:
+            clf, metrics = fit_classifier(name, feats, labels, model.exit_layers)
         meta = {
+            **({"shortlist": k} if name == PREDICTOR else {}),
             "label": label,
             "hidden_size": model.hidden_size,
             "exit_layers": model.exit_layers,

@@ -48,7 +48,7 @@ def llama():
 
 def bound(name: str, model, min_exit: int) -> ExitPolicy:
     params = {"patience": {"patience": 1}, "topk-saturation": {"k": 1}}.get(name, {})
-    if name.endswith("+shortlist"):  # a softmax measure over the first scored exit's top 5
+    if name.endswith("+shortlist"):  # a measure over the first scored exit's top 5 tokens
         name, params = name.removesuffix("+shortlist"), {"shortlist": 5}
     pol = make_policy(name, 0.5, min_exit, **params)
     if pol.needs_classifier:  # a random classifier of the right kind stands in for a fitted one
@@ -60,6 +60,7 @@ def bound(name: str, model, min_exit: int) -> ExitPolicy:
 def cases():
     names = [n for n in POLICIES.names() if not POLICIES.get(n).needs_future]
     shortlisted = [("max-prob+shortlist", 1), ("margin+shortlist", 3), ("entropy+shortlist", 2)]
+    shortlisted += [("predictor+shortlist", 2)]  # the SpecEE-style predictor, K = 5 (default 8)
     return [(n, m) for n in names for m in (1, 3)] + shortlisted + [("custom", 1)]
 
 
