@@ -41,8 +41,12 @@ def _root(
 
 
 def _model_or_newest(model: str | None) -> str:
-    """--model, or the newest trained checkpoint under checkpoints/ (said on stderr)."""
+    """--model, or the newest trained checkpoint under checkpoints/ (said on stderr); a --model
+    with nothing behind it is refused here, before torch is imported."""
     if model:
+        from eexit.model_source import model_source
+
+        model_source(model)
         return model
     from eexit.models.checkpoint import newest_checkpoint
 
@@ -252,8 +256,8 @@ def evaluate(
     """Perplexity, compute % and exit shares of one policy at one threshold (or, with
     --generate, decoding speed and agreement). On a task dataset: the task metric of early-exit
     decoding."""
-    _quiet()
     model = _model_or_newest(model)
+    _quiet()
     from eexit.evaluation.entry import apply_calibrated
     from eexit.evaluation.entry import evaluate as run
     from eexit.evaluation.generation import generation_options
@@ -333,8 +337,8 @@ def sweep_threshold(
 ):
     """One row per threshold: PPL (or, on a task dataset, the task metric of early-exit
     decoding), compute %, exit shares; Markdown/CSV/JSON + PNG in results/."""
-    _quiet()
     model = _model_or_newest(model)
+    _quiet()
     from eexit.evaluation.entry import evaluate as run
     from eexit.evaluation.tasks import TaskOptions
     from eexit.policies.thresholds import parse_thresholds
@@ -398,6 +402,10 @@ def analyze_monotonicity(
 ):
     """Seed 001 figures 1-3, top-k saturation order (seed 003), sub-word / sub-layer exits
     (seed 004)."""
+    from eexit.model_source import model_source
+
+    for m in model:  # nothing behind a --model: refused before torch is imported
+        model_source(m)
     _quiet()
     from eexit.analysis.analyze import AnalyzeSetup, run_analysis
     from eexit.reporting import print_rows
@@ -552,6 +560,9 @@ def lm_eval_command(
     """lm-evaluation-harness tasks with early exit: the harness's metrics beside compute % and
     exit shares (loglikelihood and generation run through eexit's exit rule). Every option and
     task is checked before the model loads."""
+    from eexit.model_source import model_source
+
+    model_source(model)  # nothing behind --model: refused before torch is imported
     _quiet()
     try:
         from eexit.integrations.lm_eval_harness import (

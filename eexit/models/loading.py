@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from eexit.errors import EexitError
+from eexit.model_source import hub_endpoint, model_source, not_on_hub
 from eexit.models.checkpoint import EXTRA_WEIGHTS, CheckpointInfo
 from eexit.models.early_exit import EarlyExitModel
 from eexit.models.families import FAMILIES
@@ -30,33 +31,23 @@ def load_model(spec: str, exit_layers=None, runtime: Runtime | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = Path(spec)
-    kwargs: dict = {}
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise EexitError(f"GGUF file not found: {path}")
-        src, kwargs = str(path.parent), {"gguf_file": path.name}
-    elif path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise EexitError(
-                f"{path} is not a model checkpoint (expected a folder with config.json, "
-                "or a .gguf file)"
-            )
-        src = str(path)
-    elif looks_local(spec):  # a mistyped local path: say so now, not after a hub round trip
-        raise EexitError(f"model checkpoint not found: {spec} (no such file or folder)")
-    else:
-        src = spec  # a hub name
+    src, kwargs = model_source(spec)  # a local file or folder, or a hub id that answers
     info = CheckpointInfo.read(spec)
     runtime = runtime or LOCAL
     try:
         seq2seq = getattr(AutoConfig.from_pretrained(src, **kwargs), "is_encoder_decoder", False)
         auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-        with gguf_progress(bool(kwargs)):
+        with gguf_progress("gguf_file" in kwargs):
             lm = auto.from_pretrained(
                 src, dtype=runtime.dtype, attn_implementation=runtime.attention, **kwargs
             )
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except Exception as e:  # noqa: BLE001  (truncated weights, bad JSON, ...: one line)
+        if src == spec and not_on_hub(e):
+            raise EexitError(
+                f"model not found: no file or folder {spec} in {Path.cwd()}, and no model "
+                f"{spec!r} on the hub ({hub_endpoint()})"
+            ) from None
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise EexitError(f"could not load model {spec!r}: {first}") from None
     lm.to(runtime.device).eval()
@@ -98,14 +89,6 @@ def gguf_progress(gguf: bool):
         yield
     finally:
         gguf_utils.tqdm = bar
-
-
-def looks_local(spec: str) -> bool:
-    """A path rather than a hub name: explicit (./, /, ~), nested, or under an existing folder."""
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/"):
-        return True
-    parent = Path(spec).parent
-    return str(parent) != "." and parent.exists()
 
 
 def check_finite_weights(model, spec: str) -> None:

@@ -28,7 +28,8 @@ def test_hub_dataset_offline_is_a_one_line_error(offline):
 def test_hub_model_offline_is_a_one_line_error(offline):
     from eexit.models.loading import load_model
 
-    with pytest.raises(EexitError, match="could not load model 'HuggingFaceTB/SmolLM2-135M'"):
+    # offline and not cached: said at once, naming where it looked, without asking the hub
+    with pytest.raises(EexitError, match="no hub model 'HuggingFaceTB/SmolLM2-135M' in the local"):
         load_model("HuggingFaceTB/SmolLM2-135M")
 
 
