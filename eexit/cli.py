@@ -457,10 +457,39 @@ def calibrate(
     delta: float = typer.Option(0.1, help="Allowed failure probability (confidence 1 - delta)."),
     risk: str = typer.Option(
         "consistency",
-        help="consistency (top-1 differs from the full model) or loss (relative drop of "
-        "p(correct)).",
+        help="consistency (top-1 differs from the full model), loss (relative drop of "
+        "p(correct)), or per decoded prompt against full-depth decoding: sequence-mismatch "
+        "(share of differing tokens) or sequence-rouge (1 - ROUGE-L).",
     ),
     grid: str = typer.Option("0:1:0.01", help="Thresholds to test (tested from the largest down)."),
+    method: str = typer.Option(
+        "ltt",
+        help="Threshold kept: ltt (Learn-then-Test) or free (FREE's Beta mixture); the table "
+        "shows both.",
+    ),
+    zeta: float = typer.Option(
+        0.4, help="FREE: the high-mean component's posterior must exceed this (0 < zeta < 1)."
+    ),
+    free_grid: Optional[str] = typer.Option(
+        None, help="FREE: candidate thresholds (default 10 values evenly spaced on [0.3, 0.9])."
+    ),
+    free_fit: str = typer.Option(
+        "labels",
+        help="FREE: labels (each component fitted to its labelled tokens) or em (EM started from "
+        "the labels).",
+    ),
+    prompts: int = typer.Option(32, help="sequence-*: calibration prompts (each one unit)."),
+    test_prompts: Optional[int] = typer.Option(
+        None, help="sequence-*: held-out prompts from --test-split (default: --prompts)."
+    ),
+    prompt_len: int = typer.Option(32, help="sequence-*: tokens per prompt."),
+    max_new_tokens: int = typer.Option(32, help="sequence-*: tokens decoded per prompt."),
+    kv: str = _KV,
+    repeats: int = typer.Option(
+        0,
+        help="sequence-*: re-split the pooled prompts R times (seeds 0..R-1) and count the "
+        "held-out risks <= epsilon.",
+    ),
     min_exit_layer: int = _MIN,
     param: List[str] = _PARAM,
     dataset: Optional[str] = _DATASET,
@@ -482,7 +511,13 @@ def calibrate(
     """Fit learned exit classifiers and/or pick a threshold with a Learn-then-Test guarantee."""
     _quiet()
     model = _model_or_newest(model)
-    from eexit.calibration.calibrate import CalibrateOptions, CalibrationRun, run_calibration
+    from eexit.calibration.calibrate import (
+        CalibrateOptions,
+        CalibrationRun,
+        run_calibration,
+        summary_line,
+    )
+    from eexit.calibration.sequence import SequenceOptions
     from eexit.policies.thresholds import parse_thresholds
 
     names = [n.strip() for n in fit.split(",") if n.strip()] if fit else []
@@ -494,6 +529,18 @@ def calibrate(
             risk=risk,
             grid=parse_thresholds(grid),
             test_split=test_split,
+            method=method,
+            zeta=zeta,
+            free_grid=parse_thresholds(free_grid) if free_grid else None,
+            free_fit=free_fit,
+            sequence=SequenceOptions(
+                prompts=prompts,
+                test_prompts=test_prompts,
+                prompt_len=prompt_len,
+                max_new_tokens=max_new_tokens,
+                kv_mode=kv,
+                repeats=repeats,
+            ),
         )
     out = out or f"results/calibrate-{Path(model).name}-{policy or 'fit'}"
     # without --policy, --param reaches the predictor being fitted (its shortlist=K)
@@ -522,12 +569,7 @@ def calibrate(
         )
     summary = res.get("summary")
     if summary is not None:
-        msg = summary.get("message") or (
-            f"threshold {summary['threshold']:.2f}: test risk {summary['test_risk']:.4f} "
-            f"(epsilon {epsilon}), compute {summary['test_compute_pct']:.1f}%, "
-            f"PPL {summary['test_ppl']:.2f}"
-        )
-        typer.echo(f"{policy}: {msg} -> {out}")
+        typer.echo(f"{policy}: {summary_line(summary)} -> {out}")
 
 
 @app.command("lm-eval")

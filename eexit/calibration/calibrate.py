@@ -11,18 +11,31 @@ model's;
   tested with binomial-tail p-values.
 - `loss` (risk consistency): the relative drop of the probability of the correct next token,
   max(0, 1 - p_exit(y) / p_full(y)); tested with Hoeffding-Bentkus p-values.
+- `sequence-mismatch` / `sequence-rouge`: one unit is a prompt decoded free-running with early
+  exit against full-depth decoding (`calibration/sequence.py`).
+
+`--method free` takes FREE's Beta-mixture threshold (`calibration/beta_mixture.py`) instead of
+LTT's; the table shows both thresholds on the same test split either way.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from eexit.calibration.beta_mixture import (
+    DEFAULT_GRID,
+    DEFAULT_ZETA,
+    check_free_options,
+    fit_beta_mixture,
+    free_threshold,
+)
 from eexit.calibration.ltt import fixed_sequence_test, no_threshold_message
+from eexit.calibration.sequence import SEQUENCE_RISKS, SequenceOptions, calibrate_sequences
 from eexit.errors import EexitError
 from eexit.evaluation.context import EvalContext, EvalRequest, open_context, teacher_forced_inputs
 from eexit.evaluation.entry import CALIBRATED_FILE
@@ -47,7 +60,13 @@ from eexit.policies.predictor import PREDICTOR, fit_from_data, fit_shortlist, pr
 from eexit.reporting import markdown_table, provenance, write_results
 from eexit.runtime import LOCAL, Runtime, logits_chunk_tokens
 
-RISKS = {"consistency": "binomial", "loss": "hoeffding-bentkus"}
+RISKS = {
+    "consistency": "binomial",
+    "loss": "hoeffding-bentkus",
+    **dict.fromkeys(SEQUENCE_RISKS, "hoeffding-bentkus"),
+}
+THRESHOLD_METHODS = ("ltt", "free")  # Learn-then-Test, or FREE's Beta-mixture threshold
+FREE_FITS = ("labels", "em")  # the labels as responsibilities, or EM started from them
 
 
 @dataclass(kw_only=True)
@@ -57,6 +76,12 @@ class CalibrateOptions:
     risk: str = "consistency"  # consistency | loss
     grid: list[float] | None = None  # thresholds to test (default 1.00, 0.99, ..., 0.00)
     test_split: str = "test"
+    method: str = "ltt"  # the threshold kept: ltt | free (both are reported)
+    zeta: float = DEFAULT_ZETA  # FREE: posterior of the high-mean component to exceed
+    free_grid: list[float] | None = None  # FREE: candidate thresholds (default 10 on [0.3, 0.9])
+    free_fit: str = "labels"  # FREE: labels (responsibilities = labels) | em (EM from them)
+    # sequence-* risks: prompts, lengths, KV mode, repeated splits
+    sequence: SequenceOptions = field(default_factory=SequenceOptions)
 
 
 def token_risks(table: ExitTable, policy, thresholds: list[float], risk: str) -> torch.Tensor:
@@ -149,6 +174,25 @@ def check_options(opts: CalibrateOptions, policy: str) -> None:
         raise EexitError(f"unknown risk {opts.risk!r}; valid: {', '.join(RISKS)}")
     if not 0 < opts.epsilon < 1 or not 0 < opts.delta < 1:
         raise EexitError(f"epsilon and delta must lie in (0, 1); got {opts.epsilon}, {opts.delta}")
+    if opts.method not in THRESHOLD_METHODS:
+        raise EexitError(f"unknown --method {opts.method!r}; valid: {', '.join(THRESHOLD_METHODS)}")
+    if opts.free_fit not in FREE_FITS:
+        raise EexitError(f"unknown --free-fit {opts.free_fit!r}; valid: {', '.join(FREE_FITS)}")
+    check_free_options(opts.zeta, opts.free_grid or DEFAULT_GRID)
+    if opts.risk in SEQUENCE_RISKS:
+        if opts.method == "free":
+            raise EexitError(
+                "--method free fits teacher-forced token confidences; use it with --risk "
+                "consistency or loss"
+            )
+        opts.sequence.check()
+        need = min_calibration_tokens(opts.epsilon, opts.delta)
+        if opts.sequence.prompts < need:
+            raise EexitError(
+                f"--prompts {opts.sequence.prompts} cannot certify a sequence risk <= "
+                f"{opts.epsilon} with probability >= {1 - opts.delta:.2f}: that needs at least "
+                f"{need} prompts (raise --prompts, or loosen --epsilon / --delta)"
+            )
 
 
 def min_calibration_tokens(epsilon: float, delta: float) -> int:
@@ -175,6 +219,11 @@ def calibrate(
     r, model = ctx.request, ctx.model
     check_options(opts, r.policy)
     grid = sorted(opts.grid or [round(1 - i / 100, 2) for i in range(101)], reverse=True)
+    if opts.risk in SEQUENCE_RISKS:
+        need = min_calibration_tokens(opts.epsilon, opts.delta)
+        summary, tested, repeats = calibrate_sequences(ctx, opts, grid, need)
+        resolved = ctx.resolved(**{k: v for k, v in opts.sequence.__dict__.items()})
+        return {**summary, "resolved": resolved, "repeat_rows": repeats}, tested
     policy = ctx.policy
     x, y, resolved = teacher_forced_inputs(ctx)
     ys = None if y is None else y[calibration_windows]
@@ -184,46 +233,161 @@ def calibrate(
     result = fixed_sequence_test(grid, risks, opts.epsilon, opts.delta, RISKS[opts.risk])
     xt, yt, _ = teacher_forced_inputs(ctx, opts.test_split)
     test = collect_exit_table(model, xt, yt, policy, r.batch_size, ctx.runtime)
-    summary = {
+    common = {
         "policy": r.policy,
         "policy_params": r.policy_params or {},
         "min_exit_layer": r.min_exit_layer,
         "risk": opts.risk,
-        "method": RISKS[opts.risk],
         "epsilon": opts.epsilon,
         "delta": opts.delta,
         "calibration_tokens": cal.tokens,
         "test_tokens": test.tokens,
-        "threshold": result.threshold,
     }
+    ltt = {**common, "threshold_by": "ltt", "method": RISKS[opts.risk]}
+    ltt["threshold"] = result.threshold
     if result.threshold is None:
-        summary["message"] = no_threshold_message(result)
+        ltt["message"] = no_threshold_message(result)
     else:
-        thr = result.threshold
-        summary["calibration_risk"] = float(token_risks(cal, policy, [thr], opts.risk).mean())
-        summary["test_risk"] = float(token_risks(test, policy, [thr], opts.risk).mean())
-        test_row = exit_metrics(test, policy.at(thr))
-        summary.update({f"test_{k}": v for k, v in test_row.items() if k != "threshold"})
+        ltt.update(threshold_row(cal, test, policy, result.threshold, opts.risk))
+    free, free_rows = free_row(cal, test, policy, opts)
+    free = {**common, **free}
+    rows = [ltt, free] if opts.method == "ltt" else [free, ltt]
     tested = [
         {"threshold": t, "risk": risk, "p_value": p, "rejected": rej}
         for t, risk, p, rej in result.tested
     ]
-    return {**summary, "resolved": resolved}, tested
+    return {**rows[0], "resolved": resolved, "compared": rows, "free_fit": free_rows}, tested
+
+
+def threshold_row(cal: ExitTable, test: ExitTable, policy, thr: float, risk: str) -> dict:
+    """A threshold's risk on the calibration and test tables, and its test metrics."""
+    row = {
+        "calibration_risk": float(token_risks(cal, policy, [thr], risk).mean()),
+        "test_risk": float(token_risks(test, policy, [thr], risk).mean()),
+    }
+    test_row = exit_metrics(test, policy.at(thr))
+    row.update({f"test_{k}": v for k, v in test_row.items() if k != "threshold"})
+    return row
+
+
+def free_pairs(table: ExitTable, policy) -> tuple[torch.Tensor, torch.Tensor]:
+    """FREE's (confidence, consistent) pairs: every token at every exit where the threshold
+    decides (layer >= min exit layer, below the last layer). Teacher-forced, every token reaches
+    every exit, and one threshold serves all of them, so all those exits describe it; FREE's
+    single shallow exit is the case of one such exit."""
+    keep = [
+        k
+        for k, layer in enumerate(table.exit_layers)
+        if policy.min_exit_layer <= layer < table.num_layers
+    ]
+    score = table.score[keep]
+    return score.flatten(), (table.top1[keep] == table.top1[-1]).flatten()
+
+
+def free_row(cal: ExitTable, test: ExitTable, policy, opts: CalibrateOptions):
+    """FREE's threshold from the calibration table (a row beside LTT's), and its fit: the
+    mixture's components and the posterior at every grid value (rows for the notes)."""
+    zeta, grid = opts.zeta, opts.free_grid or list(DEFAULT_GRID)
+    row = {"threshold_by": "free", "method": f"beta-mixture ({opts.free_fit}, zeta {zeta:g})"}
+    x, y = free_pairs(cal, policy)
+    if len(x) == 0:
+        return {**row, "threshold": None, "message": "no exit where the threshold decides"}, {}
+    try:
+        mix = fit_beta_mixture(x.numpy(), y.numpy(), em=opts.free_fit == "em")
+    except EexitError as e:
+        return {**row, "threshold": None, "message": str(e)}, {}
+    thr, posterior = free_threshold(mix, grid, zeta)
+    row["threshold"] = thr
+    if thr is None:
+        row["message"] = (
+            f"the high-mean component's posterior never exceeds zeta {zeta:g} on FREE's grid "
+            f"(at {max(grid):g}: {posterior[-1]['posterior_high']:.3g}); lower --zeta or extend "
+            "--free-grid"
+        )
+    else:
+        row.update(threshold_row(cal, test, policy, thr, opts.risk))
+    parts = [
+        {
+            **c,
+            "pairs": mix.points,
+            "consistent_share": mix.positive_share,
+            "m_steps": mix.iterations,
+        }
+        for c in mix.describe()
+    ]
+    return row, {"components": parts, "posterior": posterior}
+
+
+def summary_line(summary: dict) -> str:
+    """What `eexit calibrate` prints: the kept threshold on the test split (and the other
+    method's beside it), or why there is none."""
+
+    def one(row: dict) -> str:
+        if row.get("threshold") is None:
+            return row.get("message", "no threshold")
+        eps = row["epsilon"]
+        if row["risk"] in SEQUENCE_RISKS:
+            return (
+                f"threshold {row['threshold']:.2f}: held-out sequence risk {row['test_risk']:.4f} "
+                f"(epsilon {eps}), agreement {row['test_agreement_pct']:.1f}%, compute "
+                f"{row['test_compute_pct']:.1f}%"
+            )
+        return (
+            f"threshold {row['threshold']:.2f}: test risk {row['test_risk']:.4f} "
+            f"(epsilon {eps}), compute {row['test_compute_pct']:.1f}%, PPL {row['test_ppl']:.2f}"
+        )
+
+    rows = summary.get("compared") or [summary]
+    line = one(rows[0])
+    if len(rows) > 1:
+        line = f"{rows[0]['threshold_by'].upper()} {line}; {rows[1]['threshold_by'].upper()} "
+        line += one(rows[1])
+    if summary.get("repeats"):
+        line += (
+            f"; held-out risk <= {summary['epsilon']} in {summary['repeats_within_epsilon']} of "
+            f"{summary['repeats']} re-splits"
+        )
+    return line
 
 
 def write_calibration(out: str, summary: dict, tested: list[dict], fit_rows: list[dict]) -> None:
+    summary = dict(summary)  # the caller keeps its summary whole
     resolved = summary.pop("resolved", {})
+    rows = summary.pop("compared", None) or [summary]  # the kept threshold first
+    free_fit = summary.pop("free_fit", None)
+    repeats = summary.pop("repeat_rows", None)
     prov = provenance({**resolved, **{k: summary[k] for k in ("risk", "epsilon", "delta")}})
     notes = ""
     if fit_rows:
         notes += "## Fitted exit classifiers\n\n" + markdown_table(fit_rows) + "\n\n"
     notes += "## Fixed-sequence test (most conservative threshold first)\n\n"
     notes += markdown_table(tested) + "\n\n"
+    if free_fit:
+        notes += (
+            "## FREE's Beta mixture (confidence of consistent vs inconsistent tokens)\n\n"
+            + markdown_table(free_fit["components"])
+            + "\n\nPosterior of the high-mean component on FREE's grid:\n\n"
+            + markdown_table(free_fit["posterior"])
+            + "\n\n"
+        )
+    if repeats:
+        kept = sum(row["within_epsilon"] for row in repeats)
+        notes += (
+            f"## Repeated splits: held-out risk <= {summary['epsilon']} in {kept} of "
+            f"{len(repeats)} (LTT promises >= {1 - summary['delta']:.2f} of them)\n\n"
+            + markdown_table(repeats)
+            + "\n\n"
+        )
+    how = (
+        "FREE's Beta-mixture threshold" if summary["threshold_by"] == "free" else "Learn-then-Test"
+    )
+    unit = " on decoded sequences" if summary["risk"] in SEQUENCE_RISKS else ""
     title = (
-        f"Learn-then-Test calibration: {summary['policy']}, risk {summary['risk']} <= "
+        f"{how} calibration{unit}: {summary['policy']}, risk {summary['risk']} <= "
         f"{summary['epsilon']} with probability >= {1 - summary['delta']:.2f}"
     )
-    write_results(out, "calibration", title, [summary], prov, notes=notes)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    write_results(out, "calibration", title, rows, prov, columns=columns, notes=notes)
     if summary["threshold"] is not None:
         keys = (
             "policy",
@@ -235,6 +399,7 @@ def write_calibration(out: str, summary: dict, tested: list[dict], fit_rows: lis
             "delta",
         )
         keep = {k: summary[k] for k in keys}
+        keep["source"] = "FREE" if summary["threshold_by"] == "free" else "LTT"
         keep.update({k: resolved.get(k) for k in ("model", "exit_layers", "seq_len", "dataset")})
         atomic_json(Path(out) / CALIBRATED_FILE, keep)
 
@@ -255,6 +420,12 @@ def run_calibration(request: EvalRequest, run: CalibrationRun, out: str, overwri
         raise EexitError("nothing to do: give --fit meta,lstm,mlp3 and/or --policy NAME")
     if run.ltt is not None:
         check_options(run.ltt, request.policy)
+        if run.fit and run.ltt.risk in SEQUENCE_RISKS:
+            raise EexitError(
+                "sequence risks calibrate on prompts of the split, which --fit would also train "
+                "on; fit first (eexit calibrate --fit ...), then calibrate with --risk "
+                f"{run.ltt.risk}"
+            )
     check_output_path(Path(out), overwrite)
     ctx = open_context(request, bind=False)
     if run.fit:
