@@ -127,6 +127,28 @@ def max_positions(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
+def check_task_fits(ctx: EvalContext, longest_prompt: int, answer: int, answer_option: str):
+    """A decoder-only model reads prompt and answer as one sequence: a task whose longest prompt
+    plus answer exceeds the model's positions is refused before any work (else an embedding
+    index error midway)."""
+    limit = max_positions(ctx.model)
+    if ctx.model.is_seq2seq or not limit or longest_prompt + answer <= limit:
+        return
+    source = ctx.checkpoint.data.max_source_len
+    if longest_prompt < limit:
+        fix = f"set {answer_option} to at most {limit - longest_prompt}"
+    else:
+        fix = (
+            "the prompts alone exceed it (sources are cut to data.max_source_len = "
+            f"{source} tokens of the checkpoint's config): evaluate a model with more positions"
+        )
+    raise EexitError(
+        f"{ctx.dataset}: prompts of up to {longest_prompt} tokens + answers of up to {answer} "
+        f"({answer_option}) need {longest_prompt + answer} positions, beyond the model's "
+        f"{limit}; {fix}"
+    )
+
+
 def lm_windows(ctx: EvalContext, split: str | None = None):
     """(inputs [N, T], targets [N, T], resolved settings): the split's text as LM windows."""
     r, model = ctx.request, ctx.model
@@ -176,6 +198,9 @@ def task_pairs(ctx: EvalContext, split: str | None = None):
         while n < len(pairs) and total < r.max_tokens:
             total, n = total + len(pairs.targets[n]), n + 1
         pairs = pairs[:n]
+    if len(pairs):  # teacher-forced: the prompt, then the answer (its final EOS is no input)
+        answer = max(map(len, pairs.targets)) - 1
+        check_task_fits(ctx, max(map(len, pairs.sources)), answer, "data.max_target_len")
     resolved = ctx.resolved(
         split=split,
         task=task_name,

@@ -21,7 +21,7 @@ from eexit.data.pairs import model_inputs
 from eexit.data.task_data import task_split
 from eexit.data.tasks import clean_prediction, get_task
 from eexit.errors import EexitError
-from eexit.evaluation.context import EvalContext
+from eexit.evaluation.context import EvalContext, check_task_fits
 from eexit.evaluation.generation import token_costs
 from eexit.models.decoding import EarlyExitDecoder, check_kv_mode
 from eexit.reporting import plot_tradeoff, provenance, track, write_results
@@ -161,7 +161,13 @@ def prepare(ctx: EvalContext, o: TaskOptions):
     o.max_new_tokens = o.max_new_tokens or data.max_target_len
     o.max_source_len = o.max_source_len or data.max_source_len
     task_name, examples = task_split(ctx.dataset, ctx.request.split, o.examples)
-    return get_task(task_name), examples
+    task, seq2seq = get_task(task_name), ctx.model.is_seq2seq
+    if examples and not seq2seq:  # the longest prompt and answer must fit, before any decoding
+        prompts = [
+            model_inputs(ctx.tokenizer, task, ex, seq2seq, o.max_source_len) for ex in examples
+        ]
+        check_task_fits(ctx, max(map(len, prompts)), o.max_new_tokens, "--max-new-tokens")
+    return task, examples
 
 
 def run_task_sweep(ctx: EvalContext, o: TaskOptions, out: str | None, plot: bool = True):

@@ -2,6 +2,7 @@
 decoder-only."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -176,3 +177,20 @@ def test_decoder_only_prompted_qa_and_errors(random_llama, tmp_path):
         "evaluate", "-m", str(random_llama), "--dataset", "aclsun", "--out", str(tmp_path / "x")
     )
     assert code == 2 and "did you mean 'aclsum'" in err
+
+
+def test_prompts_and_answers_beyond_the_models_positions_are_refused_before_decoding(
+    random_llama, tmp_path
+):
+    """512 positions: 3 cloze prompts fit with short answers; an answer budget that does not fit
+    is refused with the largest that does, instead of an embedding index error midway."""
+    out = tmp_path / "long"
+    args = ["evaluate", "-m", str(random_llama), "--examples", "3", "--out", str(out)]
+    code, _, err = run_cli(*args, "--max-new-tokens", "600")
+    lines = message_lines(err)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "beyond the model's 512; set --max-new-tokens to at most" in lines[0]
+    prompt = int(re.search(r"prompts of up to (\d+) tokens", lines[0]).group(1))
+    assert int(lines[0].rsplit(" ", 1)[1]) == 512 - prompt > 0 and not out.exists()
+    code, _, err = run_cli(*args, "--max-new-tokens", "2", "--threshold", "1.0")
+    assert code == 0, err  # a budget that fits runs
