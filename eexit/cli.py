@@ -446,9 +446,10 @@ def calibrate(
     fit: Optional[str] = typer.Option(
         None, help="Fit exit classifiers first: comma list of meta, lstm, mlp3, predictor."
     ),
-    label: str = typer.Option(
-        "consistent",
-        help="Classifier label: consistent (top-1 = final) or stable (... and never changes).",
+    label: Optional[str] = typer.Option(
+        None,
+        help="Classifier label: consistent (top-1 = final) or stable (... and never changes); "
+        "default: stable for predictor, consistent for the others.",
     ),
     policy: Optional[str] = typer.Option(
         None, help="Policy whose threshold to calibrate (Learn-then-Test)."

@@ -56,7 +56,13 @@ from eexit.policies.learned import (
     fit_classifier,
     save_classifier,
 )
-from eexit.policies.predictor import PREDICTOR, fit_from_data, fit_shortlist, predictor_data
+from eexit.policies.predictor import (
+    DEFAULT_LABEL,
+    PREDICTOR,
+    fit_from_data,
+    fit_shortlist,
+    predictor_data,
+)
 from eexit.reporting import markdown_table, provenance, write_results
 from eexit.runtime import LOCAL, Runtime, logits_chunk_tokens
 
@@ -126,10 +132,11 @@ def layer_features(
     return torch.cat([f for f, _ in parts]), torch.cat([t for _, t in parts], 1)
 
 
-def fit(ctx: EvalContext, names: list[str], label: str) -> list[dict]:
+def fit(ctx: EvalContext, names: list[str], label: str | None) -> list[dict]:
     """Fit the named exit classifiers on the even windows of the request's split; save each
-    beside the checkpoint (`exit_classifiers/NAME.pt`)."""
-    if label not in LABELS:
+    beside the checkpoint (`exit_classifiers/NAME.pt`). `label` None: `stable` for the
+    predictor, `consistent` for the others."""
+    if label is not None and label not in LABELS:
         raise EexitError(f"unknown label {label!r}; valid: {', '.join(LABELS)}")
     folder = ctx.checkpoint.folder
     if folder is None:
@@ -143,25 +150,27 @@ def fit(ctx: EvalContext, names: list[str], label: str) -> list[dict]:
     bs = ctx.request.batch_size
     if set(names) - {PREDICTOR}:
         feats, top1 = layer_features(model, x[0::2], bs, ctx.runtime)
-        labels = exit_labels(top1, label)
+        labels = exit_labels(top1, label or "consistent")
     if k:  # the SpecEE-style predictor learns from its own shortlist features
-        data = predictor_data(model, x[0::2], k, bs, ctx.runtime)
+        first = ctx.request.min_exit_layer  # its candidates come from the first scored exit
+        data = predictor_data(model, x[0::2], k, bs, ctx.runtime, first)
     rows = []
     for name in names if ctx.runtime.is_main else []:  # the main process fits and saves
+        lab = label or (DEFAULT_LABEL if name == PREDICTOR else "consistent")
         if name == PREDICTOR:
-            clf, metrics = fit_from_data(*data, label)
+            clf, metrics = fit_from_data(data, lab)
         else:
             clf, metrics = fit_classifier(name, feats, labels, model.exit_layers)
         meta = {
-            **({"shortlist": k} if name == PREDICTOR else {}),
-            "label": label,
+            **({"shortlist": k, "min_exit_layer": first} if name == PREDICTOR else {}),
+            "label": lab,
             "hidden_size": model.hidden_size,
             "exit_layers": model.exit_layers,
             "metrics": metrics,
             "data": resolved,
         }
         path = save_classifier(folder, name, clf, meta)
-        rows.append({"classifier": name, "label": label, **metrics, "saved": str(path)})
+        rows.append({"classifier": name, "label": lab, **metrics, "saved": str(path)})
     ctx.runtime.barrier()  # every process loads the saved classifiers after this
     return rows
 
@@ -406,8 +415,8 @@ def write_calibration(out: str, summary: dict, tested: list[dict], fit_rows: lis
 
 @dataclass(kw_only=True)
 class CalibrationRun:
-    fit: list[str]  # classifiers to fit first (meta, lstm, mlp3)
-    label: str = "consistent"  # classifier label: consistent | stable
+    fit: list[str]  # classifiers to fit first (meta, lstm, mlp3, predictor)
+    label: str | None = None  # consistent | stable (None: stable for predictor, else consistent)
     ltt: CalibrateOptions | None = None  # calibrate the request's policy (None: fit only)
 
 

@@ -7,24 +7,32 @@ what the exit would predict. SpecEE decides from a few candidate tokens only: ea
 costs d x K multiply-adds plus a tiny MLP.
 
 At each exit the predictor scores a shortlist of K candidate tokens, chosen as the `shortlist`
-option of the softmax measures chooses it: the first scored exit computes the full head once and
-keeps its top-K tokens (in the per-token state); every later exit takes the logits of those K
-tokens only, through the exit's own norm and LM-head rows (exit adapter included). From them
-and the hidden states it forms a handful of features (`FEATURES`): the top-1 probability and
-the top-1 - top-2 margin of the softmax over the K candidates, whether the top-1 candidate
-changed since the last scored exit, the change of the top-1 probability since then, the cosine
-of this and the previous layer's hidden state, and the normalised depth (layer / layers). One
-MLP shared by all exits (the depth is an input) maps them to the probability that exiting here
-keeps the final prediction (label `stable` by default). Its score goes through the one exit
-rule, so LTT calibrates its threshold as any other policy's.
+option of the softmax measures chooses it: the first scored exit (the first at or above
+`min_exit_layer`) computes the full head once and keeps its top-K tokens (in the per-token
+state); every later exit takes the logits of those K tokens only, through the exit's own norm
+and LM-head rows (exit adapter included). From them and the hidden states it forms a handful
+of features (`FEATURES`): the top-1 probability and the top-1 - top-2 margin of the softmax over
+the K candidates, whether the top-1 candidate changed since the last scored exit, the change of
+the top-1 probability since then, the cosine of this and the previous layer's hidden state, and
+the normalised depth (layer / layers). One MLP shared by all exits (the depth is an input) maps
+them to the probability that exiting here keeps the final prediction (label `stable` by
+default). Its score goes through the one exit rule, so LTT calibrates its threshold as any
+other policy's.
+
+Why not the previous position's final prediction as the candidates (SpecEE's draft is a
+next-token guess): an exit view holds one token's layers only; the previous position has no
+final layer when it exited early (propagate / recompute KV); and on SmolLM2-135M its top-8 held
+the final top-1 for 22 % of tokens, against 30 % for layer 1's top-8 and 44 % for layer 20's.
 
 Cost per decision: d x K + 4 K (candidate logits and their softmax) + 3 d (cosine) + the MLP;
 a token's first decision computes the full head instead of the K rows
-(`first_decision_extra_macs`).
+(`first_decision_extra_macs`). The predictor is fitted for one K and one minimum exit layer
+(both saved with it; another value is refused at load).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +45,7 @@ from eexit.policies.learned import CLASSIFIER_DIR, CLASSIFIERS, exit_labels, loa
 from eexit.runtime import LOCAL, Runtime, logits_chunk_tokens
 
 PREDICTOR = "predictor"
+DEFAULT_LABEL = "stable"  # calibrate --fit predictor without --label
 DEFAULT_SHORTLIST = 8
 HIDDEN_UNITS = 16
 FEATURES = ("top1_prob", "margin", "top1_changed", "top1_prob_change", "cosine", "depth")
@@ -91,7 +100,11 @@ class Predictor(ExitPolicy):
 
     needs_logits = True  # candidate logits through the exit's head (and adapter)
     needs_classifier = True
-    stateful = True  # the candidates, the last top-1 and its probability carry across exits
+    # Not `stateful`: the candidates, the last top-1 and its probability carry across exits, but
+    # only from the first exit at or above min_exit_layer (exits below it are not scored, in
+    # decoding and offline alike), so a deep model's shortlist comes from a layer that knows
+    # something and no decision is paid below the minimum exit layer.
+    stateful = False
 
     def __init__(
         self,
@@ -124,6 +137,13 @@ class Predictor(ExitPolicy):
             raise EexitError(
                 f"the predictor at {path} was fitted with shortlist={fitted}, not "
                 f"{self.requested}; refit with --fit predictor --param shortlist={self.requested}"
+            )
+        first = int(blob.get("min_exit_layer", 1))  # its candidates come from this exit on
+        if first != self.min_exit_layer:
+            raise EexitError(
+                f"the predictor at {path} was fitted with --min-exit-layer {first}, not "
+                f"{self.min_exit_layer}; refit with --fit predictor --min-exit-layer "
+                f"{self.min_exit_layer}"
             )
         self.shortlist = check_shortlist(fitted, model.vocab_size)
         self.clf = clf.to(model.device)
@@ -158,6 +178,8 @@ class Predictor(ExitPolicy):
             raise EexitError(
                 "policy 'predictor' has no fitted predictor loaded (bind it to a model first)"
             )
+        if view.layer < self.min_exit_layer:  # not scored: the state starts at the first exit
+            return torch.zeros(view.hidden.shape[0], device=view.hidden.device)
         return torch.sigmoid(self.clf(self.features(view)))
 
     def decision_macs(self, hidden_size, vocab_size):
@@ -176,21 +198,40 @@ def fit_shortlist(request, vocab_size: int) -> int:
     return check_shortlist(k, vocab_size)
 
 
+@dataclass
+class PredictorData:
+    feats: torch.Tensor  # [N, scored exits, F]
+    top1: torch.Tensor  # [exits, N] top-1 at every exit (the labels)
+    ids: torch.Tensor  # [N, K] each token's shortlist
+    scored: list[int]  # indices into the exits where the predictor decides
+
+
 @torch.no_grad()
 def predictor_data(
-    model, x, shortlist: int, batch_size: int = 8, runtime: Runtime | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model,
+    x,
+    shortlist: int,
+    batch_size: int = 8,
+    runtime: Runtime | None = None,
+    min_exit_layer: int = 1,
+) -> PredictorData:
     """The predictor's training data from teacher-forced passes, through the policy's own
-    `features`: (features [N, scored exits, F], top-1 at every exit [exits, N], shortlist ids
-    [N, K]). Several processes: each runs a contiguous block of the batches; all get all rows."""
+    `features` at the exits it scores. Several processes: each runs a contiguous block of the
+    batches; all get all rows."""
     from eexit.evaluation.records import forward_batches  # records imports the policies
 
     runtime = runtime or LOCAL
     shard = runtime.shard(-(-len(x) // batch_size))
     part = x[shard.start * batch_size : shard.stop * batch_size]
     chunk = logits_chunk_tokens(model.vocab_size, model.device)
-    policy = Predictor(shortlist=shortlist)
+    policy = Predictor(shortlist=shortlist, min_exit_layer=min_exit_layer)
     L = model.num_layers
+    scored = [k for k, layer in enumerate(model.exit_layers) if policy.scored_at(layer, L)]
+    if not scored:
+        raise EexitError(
+            "fitting the predictor needs an exit at or above --min-exit-layer and below the last "
+            "layer (see --exit-layers)"
+        )
     parts = []
     for flat, _, _ in forward_batches(model, part, None, batch_size):
         for a in range(0, flat[0].shape[0], chunk):
@@ -210,15 +251,13 @@ def predictor_data(
                     feats.append(policy.features(view).cpu())
                 top1.append(view.logits.argmax(-1).cpu())
                 del view
-            ids = state["predictor_ids"].cpu() if feats else torch.zeros(len(top1[0]), 0)
-            parts.append((torch.stack(feats, 1) if feats else None, torch.stack(top1), ids))
+            parts.append((torch.stack(feats, 1), torch.stack(top1), state["predictor_ids"].cpu()))
     parts = runtime.gather(parts)
-    if parts[0][0] is None:
-        raise EexitError("fitting the predictor needs an exit below the last layer (--exit-layers)")
-    return (
+    return PredictorData(
         torch.cat([f for f, _, _ in parts]),
         torch.cat([t for _, t, _ in parts], 1),
         torch.cat([i for _, _, i in parts]),
+        scored,
     )
 
 
@@ -301,12 +340,10 @@ def fit_predictor(
     }
 
 
-def fit_from_data(
-    feats: torch.Tensor, top1: torch.Tensor, ids: torch.Tensor, label: str
-) -> tuple[PredictorMLP, dict]:
+def fit_from_data(data: PredictorData, label: str) -> tuple[PredictorMLP, dict]:
     """Fit on `predictor_data`'s output with the given label; the metrics add how often the
     final top-1 is among the shortlist (the candidates' recall)."""
-    labels = exit_labels(top1, label)[: feats.shape[1]].T  # the scored exits: all but the last
-    clf, metrics = fit_predictor(feats, labels)
-    recall = (ids == top1[-1][:, None]).any(-1).float().mean().item()
+    labels = exit_labels(data.top1, label)[data.scored].T
+    clf, metrics = fit_predictor(data.feats, labels)
+    recall = (data.ids == data.top1[-1][:, None]).any(-1).float().mean().item()
     return clf, {**metrics, "final_top1_in_shortlist": recall}

@@ -63,6 +63,12 @@ def test_decision_cost_is_d_times_k_plus_the_mlp_and_the_table_counts_it():
     assert row["overhead_pct"] < full["overhead_pct"]
     lens = tiny(layers=3, heads="lens")  # an exit adapter runs before the candidates' rows
     assert lens.decision_macs(pol) == per_decision + d * d
+    # from min exit layer 2 on: one decision (exit 2), whose candidates come from its full head
+    late = pol.at(1.0)
+    late.min_exit_layer = 2
+    row = exit_metrics(collect_exit_table(model, x, x, late), late)
+    expected = 100.0 * (per_decision + first_extra) / layer_macs(model, 17 / 2) / 3
+    assert row["overhead_pct"] == pytest.approx(expected)
 
 
 def test_the_mlp_learns_a_separable_rule_on_synthetic_features():
@@ -81,7 +87,7 @@ def test_fit_on_the_tiny_checkpoint_beats_the_majority_class_then_calibrate(
     shutil.copytree(tiny_checkpoint, model)
     cal = tmp_path / "cal"
     args = ["calibrate", "--model", str(model), "--max-tokens", "4096"]
-    fit = ["--fit", "predictor", "--label", "stable", "--policy", "predictor"]
+    fit = ["--fit", "predictor", "--policy", "predictor"]  # label: stable by default
     code, out, err = run_cli(*args, *fit, "--epsilon", "0.3", "--delta", "0.2", "--out", str(cal))
     assert code == 0, err
     blob = torch.load(model / "exit_classifiers" / "predictor.pt", weights_only=False)
@@ -92,11 +98,12 @@ def test_fit_on_the_tiny_checkpoint_beats_the_majority_class_then_calibrate(
     summary = json.loads((cal / "calibration.json").read_text())[0]
     assert summary["threshold"] is not None and summary["calibration_risk"] <= 0.3
     assert summary["test_compute_pct"] < 100.0  # the certified threshold exits early
-    # the fitted K is the policy's; another K is refused
-    code, _, err = run_cli(
-        "evaluate", "--model", str(model), "--policy", "predictor", "--param", "shortlist=4"
-    )
+    # the fitted K and minimum exit layer are the policy's; others are refused
+    ev = ["evaluate", "--model", str(model), "--policy", "predictor"]
+    code, _, err = run_cli(*ev, "--param", "shortlist=4")
     assert code == 2 and "fitted with shortlist=8" in err and len(message_lines(err)) == 1
+    code, _, err = run_cli(*ev, "--min-exit-layer", "2")
+    assert code == 2 and "--min-exit-layer 1, not 2" in err and len(message_lines(err)) == 1
 
 
 @pytest.mark.parametrize(
