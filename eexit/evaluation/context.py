@@ -19,6 +19,7 @@ from eexit.errors import EexitError
 from eexit.models.checkpoint import CheckpointInfo
 from eexit.models.loading import load_model
 from eexit.policies import ExitPolicy, make_policy
+from eexit.reporting import portable
 from eexit.runtime import LOCAL, Runtime, resolve_runtime, runtime_of
 
 DEFAULT_DATASET = "wiki-gensim"
@@ -61,7 +62,8 @@ class EvalContext:
 
     def identity(self) -> dict:
         """The columns that say what a row is about (the same in every table)."""
-        return {"model": self.request.model, "policy": self.request.policy, "dataset": self.dataset}
+        model = portable(self.request.model)  # package:file, or relative to the project
+        return {"model": model, "policy": self.request.policy, "dataset": self.dataset}
 
     def resolved(self, **extra) -> dict:
         """Provenance of the run: the request with its defaults filled in."""

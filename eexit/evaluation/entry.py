@@ -20,6 +20,7 @@ from eexit.evaluation.generation import GenerationOptions, run_generation
 from eexit.evaluation.lm import run_lm
 from eexit.evaluation.tasks import TaskOptions, run_task_sweep
 from eexit.files import check_output_path, output_folder
+from eexit.model_source import model_path
 
 CALIBRATED_FILE = "calibrated.json"
 
@@ -86,7 +87,11 @@ def read_calibrated(folder: str) -> dict:
 def apply_calibrated(request: EvalRequest, folder: str) -> EvalRequest:
     """The request with the calibrated policy, threshold, min exit layer and exits."""
     c = read_calibrated(folder)
-    if c.get("model") and Path(c["model"]).resolve() != Path(request.model).resolve():
+    same = (
+        Path(model_path(c.get("model") or "")).resolve()
+        == Path(model_path(request.model)).resolve()
+    )
+    if c.get("model") and not same:  # the same model, named by path or as package:file
         raise EexitError(f"{folder} was calibrated for model {c['model']}, not {request.model}")
     request.policy, request.thresholds = c["policy"], [c["threshold"]]
     request.min_exit_layer, request.policy_params = c["min_exit_layer"], c["policy_params"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from eexit.errors import EexitError
-from eexit.model_source import hub_endpoint, model_source, not_on_hub
+from eexit.model_source import hub_endpoint, model_path, model_source, not_on_hub
 from eexit.models.checkpoint import EXTRA_WEIGHTS, CheckpointInfo
 from eexit.models.early_exit import EarlyExitModel
 from eexit.models.families import FAMILIES
@@ -30,6 +30,7 @@ def load_model(spec: str, exit_layers=None, runtime: Runtime | None = None):
     implementation (default: one process, CPU, float32)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    spec = model_path(spec)  # package:file -> the file inside the installed package
     path = Path(spec)
     src, kwargs = model_source(spec)  # a local file or folder, or a hub id that answers
     info = CheckpointInfo.read(spec)

