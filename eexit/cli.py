@@ -197,12 +197,6 @@ def _request(
     )
 
 
-def _shown(rows: list[dict]) -> list[dict]:
-    """Per-exit shares of deep models stay in the files; the terminal shows the rest."""
-    many = sum(k.startswith("exit@") for k in rows[0]) > 8
-    return [{k: v for k, v in r.items() if not (many and k.startswith("exit@"))} for r in rows]
-
-
 @app.command()
 def evaluate(
     model: Optional[str] = _MODEL,
@@ -308,7 +302,7 @@ def evaluate(
         print_rows(res.rows, title=f"{at}: per sample")
         print_rows([res.total], title="total")
     elif res.kind == "task":
-        print_rows(_shown(res.rows), title=f"{res.dataset}: full depth vs {at}, kv {kv}")
+        print_rows(res.rows, title=f"{res.dataset}: full depth vs {at}, kv {kv}")
     else:
         print_rows(res.rows, title=at)
 
@@ -368,7 +362,7 @@ def sweep_threshold(
     if not res.main:
         return
     where = f" on {res.dataset}" if res.kind == "task" else ""
-    print_rows(_shown(res.rows), title=f"{policy} sweep{where} -> {out}")
+    print_rows(res.rows, title=f"{policy} sweep{where} -> {out}")
 
 
 app.command("sweep-threshold")(sweep_threshold)

@@ -281,25 +281,116 @@ SHORT = {
     "cost_pct": "cost%",
     "agreement_pct": "agree%",
     "eval_tokens_per_s": "tok/s",
+    "tokens_per_s": "tok/s",
+    "full_tokens_per_s": "full tok/s",
+    "mean_exit_layer": "mean exit",
+    "identical_prefix": "same prefix",
+    "realized_over_ideal": "real/ideal",
+    "acceptance_rate": "accept",
+    "tokens_per_cycle": "tok/cycle",
+    "full_depth": "full",
 }
+FOLD_EXITS_ABOVE = 6  # more exits than this: their shares fold into quantiles and a histogram
+IDENTITY = ("model", "policy", "dataset")  # the same in every row: said once, under the table
+BARS = "▁▂▃▄▅▆▇█"
+DEFAULT_WIDTH = 120  # off a terminal (logs, pipes) when COLUMNS is not set
 
 
-def print_rows(rows: list[dict], title: str = "") -> None:
-    """A table on the terminal (rich), short column names."""
+def exit_summary(row: dict, exits: list[int], bins: int = 12) -> dict:
+    """A row's exit shares (exit@L_pct) as the exit layer's p10 / p50 / p90 and a histogram of at
+    most `bins` bars (each bar the share of a run of consecutive exits; '·' = none)."""
+    shares = [float(row.get(f"exit@{x}_pct") or 0.0) for x in exits]
+    total, cum, quantiles = sum(shares) or 1.0, 0.0, {}
+    for layer, share in zip(exits, shares):
+        cum += share / total
+        for q in (0.1, 0.5, 0.9):
+            if q not in quantiles and cum >= q - 1e-9:
+                quantiles[q] = layer
+    per = -(-len(exits) // bins)
+    grouped = [sum(shares[i : i + per]) for i in range(0, len(shares), per)]
+    top = max(grouped) or 1.0
+    bars = "".join(
+        "·" if g <= 0 else BARS[min(len(BARS) - 1, int(g / top * (len(BARS) - 1) + 0.5))]
+        for g in grouped
+    )
+    span = f"{exits[0]}-{exits[-1]}" if per == 1 else f"{exits[0]}-{exits[-1]}, {per}/bar"
+    return {
+        "exit p10/50/90": "/".join(str(quantiles.get(q, exits[-1])) for q in (0.1, 0.5, 0.9)),
+        f"exits {span}": bars,
+    }
+
+
+def screen_rows(rows: list[dict]) -> tuple[list[dict], str]:
+    """What the terminal shows of a table (the files keep it whole): short column names, no
+    token counts, the exit shares of a deep model folded into quantiles and a histogram, and the
+    identity columns that are the same in every row moved to a caption (returned)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "tokens"))
+    exits = [int(k[5:-4]) for k in keys if k.startswith("exit@") and k.endswith("_pct")]
+    fold = len(exits) > FOLD_EXITS_ABOVE
+    same = [
+        k
+        for k in IDENTITY
+        if k in keys and len(rows) > 0 and len({str(r.get(k)) for r in rows}) == 1
+    ]
+    caption = ", ".join(f"{k} {rows[0][k]}" for k in same)
+    out = []
+    for r in rows:
+        shown: dict = {}
+        for k in keys:
+            if k in same or (fold and k.startswith("exit@")):
+                continue
+            shown[SHORT.get(k, k.replace("_pct", "%"))] = r.get(k)
+        if fold:
+            shown.update(exit_summary(r, exits))
+        out.append(shown)
+    return out, caption
+
+
+def _cell(v) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+def column_groups(rows: list[dict], width: int) -> list[list[str]]:
+    """The columns split into tables that each fit `width` characters (box drawing included),
+    the first column repeated in each, so that no cell is cut."""
+    keys = list(rows[0]) if rows else []
+    need = {k: max([len(k)] + [len(_cell(r.get(k))) for r in rows]) + 3 for k in keys}
+    groups: list[list[str]] = []
+    for k in keys[1:] or keys:
+        if groups and 1 + sum(need[c] for c in groups[-1]) + need[k] <= width:
+            groups[-1].append(k)
+        else:
+            groups.append(([keys[0]] if k != keys[0] else []) + [k])
+    return groups or [keys]
+
+
+def print_rows(rows: list[dict], title: str = "", width: int | None = None) -> None:
+    """A table on the terminal (rich), readable at any width and depth: `screen_rows` (short
+    names, folded exit shares, the common identity under it), split into several tables of the
+    same rows when the columns do not fit side by side. `width`: the terminal's (COLUMNS),
+    else 120 off a terminal."""
+    import os
+
     from rich.console import Console
     from rich.table import Table
 
-    keys = [k for k in rows[0] if k != "tokens"]
-    t = Table(title=title)
-    for k in keys:
-        t.add_column(SHORT.get(k, k.replace("_pct", "%")), justify="right")
-
-    def cell(v):
-        return f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v))
-
-    for r in rows:
-        t.add_row(*[cell(r[k]) for k in keys])
-    Console(width=200).print(t)
+    if not rows:
+        return
+    console = Console(width=width)
+    if width is None and not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=DEFAULT_WIDTH)
+    shown, caption = screen_rows(rows)
+    groups = column_groups(shown, console.width)
+    for i, cols in enumerate(groups):
+        part = f" ({i + 1}/{len(groups)})" if len(groups) > 1 else ""
+        t = Table(title=f"{title}{part}" if title else None)
+        for k in cols:
+            t.add_column(k, justify="right", overflow="fold")
+        for r in shown:
+            t.add_row(*[_cell(r.get(k)) for k in cols])
+        console.print(t)
+    if caption:
+        console.print(caption, overflow="fold", highlight=False, markup=False)
 
 
 def progress_bar(enabled: bool = True, *fields: str):
