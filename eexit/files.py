@@ -8,9 +8,13 @@ failures that end as one line.
   a completion marker written and the staging folder swapped in. A failed or interrupted run
   leaves the old folder untouched (and removes its staging folder).
 - `FolderLock`: one writer per output folder. The lock file names its holder (pid, host,
-  command, start time); a lock whose process is gone is stale and taken over.
+  command, start time); a lock whose process is gone, or an empty one, is stale and taken over.
+  Whoever takes the lock also clears what dead writers of that folder left beside it (staging,
+  saving and swap folders named with their process id, `clean_leftovers`): a killed run never
+  blocks or litters the next one, and a live process's work is never touched.
 - `write_error`: the one-line message for disk full, file too large, read-only, permission
-  denied, not a directory.
+  denied, not a directory; `library_write_error` finds the same reason when torch or
+  safetensors wrapped the OS error in their own exception.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -45,8 +50,38 @@ WRITE_ERRNOS = {
 def write_error(e: OSError, what: str = "") -> EexitError:
     """The one-line error for a failed write."""
     reason = WRITE_ERRNOS.get(e.errno, e.strerror or type(e).__name__)
-    where = e.filename or what
+    where = e.filename or what or "a file"
     return EexitError(f"cannot write {where}: {reason}; nothing that existed before was replaced")
+
+
+OS_ERROR_CODE = re.compile(r"(?:os error |code: |\[Errno )(\d+)")
+
+
+def library_write_error(e: BaseException, where: str | Path, written: Path | None = None):
+    """The one-line error for a write that failed inside torch, safetensors or accelerate, which
+    wrap the OS error in their own exceptions (torch's zip writer only says "unexpected pos"):
+    the errno when the message or the exception chain holds one, else a file of `written` at the
+    process's file-size limit (EFBIG) or a full file system (ENOSPC). None when nothing shows a
+    failed write: the caller re-raises, a real bug keeps its traceback."""
+    import resource
+
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
+            return write_error(OSError(seen.errno, seen.strerror), str(where))
+        match = OS_ERROR_CODE.search(str(seen))
+        if match and int(match.group(1)) in WRITE_ERRNOS:
+            return write_error(OSError(int(match.group(1)), ""), str(where))
+        seen = seen.__cause__ or seen.__context__
+    if written is not None and written.exists():
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        files = [p for p in written.rglob("*") if p.is_file()] if written.is_dir() else [written]
+        if limit != resource.RLIM_INFINITY and any(p.stat().st_size >= limit for p in files):
+            return write_error(OSError(errno.EFBIG, ""), str(where))
+        fs = os.statvfs(written)
+        if fs.f_bavail * fs.f_frsize < 1 << 20:
+            return write_error(OSError(errno.ENOSPC, ""), str(where))
+    return None
 
 
 def _tmp_name(path: Path) -> Path:
@@ -109,6 +144,8 @@ def replace_folder(new: Path, target: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # 0 / -1 would ask about a whole process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,8 +185,12 @@ class FolderLock:
                 if other is None:  # being written this instant, or garbage: look again
                     time.sleep(0.05)
                     other = self.holder()
+                pid = other.get("pid") if isinstance(other, dict) else None
+                ours = type(pid) is int and pid > 0 and isinstance(other.get("host"), str)
+                if not ours:
+                    other = None  # not a lock this code wrote: garbage, taken over
                 same_host = other is not None and other.get("host") == me["host"]
-                if other is not None and (not same_host or _alive(int(other.get("pid", -1)))):
+                if other is not None and (not same_host or _alive(pid)):
                     raise EexitError(
                         f"{self.folder} is being written by process {other.get('pid')} on "
                         f"{other.get('host')} ({other.get('command')}, since "
@@ -158,9 +199,15 @@ class FolderLock:
                 with contextlib.suppress(OSError):  # stale: its process is gone
                     self.path.unlink()
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as e:  # disk full: no empty lock left behind to puzzle the next run
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                raise write_error(e, str(self.path)) from None
             self.held = True
+            clean_leftovers(self.folder)
             return self
         raise EexitError(f"cannot take the lock {self.path}; remove it if no eexit run is active")
 
@@ -175,6 +222,59 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|saving|old|overwrite|tmp)-(?P<pid>\d+)$")
+
+
+def leftover_pid(path: Path, name: str | None = None) -> int | None:
+    """The process id in a hidden staging / saving / swap / temporary name (`.NAME.staging-PID`,
+    `.NAME.tmp-PID`, ...), when `path` is one (and belongs to `name`, if given)."""
+    m = LEFTOVER.match(path.name)
+    if m is None or (name is not None and m["name"] != name):
+        return None
+    return int(m["pid"])
+
+
+def clean_leftovers(target: str | Path) -> list[Path]:
+    """What dead writers of `target` left beside it: staging, saving and overwrite folders and
+    temporary files named `.TARGET.KIND-PID` whose process is gone are removed; a swap that was
+    cut between its two renames (`.TARGET.old-PID` and no `TARGET`) is put back. Call it holding
+    `target`'s lock. Returns what was removed or restored."""
+    target = Path(target)
+    done = []
+    if not target.parent.is_dir():
+        return done
+    for p in sorted(target.parent.iterdir()):
+        pid = leftover_pid(p, target.name)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            if LEFTOVER.match(p.name)["kind"] == "old" and not target.exists():
+                os.rename(p, target)  # the old folder is the only copy: it goes back
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            done.append(p)
+    return done
+
+
+def clean_dead_temporaries(folder: str | Path) -> list[Path]:
+    """Inside a folder this process holds the lock of: temporary files and saving folders of dead
+    processes (`.NAME.tmp-PID`, `.NAME.saving-PID`), whatever NAME."""
+    folder = Path(folder)
+    done = []
+    if not folder.is_dir():
+        return done
+    for p in sorted(folder.iterdir()):
+        pid = leftover_pid(p)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            done.append(p)
+    return done
 
 
 def check_output_path(out: Path, overwrite: bool, what: str = "results folder") -> None:
