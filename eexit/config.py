@@ -262,8 +262,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(text)
         _apply(cfg, nest(key, value))
     validate(cfg)
+    check_new_run(cfg)
     return cfg
 
+
+def check_new_run(cfg: RunConfig) -> None:
+    """Rules for a run about to train that a saved config (a checkpoint's train_config, read by
+    `config_from_dict`) is not held to, so that checkpoints of earlier versions still load."""
+    m = cfg.model
+    if m.lora_rank and m.freeze_backbone:
+        raise EexitError(
+            "model.lora_rank and model.freeze_backbone exclude each other: freezing the backbone "
+            "freezes its LoRA adapters too (LoRA already freezes the rest of the backbone)"
+        )
+    if not m.pretrained:  # a pretrained model's depth and vocabulary are known once it loads
+        check_exits(m, m.n_layers)
+        if m.vocab_size < MIN_BPE_VOCAB:
+            raise EexitError(
+                f"model.vocab_size must be >= {MIN_BPE_VOCAB} (the byte-level BPE holds the 256 "
+                f"bytes and the end-of-text token before any merge); got {m.vocab_size}"
+            )
+
+
+EXIT_HEADS = ("shared", "separate", "lens")
+MIN_BPE_VOCAB = 257  # byte-level BPE: 256 byte tokens + the end-of-text token
 
 # loss settings that earlier versions kept in LossConfig itself (older checkpoints' eexit.json)
 LEGACY_LOSS_KEYS = {
@@ -281,7 +303,9 @@ def config_from_dict(data: dict) -> RunConfig:
         own = LEGACY_LOSS_KEYS.get(loss.get("name"), ())
         moved = {k: loss[k] for k in own if loss.get(k) is not None}
         rest = {k: v for k, v in loss.items() if k not in LEGACY_ALL}
-        data["loss"] = {**rest, "params": {**rest.get("params", {}), **moved}}
+        params = rest.get("params", {})
+        # params not a mapping: refused below, naming the key (not the legacy keys)
+        data["loss"] = {**rest, "params": {**params, **moved}} if isinstance(params, dict) else rest
     cfg = RunConfig()
     _apply(cfg, data)
     validate(cfg)
@@ -297,7 +321,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.data.max_source_len < 1 or cfg.data.max_target_len < 1:
         raise EexitError("data.max_source_len and data.max_target_len must be positive")
-    if m.exit_heads not in ("shared", "separate", "lens"):
+    if m.exit_heads not in EXIT_HEADS:
         raise EexitError(f"model.exit_heads must be shared, separate or lens; got {m.exit_heads!r}")
     if m.lens_rank < 0:
         raise EexitError(f"model.lens_rank must be >= 0 (0 = full affine); got {m.lens_rank}")
@@ -347,11 +371,7 @@ def validate(cfg: RunConfig) -> None:
             f"train.layer_dropout_scale must be one of {', '.join(SCALES)}; got "
             f"{t.layer_dropout_scale!r}"
         )
-    if m.lora_rank < 0 or m.lora_alpha <= 0:
-        raise EexitError(
-            f"model.lora_rank must be >= 0 (0 = off) and model.lora_alpha > 0; got "
-            f"{m.lora_rank}, {m.lora_alpha}"
-        )
+    check_lora(m)
     if m.min_exit_layer < 1:
         raise EexitError(f"model.min_exit_layer must be >= 1; got {m.min_exit_layer}")
     if cfg.seed < 0:
@@ -360,6 +380,46 @@ def validate(cfg: RunConfig) -> None:
         raise EexitError(
             f"loss.exit_token_fraction must be in (0, 1]; got {lo.exit_token_fraction}"
         )
+
+
+def check_lora(m: ModelConfig) -> None:
+    """LoRA fields: rank >= 0 (0 = off), alpha > 0, targets "all-linear", a non-empty list of
+    layer names or one name pattern (peft's regular expression over the full module names).
+    Whether they match a layer is known once the model is built (`eexit.models.lora.add_lora`)."""
+    if m.lora_rank < 0:
+        raise EexitError(f"model.lora_rank must be >= 0 (0 = off); got {m.lora_rank}")
+    if m.lora_alpha <= 0:
+        raise EexitError(
+            f"model.lora_alpha must be > 0 (the LoRA scale is lora_alpha / lora_rank); got "
+            f"{m.lora_alpha}"
+        )
+    t = m.lora_targets
+    names = isinstance(t, list) and t and all(isinstance(n, str) and n.strip() for n in t)
+    if not names and not (isinstance(t, str) and t.strip()):
+        raise EexitError(
+            'model.lora_targets must be "all-linear" or a non-empty list of layer names, e.g. '
+            f"[c_attn, c_proj] or [q_proj, v_proj]; got {t!r}"
+        )
+
+
+def check_exits(m: ModelConfig, depth: int) -> None:
+    """model.exit_layers and model.min_exit_layer against the model's depth (the config's
+    n_layers, or a pretrained model's once it loads): an exit setting beyond the depth would
+    silently leave only the last exit."""
+    if m.min_exit_layer > depth:
+        raise EexitError(
+            f"model.min_exit_layer {m.min_exit_layer} is beyond the model's {depth} layers; "
+            f"choose 1..{depth}"
+        )
+    spec = m.exit_layers
+    if not (spec == "all" or isinstance(spec, (str, list)) or type(spec) is int):
+        raise EexitError(f"model.exit_layers must be 'all' or a list of layers; got {spec!r}")
+    from eexit.models.early_exit import resolve_exit_layers
+
+    try:
+        resolve_exit_layers(spec, depth, m.min_exit_layer)
+    except EexitError as e:
+        raise EexitError(f"model.exit_layers: {e}") from None
 
 
 def to_dict(cfg) -> dict:

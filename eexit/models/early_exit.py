@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eexit.config import EXIT_HEADS
 from eexit.errors import EexitError
-from eexit.files import atomic_json, atomic_write
+from eexit.files import atomic_json, atomic_write, library_write_error
 from eexit.models.checkpoint import EEXIT_META, EXTRA_WEIGHTS, model_card
 from eexit.models.families import family_of
 from eexit.models.lora import has_lora, merged
@@ -47,9 +48,6 @@ def resolve_exit_layers(spec, num_layers: int, min_exit_layer: int = 1) -> list[
     if num_layers not in layers:
         layers.append(num_layers)
     return layers
-
-
-EXIT_HEADS = ("shared", "separate", "lens")
 
 
 class Translator(nn.Module):
@@ -278,7 +276,14 @@ class EarlyExitModel(nn.Module):
                 if f.name != EEXIT_META:
                     os.replace(f, out / f.name)
             os.replace(tmp / EEXIT_META, out / EEXIT_META)
-        except (RuntimeError, ValueError) as e:  # safetensors / torch wrap write failures
+        except EexitError:
+            raise
+        except Exception as e:  # noqa: BLE001  (safetensors / torch wrap write failures)
+            error = library_write_error(e, out, tmp)
+            if error is not None:
+                raise error from None
+            if not isinstance(e, (RuntimeError, ValueError)):
+                raise
             raise EexitError(f"cannot write the model to {out}: {str(e).splitlines()[0]}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

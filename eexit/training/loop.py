@@ -18,11 +18,11 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from eexit.config import RunConfig, to_dict
+from eexit.config import RunConfig, check_exits, to_dict
 from eexit.data import corpora as data_mod
 from eexit.data import pairs as pairs_mod
 from eexit.errors import EexitError, Interrupted, TrainingDiverged
-from eexit.files import FolderLock, atomic_json
+from eexit.files import WRITE_ERRNOS, FolderLock, atomic_json, write_error
 from eexit.models.early_exit import EarlyExitModel, resolve_exit_layers
 from eexit.models.families import FAMILIES
 from eexit.models.loading import build_lm, load_model
@@ -31,10 +31,10 @@ from eexit.reporting import command_line, log, progress_bar
 from eexit.runtime import check_launch
 from eexit.training.checkpointing import (
     ACCELERATE_STATE,
-    STATE_FILE,
     RunFolder,
     check_output_dir,
     check_resumable,
+    checkpoint_step,
     checkpoints,
     gathered_model_state,
     save_checkpoint,
@@ -144,6 +144,17 @@ def prepare_task_data(cfg: RunConfig, tokenizer, seq2seq: bool, task_name: str, 
     return tokenizer, train, val
 
 
+def check_vocab(cfg: RunConfig, tokenizer) -> None:
+    """The BPE learns at most as many tokens as its training text allows: a model.vocab_size it
+    could not reach is refused (the checkpoint would record a size the model does not have)."""
+    if len(tokenizer) < cfg.model.vocab_size:
+        raise EexitError(
+            f"model.vocab_size is {cfg.model.vocab_size} but the BPE tokenizer learned only "
+            f"{len(tokenizer)} tokens from the training split of {cfg.data.dataset!r}; set "
+            f"model.vocab_size <= {len(tokenizer)}"
+        )
+
+
 def build_model(
     cfg: RunConfig, tokenizer, pretrained: EarlyExitModel | None = None
 ) -> EarlyExitModel:
@@ -155,6 +166,7 @@ def build_model(
             build_lm(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id),
             cfg.model.n_layers,
         )
+    check_exits(cfg.model, depth)  # a pretrained model's depth is known now
     layers = resolve_exit_layers(cfg.model.exit_layers, depth, cfg.model.min_exit_layer)
     gate = make_loss(cfg.loss).needs_halting_gate
     model = EarlyExitModel(lm, layers, cfg.model.exit_heads, gate, cfg.model.lens_rank)
@@ -222,10 +234,17 @@ def run_training(
     if main:
         out.parent.mkdir(parents=True, exist_ok=True)
     staged = overwrite and not resume and out.is_dir() and any(out.iterdir())
-    folder = RunFolder(out, staged)
+    folder = RunFolder(out, staged, fresh=not resume)
     with FolderLock(out) if main else nullcontext():
+        if main:  # holding the lock: what killed runs left here is nobody's work
+            folder.clear_leftovers()
+        if resume:  # before any work: a changed setting would make another run
+            check_resumable(checkpoints(out)[-1], cfg)
+        failed = True
         try:
-            return _train(cfg, folder, resume, stop_after, show_progress)
+            result = _train(cfg, folder, resume, stop_after, show_progress)
+            failed = False
+            return result
         except KeyboardInterrupt:
             done = checkpoints(folder.path) if not folder.staged else []
             where = (
@@ -236,7 +255,7 @@ def run_training(
             raise Interrupted(f"training interrupted: {where}") from None
         finally:
             if main:
-                folder.abandon()  # no-op once the new run has replaced the old one
+                folder.abandon(failed)  # no-op once the new run has a checkpoint
 
 
 def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress) -> dict:
@@ -281,6 +300,8 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
         pretrained.is_seq2seq if pretrained is not None else FAMILIES.get(cfg.model.arch).seq2seq
     )
     tokenizer, train_tokens, val_tokens = prepare_data(cfg, pretrained_tok, seq2seq)
+    if pretrained is None:
+        check_vocab(cfg, tokenizer)
     if pretrained is None and FAMILIES.get(cfg.model.arch).learned_positions:
         tokenizer.model_max_length = cfg.model.max_len  # truncation=True stays within positions
     model = build_model(cfg, tokenizer, pretrained)
@@ -295,8 +316,7 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
     start, ck = 0, checkpoints(out)[-1] if resume else None
     lora = has_lora(model.lm)
     if resume:
-        check_resumable(ck, cfg)
-        start = json.loads((ck / STATE_FILE).read_text())["step"]
+        start = checkpoint_step(ck)
         if not lora:  # the HF folder's weights (with LoRA: accelerate's state, unmerged)
             model.lm.load_state_dict(type(model.lm).from_pretrained(ck).state_dict())
             if (ck / "exit_modules.safetensors").is_file():
@@ -388,14 +408,12 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
                 if cfg.train.report_to:
                     acc.log({k: v for k, v in last_logs.items() if k != "step"}, step=done)
                 if acc.is_main_process:
-                    with (folder.path / "train_log.jsonl").open("a") as f:
-                        f.write(json.dumps(last_logs) + "\n")
+                    append_log(folder.path, last_logs)
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 val = validation_losses(acc.unwrap_model(wrapped).model, val_tokens, cfg)
                 last_logs.update(val)
                 if acc.is_main_process:
-                    with (folder.path / "train_log.jsonl").open("a") as f:
-                        f.write(json.dumps({"step": done, **val}) + "\n")
+                    append_log(folder.path, {"step": done, **val})
                     if not progress:
                         ppl = " ".join(f"{k}={v:.2f}" for k, v in val.items() if "ppl" in k)
                         log(f"step {done}: validation {ppl}")
@@ -428,6 +446,18 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
         folder.promote(acc)
     acc.end_training()
     return result
+
+
+def append_log(folder, row: dict) -> None:
+    """One line of train_log.jsonl (a line cut off by a full disk is dropped on --resume)."""
+    path = folder / "train_log.jsonl"
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(e, str(path)) from None
 
 
 def accumulate(acc, wrapped, x, y, accum: int, step: int = 0):
