@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eexit.config import DataConfig, RunConfig, config_from_dict
+from eexit.config import EXIT_HEADS, DataConfig, RunConfig, config_from_dict
 from eexit.errors import EexitError
 
 EEXIT_META = "eexit.json"
@@ -54,6 +54,7 @@ class CheckpointInfo:
         except (ValueError, UnicodeDecodeError) as e:
             raise EexitError(f"{meta_file} is not valid JSON ({str(e).splitlines()[0]})") from None
         known = {"exit_layers", "exit_heads", "halting_gate", "lens_rank", "train_config", "step"}
+        check_fields(meta, meta_file)
         train = meta.get("train_config")
         try:
             cfg = config_from_dict(train) if train is not None else None
@@ -64,12 +65,46 @@ class CheckpointInfo:
             folder=folder,
             exit_layers=meta.get("exit_layers"),
             exit_heads=meta.get("exit_heads", "shared"),
-            halting_gate=bool(meta.get("halting_gate", False)),
-            lens_rank=int(meta.get("lens_rank", 0)),
+            halting_gate=meta.get("halting_gate", False),
+            lens_rank=meta.get("lens_rank", 0),
             train_config=cfg,
             step=meta.get("step"),
             extra={k: v for k, v in meta.items() if k not in known},
         )
+
+
+def _whole(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+# eexit.json's fields: (accepts, what is allowed); a missing field takes its default
+META_FIELDS = {
+    "exit_layers": (
+        lambda v: (
+            v is None
+            or v == "all"
+            or (isinstance(v, list) and bool(v) and all(_whole(x, 1) for x in v))
+        ),
+        'null, "all" or a non-empty list of layer numbers >= 1',
+    ),
+    "exit_heads": (lambda v: v in EXIT_HEADS, " or ".join(EXIT_HEADS)),
+    "halting_gate": (lambda v: isinstance(v, bool), "true or false"),
+    "lens_rank": (lambda v: _whole(v, 0), "a whole number >= 0"),
+    "step": (lambda v: v is None or _whole(v, 0), "null or a whole number >= 0"),
+    "train_config": (lambda v: v is None or isinstance(v, dict), "a mapping of config sections"),
+    "final": (lambda v: v is None or isinstance(v, dict), "a mapping of metric -> value"),
+    "command": (lambda v: v is None or isinstance(v, str), "a string"),
+}
+
+
+def check_fields(meta: dict, meta_file: Path) -> None:
+    """A hand-edited or damaged eexit.json: one line naming the file, the field and what is
+    allowed, instead of a traceback where the value is first used."""
+    for key, (accepts, allowed) in META_FIELDS.items():
+        if key in meta and not accepts(meta[key]):
+            got = repr(meta[key])
+            got = got if len(got) <= 80 else got[:77] + "..."
+            raise EexitError(f"{meta_file}: field {key!r} must be {allowed}; got {got}")
 
 
 def newest_checkpoint(root: Path) -> Path | None:

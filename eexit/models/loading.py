@@ -12,7 +12,7 @@ from torch import nn
 
 from eexit.errors import EexitError
 from eexit.model_source import hub_endpoint, model_path, model_source, not_on_hub
-from eexit.models.checkpoint import EXTRA_WEIGHTS, CheckpointInfo
+from eexit.models.checkpoint import EEXIT_META, EXTRA_WEIGHTS, CheckpointInfo
 from eexit.models.early_exit import EarlyExitModel
 from eexit.models.families import FAMILIES
 from eexit.reporting import log
@@ -53,7 +53,12 @@ def load_model(spec: str, exit_layers=None, runtime: Runtime | None = None):
         raise EexitError(f"could not load model {spec!r}: {first}") from None
     lm.to(runtime.device).eval()
     layers = exit_layers if exit_layers is not None else (info.exit_layers or "all")
-    model = EarlyExitModel(lm, layers, info.exit_heads, info.halting_gate, info.lens_rank)
+    try:
+        model = EarlyExitModel(lm, layers, info.exit_heads, info.halting_gate, info.lens_rank)
+    except EexitError as e:  # exits from eexit.json beyond this model's depth: name the file
+        if exit_layers is not None or info.folder is None:
+            raise
+        raise EexitError(f"{info.folder / EEXIT_META}: field 'exit_layers': {e}") from None
     extra = path / EXTRA_WEIGHTS if path.is_dir() else None
     if extra is not None and extra.is_file():
         from safetensors.torch import load_file
