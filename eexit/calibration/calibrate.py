@@ -437,6 +437,7 @@ def run_calibration(request: EvalRequest, run: CalibrationRun, out: str, overwri
             )
     check_output_path(Path(out), overwrite)
     ctx = open_context(request, bind=False)
+    check_windows(ctx, run)
     if run.fit:
         check_classifiers_free(ctx, run.fit, overwrite)
     main = ctx.runtime.is_main  # several processes: each runs its shard, the main one writes
@@ -476,3 +477,33 @@ def check_classifiers_free(ctx: EvalContext, names: list[str], overwrite: bool) 
             f"{folder / CLASSIFIER_DIR} already holds fitted {', '.join(taken)}; pass --overwrite "
             "to fit them again"
         )
+
+
+def check_windows(ctx: EvalContext, run: CalibrationRun) -> None:
+    """--max-tokens below what the run needs is refused before any work, rather than rounded up
+    to one window (eval_windows never returns none): fitting needs a whole window, a token risk
+    at least `min_calibration_tokens` in its windows, and both together twice that (the even
+    windows fit, the odd ones calibrate)."""
+    r = ctx.request
+    if ctx.is_task or r.max_tokens is None:
+        return
+    seq_len = r.seq_len if r.seq_len is not None else ctx.checkpoint.data.seq_len
+    token_risk = run.ltt is not None and run.ltt.risk in ("consistency", "loss")
+    need_tokens = min_calibration_tokens(run.ltt.epsilon, run.ltt.delta) if token_risk else 0
+    cal_windows = max(1, math.ceil(need_tokens / seq_len)) if token_risk else 0
+    need = (2 * cal_windows if run.fit else cal_windows) if token_risk else 1
+    windows = r.max_tokens // seq_len
+    if windows >= need or not (run.fit or token_risk):
+        return
+    if token_risk:
+        why = (
+            f"certifying risk <= {run.ltt.epsilon} with probability >= {1 - run.ltt.delta:.2f} "
+            f"needs at least {need_tokens} tokens"
+            + (" in the odd windows (the even ones fit the classifiers)" if run.fit else "")
+        )
+    else:
+        why = "fitting exit classifiers needs at least one whole window"
+    raise EexitError(
+        f"--max-tokens {r.max_tokens} holds {windows} whole windows of {seq_len} tokens; {why}: "
+        f"{need} windows (--max-tokens >= {need * seq_len})"
+    )
