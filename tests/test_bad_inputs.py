@@ -253,3 +253,90 @@ def test_bad_input(world, args, expect):
     assert "Traceback" not in err
     assert expect in lines[0], lines[0]
     assert snapshot(world) == before  # nothing created, replaced or removed
+
+
+# ---- evaluation side of the newer features: self-spec, shortlist, --model, task lengths, sweep
+# and calibrate options. Model-free checks fail before the load; the others right after it, before
+# any work. {V} is the world checkpoint's vocabulary size, read from its config.json.
+E_GEN = [*EV, "--generate", "--prompt-len", "8", "--max-new-tokens", "8"]
+E_SPEC = [*E_GEN, "--mode", "self-spec"]
+E_SW = ["sweep", *M, "--max-tokens", "256", "--out", "{tmp}/x"]
+E_CAL = ["calibrate", *M, "--max-tokens", "2048", "--out", "{tmp}/x"]
+K_ABOVE = "is more candidates than the vocabulary: K must be <= {V}"
+
+EVAL_CASES = [
+    # ---- evaluate --generate --mode self-spec: one validator, nothing silently changed
+    ([*E_SPEC, "--draft-layer", "0"], "--draft-layer must be >= 1"),
+    ([*E_SPEC, "--draft-layer", "-2"], "--draft-layer must be >= 1"),
+    ([*E_SPEC, "--draft-layer", "3"], "--draft-layer must be in 1..2 (below the model's 3 layers)"),
+    ([*E_SPEC, "--draft-layer", "99"], "--draft-layer must be in 1..2"),
+    ([*E_SPEC, "--draft-vocab", "100000"], "--draft-vocab must be <= the vocabulary size {V}"),
+    ([*E_SPEC, "--draft-vocab", "300"], "--draft-vocab must be <= the vocabulary size {V}"),
+    ([*E_SPEC, "--draft-vocab", "-1"], "--draft-vocab must be >= 0"),
+    ([*E_SPEC, "--draft-length", "0"], "--draft-length must be >= 1"),
+    ([*E_SPEC, "--prompts", "0"], "--prompts and --prompt-len must be >= 1"),
+    ([*E_SPEC, "--kv", "copy"], "unknown KV mode 'copy'"),
+    ([*EV, "--generate", "--mode", "self-spec", "--prompt-len", "30"], "must be <= 32"),
+    ([*E_GEN, "--mode", "self_spec"], "unknown --mode 'self_spec' (did you mean 'self-spec'?)"),
+    ([*E_GEN, "--draft-length", "2"], "--draft-length 2: for --mode self-spec only"),
+    ([*E_GEN, "--draft-vocab", "10"], "--draft-vocab 10: for --mode self-spec only"),
+    ([*E_GEN, "--mode", "early-exit", "--draft-layer", "1"], "--draft-layer 1: for --mode self"),
+    # ---- decoding options without --generate: refused, not ignored
+    ([*EV, "--mode", "self-spec"], "--mode self-spec: for --generate only"),
+    ([*EV, "--mode", "early-exit"], "--mode early-exit: for --generate only"),
+    ([*EV, "--draft-layer", "1"], "--draft-layer 1: for --generate only"),
+    ([*EV, "--prompts", "4"], "--prompts 4: for --generate only"),
+    ([*EV, "--prompt-len", "8", "--draft-vocab", "5"], "--prompt-len 8, --draft-vocab 5: for"),
+    ([*EV, "--dataset", "aclsum", "--mode", "self-spec"], "--mode self-spec: for --generate"),
+    # ---- --param shortlist=K: K <= V wherever a policy is built (the costs count min(K, V))
+    ([*EV, "--param", "shortlist=100000"], "shortlist=100000 " + K_ABOVE),
+    ([*EV, "--param", "shortlist=300"], K_ABOVE),
+    ([*EV, "--policy", "entropy", "--param", "shortlist=300"], K_ABOVE),
+    ([*E_GEN, "--param", "shortlist=300"], K_ABOVE),
+    ([*E_SW, "--policy", "margin", "--param", "shortlist=300"], K_ABOVE),
+    ([*E_CAL, "--policy", "margin", "--param", "shortlist=300"], K_ABOVE),
+    ([*EV, "--param", "shortlist=-1"], "shortlist must be >= 0"),
+    ([*EV, "--param", "shortlist=abc"], "bad parameter"),
+    ([*EV, "--policy", "saturation", "--param", "shortlist=8"], "takes no parameter"),
+    # ---- --model: paths never go to the hub, hub ids are not asked offline, both places named
+    (["evaluate", "--model", "{tmp}/nope/deeper"], "model checkpoint not found"),
+    (["evaluate", "--model", "bad name"], "not tried on the hub: a hub id is owner/name"),
+    (["evaluate", "--model", "model.pt"], "model checkpoint not found: model.pt"),
+    (["evaluate", "--model", "{ck}/model.safetensors"], "is not a model checkpoint"),
+    (["evaluate", "--model", "nothere/typo"], "no hub model 'nothere/typo' in the local hub cache"),
+    (["sweep", "--model", "owner/typo", "--out", "{tmp}/x"], "HF_HUB_OFFLINE is set"),
+    (["calibrate", "--model", "owner/typo", "--policy", "margin"], "no file or folder owner/typo"),
+    (["analyze-monotonicity", *M, "--model", "owner/typo", "--out", "{tmp}/x"], "no hub model"),
+    (["lm-eval", "--model", "owner/typo", "--tasks", "x"], "no hub model 'owner/typo'"),
+    (["evaluate", "--model", "llm_nope:model.gguf"], "no installed package 'llm_nope'"),
+    # ---- task prompts beyond the model's positions: refused before decoding or scoring
+    ([*EV, "--dataset", "wiki-cloze-qa", "--examples", "2"], "beyond the model's 32"),
+    ([*E_SW, "--dataset", "wiki-cloze-qa", "--examples", "2"], "beyond the model's 32"),
+    ([*E_CAL, "--dataset", "wiki-cloze-qa", "--policy", "margin"], "beyond the model's 32"),
+    # ---- sweep / calibrate options
+    ([*E_SW, "--examples", "0"], "--examples and --batch-size must be >= 1"),
+    ([*E_SW, "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    ([*E_CAL, "--policy", "margin", "--grid", "0:2"], "thresholds must lie in [0, 1]"),
+    ([*E_CAL, "--policy", "margin", "--test-split", "dev"], "unknown split 'dev'"),
+]
+
+
+def test_at_least_twenty_five_evaluation_cases():
+    assert len(EVAL_CASES) >= 25
+
+
+@pytest.mark.parametrize(
+    "args,expect", EVAL_CASES, ids=[f"{i:03d}-{c[0][0]}" for i, c in enumerate(EVAL_CASES)]
+)
+def test_bad_evaluation_input(world, monkeypatch, args, expect):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id is looked up in the local cache only
+    vocab = str(json.loads((world / "ck" / "config.json").read_text())["vocab_size"])
+    argv = [a.replace("{ck}", str(world / "ck")).replace("{tmp}", str(world)) for a in args]
+    before = snapshot(world)
+    code, _, err = run_cli(*argv)
+    lines = message_lines(err)
+    assert code == 2, f"exit {code}: {err}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert expect.replace("{V}", vocab) in lines[0], lines[0]
+    assert snapshot(world) == before  # nothing created, replaced or removed
