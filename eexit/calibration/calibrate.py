@@ -63,7 +63,7 @@ from eexit.policies.predictor import (
     fit_shortlist,
     predictor_data,
 )
-from eexit.reporting import markdown_table, provenance, write_results
+from eexit.reporting import markdown_table, portable, provenance, write_results
 from eexit.runtime import LOCAL, Runtime, logits_chunk_tokens
 
 RISKS = {
@@ -410,7 +410,7 @@ def write_calibration(out: str, summary: dict, tested: list[dict], fit_rows: lis
         keep = {k: summary[k] for k in keys}
         keep["source"] = "FREE" if summary["threshold_by"] == "free" else "LTT"
         keep.update({k: resolved.get(k) for k in ("model", "exit_layers", "seq_len", "dataset")})
-        atomic_json(Path(out) / CALIBRATED_FILE, keep)
+        atomic_json(Path(out) / CALIBRATED_FILE, portable(keep))  # the model as in provenance
 
 
 @dataclass(kw_only=True)
