@@ -9,6 +9,10 @@ self-speculative decoding, at batch 1 and batch 8, on the same prompts.
 Every decoder produces exactly `--new` tokens per prompt (EOS ignored), so tokens/s compare
 like for like; agreement is the share of tokens equal to transformers' greedy output.
 
+`--device` / `--dtype` (default auto: a GPU in bfloat16 when there is one, else the CPU in
+float32) place the model; every decoder is warmed up by one untimed run and timed with
+`eexit.runtime.now` (CUDA-synchronised), and the table names the device and dtype.
+
 `--tasks aclsum,wiki-cloze-qa` adds task quality: each batch-1 decoder answers the same task
 examples (stopping at EOS), scored by the task's metric (ROUGE-L, SQuAD F1), in tasks.md and as
 columns of the decoding table.
@@ -19,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,15 +43,25 @@ from eexit.models.loading import load_model  # noqa: E402
 from eexit.models.speculative import SelfSpeculativeDecoder  # noqa: E402
 from eexit.policies import make_policy  # noqa: E402
 from eexit.reporting import provenance, write_results  # noqa: E402
+from eexit.runtime import device_name, now, resolve_runtime  # noqa: E402
 
 
-def median_time(fn, reps: int):
+def median_time(fn, reps: int, device: torch.device | str = "cpu"):
+    """Median seconds of `reps` timed runs after one untimed warm-up run, and the last output;
+    the clock waits for the device's queued work (`eexit.runtime.now`)."""
+    fn()
     times, out = [], None
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = now(device)
         out = fn()
-        times.append(time.perf_counter() - t0)
+        times.append(now(device) - t0)
     return statistics.median(times), out
+
+
+def placement(model) -> dict:
+    """The device and dtype columns of a row (where the model's weights are)."""
+    w = model.parts.lm_head.weight
+    return {"device": str(w.device), "dtype": str(w.dtype).removeprefix("torch.")}
 
 
 class TransformersGreedy:
@@ -61,7 +74,7 @@ class TransformersGreedy:
         self.model, self.kw = model, kw
 
     def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **_):
-        t0 = time.perf_counter()
+        t0 = now(self.model.device)
         seq = self.model.lm.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -71,7 +84,7 @@ class TransformersGreedy:
             pad_token_id=pad_token_id,
             **self.kw,
         )
-        seconds = time.perf_counter() - t0
+        seconds = now(self.model.device) - t0
         new = seq[:, input_ids.shape[1] :]
         fill = max_new_tokens - new.shape[1]
         new = torch.nn.functional.pad(new, (0, fill), value=pad_token_id)
@@ -132,7 +145,8 @@ def batch1_decoders(model, calibrated, drafts) -> dict:
 
 
 def early_exit_name(calibrated: dict) -> str:
-    return f"eexit early exit, {calibrated['policy']} @ {calibrated['threshold']} (LTT)"
+    how = calibrated.get("source", "LTT")  # how the threshold was chosen
+    return f"eexit early exit, {calibrated['policy']} @ {calibrated['threshold']} ({how})"
 
 
 def spec_name(k: int, length: int, vocab) -> str:
@@ -150,8 +164,10 @@ def calibrated_policy(calibrated: dict):
 
 
 def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, drafts) -> list[dict]:
-    """Rows for one batch size: every decoder on the same prompts, `new` tokens each."""
-    L = model.num_layers
+    """Rows for one batch size: every decoder on the same prompts, `new` tokens each (each
+    warmed up by one untimed run, then the median of `reps` timed runs)."""
+    dev, where = model.device, placement(model)
+    x = x.to(dev)
     chunks = [x[i : i + batch] for i in range(0, len(x), batch)]
     n_tok = len(x) * new
 
@@ -165,8 +181,7 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
 
         return go
 
-    hf()(), ours(EarlyExitDecoder(model, None, "full"))()  # warm-up
-    t_hf, ref = median_time(hf(), reps)
+    t_hf, ref = median_time(hf(), reps, dev)
     rows = [
         {
             "batch": batch,
@@ -174,6 +189,7 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
             "tokens_per_s": n_tok / t_hf,
             "speedup": 1.0,
             "agreement_pct": 100.0,
+            **where,
         }
     ]
 
@@ -187,21 +203,22 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
                 "speedup": t_hf / seconds,
                 "agreement_pct": 100 * same,
                 **(extra or {}),
+                **where,
             }
         )
 
-    t, (toks, _) = median_time(ours(EarlyExitDecoder(model, None, "full")), reps)
+    t, (toks, _) = median_time(ours(EarlyExitDecoder(model, None, "full")), reps, dev)
     add("eexit full depth", t, toks)
     if calibrated is not None:
         dec = EarlyExitDecoder(model, calibrated_policy(calibrated), "propagate")
-        t, (toks, layers) = median_time(ours(dec), reps)
+        t, (toks, layers) = median_time(ours(dec), reps, dev)
         mean_exit = layers[:, 1:].float().mean().item()
         add(early_exit_name(calibrated), t, toks, {"mean_exit_layer": mean_exit})
     for k, length, vocab in drafts:
         dec = SelfSpeculativeDecoder(model, k, length, vocab)
-        ours(dec)()
+        ours(dec)()  # warm-up, then the statistics of the timed runs only
         dec.reset_stats()
-        t, (toks, _) = median_time(ours(dec), reps)
+        t, (toks, _) = median_time(ours(dec), reps, dev)
         st = dec.stats
         add(
             spec_name(k, length, vocab),
@@ -214,9 +231,8 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
             },
         )
         if batch == 1 and vocab is None and type(model.lm).__name__.startswith("Llama"):
-            t, toks = median_time(hf(assistant_early_exit=k), reps)
+            t, toks = median_time(hf(assistant_early_exit=k), reps, dev)
             add(f"transformers assistant_early_exit={k}", t, toks)
-    del L
     return rows
 
 
@@ -235,11 +251,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--tasks", default="", help="task datasets for quality, e.g. aclsum")
     ap.add_argument("--task-examples", type=int, default=8, help="examples per task")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     quiet()
     torch.set_grad_enabled(False)
-    model, tok, _ = load_model(a.model)
+    rt = resolve_runtime(a.device, a.dtype)
+    model, tok, _ = load_model(a.model, runtime=rt)
     x = prompts_from(tok, "wiki-gensim", "test", a.prompts, a.prompt_len)
     drafts = []
     for d in a.drafts.split(","):  # layer:length[:K], K = a draft vocabulary of frequent tokens
@@ -260,7 +279,12 @@ def main() -> None:
             for t in tasks:
                 if r["batch"] == 1 and r["decoder"] == t["decoder"]:
                     r[f"{t['dataset']}_{t['metric']}"] = t["score"]
-    config = {**vars(a), "num_layers": model.num_layers, "calibrated_policy": calibrated}
+    config = {
+        **vars(a),
+        "num_layers": model.num_layers,
+        "calibrated_policy": calibrated,
+        **rt.describe(),
+    }
     notes = (
         f"{len(x)} prompts of {a.prompt_len} tokens from the wiki-gensim test split, {a.new} new "
         f"tokens each (EOS ignored), median of {a.reps} runs; speedup = transformers greedy "
@@ -270,6 +294,8 @@ def main() -> None:
     cols = [
         "batch",
         "decoder",
+        "device",
+        "dtype",
         "tokens_per_s",
         "speedup",
         "agreement_pct",
@@ -281,7 +307,7 @@ def main() -> None:
     write_results(
         a.out,
         "decoding",
-        f"Decoding {Path(a.model).name}: side by side",
+        f"Decoding {Path(a.model).name}: side by side ({device_name(rt.device)}, {rt.dtype_name})",
         rows,
         provenance(config),
         cols,

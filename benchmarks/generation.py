@@ -2,13 +2,20 @@
 prompts, ratios measured side by side in one run -> results/bench/generation.{md,csv,json,png}.
 
     python benchmarks/generation.py --model checkpoints/demo --model path/to/SmolLM2.gguf
+
+`--dtypes float32,bfloat16`: instead, decoding tokens/s of one model in each dtype side by side
+(both models loaded, repetitions interleaved so machine load hits every dtype alike) ->
+generation_dtype.*: what reduced precision buys (or costs) on this device.
+
+`--device` / `--dtype` (default auto: a GPU in bfloat16 when there is one, else the CPU in
+float32) place the models; every timing follows one untimed warm-up run and uses
+`eexit.runtime.now` (CUDA-synchronised), and every row names its device and dtype.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -19,15 +26,23 @@ from eexit.models.decoding import EarlyExitDecoder
 from eexit.models.loading import load_model
 from eexit.policies.base import make_policy
 from eexit.reporting import plot_tradeoff, provenance, write_results
+from eexit.runtime import Runtime, device_name, now, resolve_runtime
 
 
-def timed(fn, reps: int) -> tuple[float, object]:
+def timed(fn, reps: int, device: torch.device | str = "cpu") -> tuple[float, object]:
+    """Median seconds of `reps` runs after one untimed warm-up run, and the last output."""
+    fn()
     times, out = [], None
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = now(device)
         out = fn()
-        times.append(time.perf_counter() - t0)
+        times.append(now(device) - t0)
     return statistics.median(times), out
+
+
+def placement(rt: Runtime) -> dict:
+    """The device and dtype columns of a row."""
+    return {"device": str(rt.device), "dtype": rt.dtype_name}
 
 
 def hf_greedy(model, x, new, **kw):
@@ -69,10 +84,11 @@ def configs_for(L: int) -> list[tuple[str, float, str | None, int]]:
 
 
 def bench(
-    spec: str, label: str, n_prompts: int, prompt_len: int, new: int, reps: int
+    spec: str, label: str, n_prompts: int, prompt_len: int, new: int, reps: int, rt: Runtime
 ) -> list[dict]:
-    model, tok, _ = load_model(spec)
-    x = prompts_from(tok, "wiki-gensim", "test", n_prompts, prompt_len)
+    model, tok, _ = load_model(spec, runtime=rt)
+    dev = rt.device
+    x = prompts_from(tok, "wiki-gensim", "test", n_prompts, prompt_len).to(dev)
     L = model.num_layers
     full = EarlyExitDecoder(model, None, "full")
 
@@ -84,9 +100,8 @@ def bench(
     def hf_one(**kw):
         return lambda: [hf_greedy(model, x[i : i + 1], new, **kw) for i in range(len(x))]
 
-    one(full)(), hf_one()()  # warm-up
-    t_hf, hf_out = timed(hf_one(), reps)
-    t_full, full_out = timed(one(full), reps)
+    t_hf, hf_out = timed(hf_one(), reps, dev)
+    t_full, full_out = timed(one(full), reps, dev)
     n_tok = len(x) * new
     ref = torch.stack([r.new_tokens[0] for r in full_out])
     hf_tokens = torch.stack([o[0, prompt_len:] for o in hf_out])
@@ -114,7 +129,7 @@ def bench(
         policy, thr, exits, min_exit = setting
         model.exit_layers = exit_set(exits, L)
         dec = EarlyExitDecoder(model, make_policy(policy, thr, min_exit), "propagate")
-        t, outs = timed(one(dec), reps)
+        t, outs = timed(one(dec), reps, dev)
         new_tok = torch.stack([o.new_tokens[0] for o in outs])
         exit_l = torch.stack([o.exit_layers[0, 1:] for o in outs]).float()
         frac = exit_l.mean().item() / L
@@ -137,7 +152,7 @@ def bench(
     if type(model.lm).__name__.startswith("Llama"):
         for k in sorted({max(1, L // 4), max(1, L // 2)}):
             try:
-                t, outs = timed(hf_one(assistant_early_exit=k), reps)
+                t, outs = timed(hf_one(assistant_early_exit=k), reps, dev)
                 toks = torch.stack([o[0, prompt_len : prompt_len + new] for o in outs])
                 rows.append(
                     {
@@ -174,11 +189,11 @@ def bench(
     if ok:
         best, (policy, thr, exits, min_exit) = max(ok, key=lambda rs: rs[0]["speedup_vs_full"])
         model.exit_layers = exit_set(exits, L)
-        xb = prompts_from(tok, "wiki-gensim", "test", 8, prompt_len)
+        xb = prompts_from(tok, "wiki-gensim", "test", 8, prompt_len).to(dev)
         fb = EarlyExitDecoder(model, None, "full")
         eb = EarlyExitDecoder(model, make_policy(policy, thr, min_exit), "propagate")
-        tf, fo = timed(lambda: fb.generate(xb, None, new, pad_token_id=0), reps)
-        te, eo = timed(lambda: eb.generate(xb, None, new, pad_token_id=0), reps)
+        tf, fo = timed(lambda: fb.generate(xb, None, new, pad_token_id=0), reps, dev)
+        te, eo = timed(lambda: eb.generate(xb, None, new, pad_token_id=0), reps, dev)
         rows.append(
             {
                 "model": label,
@@ -192,10 +207,10 @@ def bench(
             }
         )
         model.exit_layers = list(range(1, L + 1))
-    return rows
+    return [{**r, **placement(rt)} for r in rows]
 
 
-def bench_seq2seq(spec: str, n_sources: int, new: int, reps: int) -> list[dict]:
+def bench_seq2seq(spec: str, n_sources: int, new: int, reps: int, rt: Runtime) -> list[dict]:
     """An encoder-decoder (T5) checkpoint: eexit's full-depth decoder against transformers' greedy
     generate
     on test sources of its task dataset, exactly `new` tokens each, batch 1, then a few early-exit
@@ -204,12 +219,15 @@ def bench_seq2seq(spec: str, n_sources: int, new: int, reps: int) -> list[dict]:
     from eexit.data.task_data import task_split
     from eexit.data.tasks import get_task
 
-    model, tok, info = load_model(spec)
+    model, tok, info = load_model(spec, runtime=rt)
+    dev = rt.device
     src_len = info.data.max_source_len if info.train_config else 64
     task_name, examples = task_split(info.trained_dataset or "bible-en-fr", "test", n_sources)
     task = get_task(task_name)
-    srcs = [torch.tensor([model_inputs(tok, task, ex, True, src_len)]) for ex in examples]
-    start = torch.tensor([[model.lm.config.decoder_start_token_id]])
+    srcs = [
+        torch.tensor([model_inputs(tok, task, ex, True, src_len)], device=dev) for ex in examples
+    ]
+    start = torch.tensor([[model.lm.config.decoder_start_token_id]], device=dev)
     L = model.num_layers
     full = EarlyExitDecoder(model, None, "full")
 
@@ -219,9 +237,8 @@ def bench_seq2seq(spec: str, n_sources: int, new: int, reps: int) -> list[dict]:
     def hf():
         return [hf_greedy(model, x, new) for x in srcs]
 
-    one(full)(), hf()  # warm-up
-    t_hf, hf_out = timed(hf, reps)
-    t_full, full_out = timed(one(full), reps)
+    t_hf, hf_out = timed(hf, reps, dev)
+    t_full, full_out = timed(one(full), reps, dev)
     ref = torch.stack([r.new_tokens[0] for r in full_out])
     n_tok = len(srcs) * new
     rows = [
@@ -247,7 +264,7 @@ def bench_seq2seq(spec: str, n_sources: int, new: int, reps: int) -> list[dict]:
         ("margin", 0.5, "propagate"),
         ("margin", 0.5, "recompute"),
     ):
-        t, outs = timed(one(EarlyExitDecoder(model, make_policy(policy, thr), kv)), reps)
+        t, outs = timed(one(EarlyExitDecoder(model, make_policy(policy, thr), kv)), reps, dev)
         frac = torch.stack([o.exit_layers[0, 1:] for o in outs]).float().mean().item() / L
         rows.append(
             {
@@ -261,7 +278,85 @@ def bench_seq2seq(spec: str, n_sources: int, new: int, reps: int) -> list[dict]:
                 * (torch.stack([o.new_tokens[0] for o in outs]) == ref).float().mean().item(),
             }
         )
-    return rows
+    return [{**r, **placement(rt)} for r in rows]
+
+
+def cpu_bf16_instructions() -> list[str]:
+    """The CPU's native bfloat16 instruction sets (without them torch emulates bfloat16)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return sorted(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def bench_dtypes(
+    spec: str,
+    label: str,
+    dtypes: list[str],
+    device: str,
+    n_prompts: int,
+    prompt_len: int,
+    new: int,
+    reps: int,
+) -> tuple[list[dict], list[Runtime]]:
+    """Greedy decoding tokens/s of one model in each dtype, side by side at batch 1: transformers
+    `generate` and eexit full depth, on the same prompts. Every (dtype, decoder) is warmed up once,
+    then the repetitions are interleaved, so drift in machine load hits every variant alike."""
+    runs = {}
+    for name in dtypes:
+        rt = resolve_runtime(device, name)
+        model, tok, _ = load_model(spec, runtime=rt)
+        x = prompts_from(tok, "wiki-gensim", "test", n_prompts, prompt_len).to(rt.device)
+        runs[name] = (rt, model, x)
+
+    def hf(model, x):
+        return lambda: torch.cat(
+            [hf_greedy(model, x[i : i + 1], new)[:, -new:] for i in range(len(x))]
+        )
+
+    def ours(model, x):
+        dec = EarlyExitDecoder(model, None, "full")
+        return lambda: torch.cat(
+            [
+                dec.generate(x[i : i + 1], None, new, pad_token_id=0).new_tokens
+                for i in range(len(x))
+            ]
+        )
+
+    fns = {}
+    for name, (rt, model, x) in runs.items():
+        fns[name, "transformers generate"] = (rt.device, hf(model, x))
+        fns[name, "eexit full depth"] = (rt.device, ours(model, x))
+    for _, fn in fns.values():
+        fn()  # warm-up
+    times: dict = {k: [] for k in fns}
+    outs: dict = {}
+    for _ in range(reps):
+        for k, (dev, fn) in fns.items():
+            t0 = now(dev)
+            outs[k] = fn()
+            times[k].append(now(dev) - t0)
+    n_tok = n_prompts * new
+    base = dtypes[0]
+    ref = outs[base, "transformers generate"]
+    rows = []
+    for (name, decoder), ts in times.items():
+        rate = n_tok / statistics.median(ts)
+        base_rate = n_tok / statistics.median(times[base, decoder])
+        rows.append(
+            {
+                "model": label,
+                "decoder": decoder,
+                "batch": 1,
+                **placement(runs[name][0]),
+                "tokens_per_s": rate,
+                f"speed_vs_{base}": rate / base_rate,
+                f"agreement_with_{base}_pct": 100
+                * (outs[name, decoder] == ref).float().mean().item(),
+            }
+        )
+    return rows, [rt for rt, _, _ in runs.values()]
 
 
 def profile(
@@ -274,23 +369,27 @@ def profile(
     prompt_len: int,
     new: int,
     out: Path,
+    rt: Runtime,
 ) -> None:
     """Where one early-exit generation spends its time (torch.profiler, operator and Python-function
     view)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    model, tok, _ = load_model(spec)
+    model, tok, _ = load_model(spec, runtime=rt)
     L = model.num_layers
     if exits:
         model.exit_layers = exit_set(exits, L)
-    x = prompts_from(tok, "wiki-gensim", "test", 1, prompt_len)
+    x = prompts_from(tok, "wiki-gensim", "test", 1, prompt_len).to(rt.device)
     dec = EarlyExitDecoder(model, make_policy(policy, threshold, min_exit), "propagate")
     full = EarlyExitDecoder(model, None, "full")
     dec.generate(x, None, 4, pad_token_id=0)
     lines = []
+    activities = [ProfilerActivity.CPU]
+    if rt.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
     for name, d in (("full depth", full), (f"{policy} {threshold}", dec)):
-        with tprofile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
+        with tprofile(activities=activities, with_stack=False) as prof:
             r = d.generate(x, None, new, pad_token_id=0)
         mean_exit = r.exit_layers[0, 1:].float().mean().item()
         lines += [
@@ -317,21 +416,44 @@ def main() -> None:
     ap.add_argument(
         "--profile", action="store_true", help="also profile one early-exit configuration per model"
     )
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    ap.add_argument(
+        "--dtypes",
+        help="e.g. float32,bfloat16: only compare decoding speed of the first --model in each "
+        "dtype (-> generation_dtype.*)",
+    )
     a = ap.parse_args()
     quiet()
+    torch.set_grad_enabled(False)
+    if a.dtypes:
+        if not a.model:
+            ap.error("--dtypes compares one --model")
+        dtype_table(a)
+        return
+    rt = resolve_runtime(a.device, a.dtype)
+    where = f"{device_name(rt.device)}, {rt.dtype_name}"
     if a.seq2seq:
-        rows = bench_seq2seq(a.seq2seq, a.prompts, a.new, a.reps)
+        rows = bench_seq2seq(a.seq2seq, a.prompts, a.new, a.reps, rt)
         write_results(
             a.out,
             "generation_seq2seq",
-            f"Encoder-decoder decoding speed ({Path(a.seq2seq).name}, greedy, batch 1)",
+            f"Encoder-decoder decoding speed ({Path(a.seq2seq).name}, greedy, batch 1, {where})",
             rows,
             provenance(
-                {"model": a.seq2seq, "sources": a.prompts, "new_tokens": a.new, "reps": a.reps}
+                {
+                    "model": a.seq2seq,
+                    "sources": a.prompts,
+                    "new_tokens": a.new,
+                    "reps": a.reps,
+                    **rt.describe(),
+                }
             ),
             [
                 "model",
                 "decoder",
+                "device",
+                "dtype",
                 "tokens_per_s",
                 "speedup_vs_full",
                 "layers_used_pct",
@@ -340,8 +462,8 @@ def main() -> None:
                 "overhead_vs_transformers",
             ],
             notes=(
-                "Median of repetitions; exactly `new_tokens` per source (EOS ignored). "
-                "overhead_vs_transformers: eexit full-depth "
+                "Median of repetitions after one warm-up run; exactly `new_tokens` per source "
+                "(EOS ignored). overhead_vs_transformers: eexit full-depth "
                 "time / transformers generate time; realized_over_ideal: speedup x layers-used "
                 "fraction.\n\n"
             ),
@@ -355,11 +477,13 @@ def main() -> None:
     rows = []
     for spec, label in zip(a.model, labels):
         print(f"generation bench: {label} ...", flush=True)
-        rows += bench(spec, label, a.prompts, a.prompt_len, a.new, a.reps)
+        rows += bench(spec, label, a.prompts, a.prompt_len, a.new, a.reps, rt)
     cols = [
         "model",
         "decoder",
         "batch",
+        "device",
+        "dtype",
         "tokens_per_s",
         "speedup_vs_full",
         "layers_used_pct",
@@ -371,7 +495,7 @@ def main() -> None:
     write_results(
         a.out,
         "generation",
-        "Early-exit decoding speed (greedy, KV propagate)",
+        f"Early-exit decoding speed (greedy, KV propagate, {where})",
         rows,
         provenance(
             {
@@ -380,12 +504,13 @@ def main() -> None:
                 "prompt_len": a.prompt_len,
                 "new_tokens": a.new,
                 "reps": a.reps,
+                **rt.describe(),
             }
         ),
         cols,
         notes=(
-            "Median of interleaved repetitions on the same prompts (wiki-gensim test split). "
-            "speedup_vs_full: eexit full-depth time / this "
+            "Median of repetitions after one warm-up run, on the same prompts (wiki-gensim test "
+            "split). speedup_vs_full: eexit full-depth time / this "
             "decoder's time; overhead_vs_transformers: eexit full-depth time / transformers "
             "generate time (target <= 1.05); "
             "realized_over_ideal: speedup x layers used fraction (target >= 0.9 at batch 1); "
@@ -410,7 +535,7 @@ def main() -> None:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
     if a.profile:
         for spec, label in zip(a.model, labels):
-            L = load_model(spec)[0].num_layers
+            L = load_model(spec, runtime=rt)[0].num_layers
             profile(
                 spec,
                 label,
@@ -421,7 +546,46 @@ def main() -> None:
                 a.prompt_len,
                 a.new,
                 Path(a.out),
+                rt,
             )
+
+
+def dtype_table(a) -> None:
+    """`--dtypes`: generation_dtype.* (decoding speed of one model in each dtype)."""
+    spec, dtypes = a.model[0], [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    label = (a.label or [Path(spec).stem])[0]
+    print(f"decoding speed by dtype: {label}, {', '.join(dtypes)} ...", flush=True)
+    rows, rts = bench_dtypes(spec, label, dtypes, a.device, a.prompts, a.prompt_len, a.new, a.reps)
+    rt = rts[0]
+    config = {
+        "model": spec,
+        "prompts": a.prompts,
+        "prompt_len": a.prompt_len,
+        "new_tokens": a.new,
+        "reps": a.reps,
+        **rt.describe(),
+        "dtype": ",".join(dtypes),  # one table, every dtype
+        "cpu_bf16_instructions": cpu_bf16_instructions() if rt.device.type == "cpu" else None,
+    }
+    base = dtypes[0]
+    write_results(
+        a.out,
+        "generation_dtype",
+        f"Decoding speed by dtype ({label}, {device_name(rt.device)}, greedy, batch 1)",
+        rows,
+        provenance(config),
+        notes=(
+            f"{a.prompts} prompts of {a.prompt_len} tokens (wiki-gensim test split), {a.new} new "
+            "tokens each (EOS ignored), one prompt at a time; median of "
+            f"{a.reps} repetitions interleaved across dtypes and decoders, after one warm-up run "
+            f"each. speed_vs_{base}: tokens/s over the same decoder's in {base}; agreement: "
+            f"tokens equal to transformers' {base} greedy output. Information: which dtype "
+            "decodes faster depends on the device (native bfloat16 instructions, memory "
+            "bandwidth), not on eexit.\n\n"
+        ),
+    )
+    for r in rows:
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
 
 
 if __name__ == "__main__":
