@@ -255,6 +255,210 @@ def test_bad_input(world, args, expect):
     assert snapshot(world) == before  # nothing created, replaced or removed
 
 
+# ---- training: resume, LoRA, layer dropout, exits, vocabulary; eexit.json fields; calibration
+# windows. A world of its own (a finished run with checkpoint-3, damaged copies, a small text),
+# checked byte for byte like the one above. Each case fails before any training step.
+
+
+def _corrupt_meta(folder: Path, change) -> None:
+    meta = json.loads((folder / "eexit.json").read_text())
+    change(meta)
+    (folder / "eexit.json").write_text(json.dumps(meta))
+
+
+def _set(*path):
+    *keys, value = path
+
+    def change(meta):
+        d = meta
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+
+    return change
+
+
+BAD_META = {
+    "layers-str": _set("exit_layers", "1,2"),
+    "layers-map": _set("exit_layers", {"1": 2}),
+    "layers-empty": _set("exit_layers", []),
+    "layers-bool": _set("exit_layers", [True, 3]),
+    "layers-deep": _set("exit_layers", [1, 9]),
+    "heads-num": _set("exit_heads", 3),
+    "heads-name": _set("exit_heads", "own"),
+    "gate-str": _set("halting_gate", "false"),
+    "lens-str": _set("lens_rank", "2"),
+    "lens-neg": _set("lens_rank", -1),
+    "step-str": _set("step", "three"),
+    "cfg-str": _set("train_config", "oops"),
+    "cfg-list": _set("train_config", [1, 2]),
+    "cfg-model": _set("train_config", "model", "gpt2"),
+    "cfg-params": _set("train_config", "loss", "params", "fast"),
+    "cfg-legacy": _set("train_config", "loss", {"name": "free-kd", "kd_weight": 1, "params": "x"}),
+    "cfg-lr": _set("train_config", "train", "lr", "fast"),
+    "cfg-betas": _set("train_config", "train", "betas", {"a": 1}),
+    "cfg-layers": _set("train_config", "model", "n_layers", [3]),
+    "final-list": _set("final", [1]),
+}
+
+
+@pytest.fixture(scope="module")
+def train_world(tmp_path_factory, tiny_checkpoint) -> Path:
+    w = tmp_path_factory.mktemp("train-world")
+    shutil.copytree(tiny_checkpoint, w / "ck")  # a finished run: final model and checkpoint-3
+    for name in ("badstate", "badckmeta"):
+        shutil.copytree(tiny_checkpoint, w / name)
+    (w / "badstate" / "checkpoint-3" / "trainer_state.json").write_text('{"step": "three"}')
+    _corrupt_meta(w / "badckmeta" / "checkpoint-3", _set("train_config", "oops"))
+    for name, change in BAD_META.items():
+        shutil.copytree(tiny_checkpoint, w / f"m-{name}", ignore=shutil.ignore_patterns("check*"))
+        _corrupt_meta(w / f"m-{name}", change)
+    docs = [f"Document {i} about the river and the hill number {i}." for i in range(60)]
+    (w / "small.txt").write_text("\n\n".join(docs) + "\n")
+    return w
+
+
+R = ["train", *TINY_TRAIN, "--out", "{ck}", "--resume"]
+NEW = ["train", *TINY_TRAIN, "--out", "{tmp}/new-run"]
+EVM = ["evaluate", "--max-tokens", "256", "--model"]
+ONLY = "only run_name, out_dir, train.steps"  # what --resume may change, named in the message
+
+TRAIN_CASES = [
+    # ---- --resume with a setting that changes the optimisation: named, old -> new
+    ([*R, "--loss", "layerskip"], "loss.name 'weighted-ce' -> 'layerskip'"),
+    ([*R, "--loss", "layerskip"], "loss.params.rotation unset -> 2"),
+    ([*R, "--set", "loss.exit_token_fraction=0.5"], "loss.exit_token_fraction 1.0 -> 0.5"),
+    ([*R, "--set", "train.layer_dropout=0.1"], "train.layer_dropout 0.0 -> 0.1"),
+    ([*R, "--set", "train.layer_dropout_scale=linear"], "layer_dropout_scale 'exp' -> 'linear'"),
+    ([*R, "--set", "model.lora_rank=2"], "model.lora_rank 0 -> 2"),
+    ([*R, "--set", "model.exit_layers=[1,3]"], "model.exit_layers 'all' -> [1, 3]"),
+    ([*R, "--set", "model.exit_heads=lens"], "model.exit_heads 'shared' -> 'lens'"),
+    ([*R, "--set", "model.min_exit_layer=2"], "model.min_exit_layer 1 -> 2"),
+    ([*R, "--set", "model.dropout=0.1"], "model.dropout 0.0 -> 0.1"),
+    ([*R, "--set", "train.lr=0.002"], "train.lr 0.001 -> 0.002"),
+    ([*R, "--set", "train.warmup_steps=1"], "train.warmup_steps 2 -> 1"),
+    ([*R, "--set", "train.min_lr_ratio=0.5"], "train.min_lr_ratio 0.1 -> 0.5"),
+    ([*R, "--set", "train.weight_decay=0"], "train.weight_decay 0.1 -> 0.0"),
+    ([*R, "--set", "train.betas=[0.9,0.99]"], "train.betas [0.9, 0.95] -> [0.9, 0.99]"),
+    ([*R, "--set", "train.grad_clip=0.5"], "train.grad_clip 1.0 -> 0.5"),
+    ([*R, "--set", "seed=1"], "seed 0 -> 1"),
+    ([*R, "--set", "train.batch_size=8"], "train.batch_size 4 -> 8"),
+    ([*R, "--set", "train.grad_accum_steps=2"], "train.grad_accum_steps 1 -> 2"),
+    ([*R, "--set", "data.seq_len=16"], "data.seq_len 32 -> 16"),
+    ([*R, "--set", "data.dataset={tmp}/small.txt"], "data.dataset 'wiki-gensim' -> "),
+    ([*R, "--set", "train.lr=0.01", "--set", "seed=2"], "seed 0 -> 2, train.lr 0.001 -> 0.01"),
+    ([*R, "--set", "train.lr=0.01"], ONLY),
+    (
+        ["train", *TINY_TRAIN, "--out", "{tmp}/badstate", "--resume"],
+        "trainer_state.json is malform",
+    ),
+    (
+        ["train", *TINY_TRAIN, "--out", "{tmp}/badckmeta", "--resume"],
+        "checkpoint-3/eexit.json: field 'train_config' must be a mapping",
+    ),
+    # ---- LoRA fields, layer dropout, exits and vocabulary of a new run
+    ([*NEW, "--set", "model.lora_targets=[]"], 'model.lora_targets must be "all-linear" or'),
+    ([*NEW, "--set", "model.lora_targets="], "model.lora_targets must be"),
+    ([*NEW, "--set", "model.lora_targets=[c_attn, '']"], "model.lora_targets must be"),
+    ([*NEW, "--set", "model.lora_targets={a: 1}"], "model.lora_targets must be"),
+    ([*NEW, "--set", "model.lora_alpha=0"], "model.lora_alpha must be > 0"),
+    ([*NEW, "--set", "model.lora_alpha=-2"], "model.lora_alpha must be > 0"),
+    ([*NEW, "--set", "model.lora_rank=1.5"], "'model.lora_rank' must be a whole number"),
+    (
+        [*NEW, "--set", "model.lora_rank=2", "--set", "model.freeze_backbone=true"],
+        "model.lora_rank and model.freeze_backbone exclude each other",
+    ),
+    (
+        [*NEW, "--set", "model.lora_rank=2", "--set", "model.lora_targets=nothing.*"],
+        "match no layer of the model",
+    ),
+    ([*NEW, "--set", "train.layer_dropout=-0.1"], "train.layer_dropout must be in [0, 1)"),
+    ([*NEW, "--set", "train.layer_dropout=abc"], "'train.layer_dropout' must be a number"),
+    ([*NEW, "--set", "train.layer_dropout_scale=[exp]"], "'train.layer_dropout_scale' must be a"),
+    ([*NEW, "--set", "train.layer_dropout_scale=Exp"], "must be one of exp, linear, uniform"),
+    ([*NEW, "--set", "model.min_exit_layer=4"], "model.min_exit_layer 4 is beyond the model's 3"),
+    ([*NEW, "--set", "model.exit_layers=[0,2]"], "exit layers must be integers in 1..3; got [0]"),
+    ([*NEW, "--set", "model.exit_layers=[4]"], "exit layers must be integers in 1..3; got [4]"),
+    ([*NEW, "--set", "model.exit_layers={a: 1}"], "model.exit_layers must be 'all' or a list"),
+    ([*NEW, "--set", "model.exit_layers=true"], "model.exit_layers must be 'all' or a list"),
+    (
+        [*NEW, "--set", "model.pretrained={ck}", "--set", "model.min_exit_layer=9"],
+        "model.min_exit_layer 9 is beyond the model's 3 layers",
+    ),
+    ([*NEW, "--set", "model.vocab_size=256"], "model.vocab_size must be >= 257"),
+    (
+        [*NEW, "--set", "data.dataset={tmp}/small.txt", "--set", "model.vocab_size=4096"],
+        "the BPE tokenizer learned only",
+    ),
+    # ---- eexit.json fields of the wrong type or out of range: the file and the field named
+    ([*EVM, "{tmp}/m-layers-str"], "m-layers-str/eexit.json: field 'exit_layers' must be null"),
+    ([*EVM, "{tmp}/m-layers-map"], "field 'exit_layers' must be null, \"all\" or a non-empty"),
+    ([*EVM, "{tmp}/m-layers-empty"], "field 'exit_layers' must be"),
+    ([*EVM, "{tmp}/m-layers-bool"], "field 'exit_layers' must be"),
+    ([*EVM, "{tmp}/m-layers-deep"], "eexit.json: field 'exit_layers': exit layers must be integ"),
+    ([*EVM, "{tmp}/m-heads-num"], "field 'exit_heads' must be shared or separate or lens; got 3"),
+    ([*EVM, "{tmp}/m-heads-name"], "field 'exit_heads' must be shared or separate or lens"),
+    ([*EVM, "{tmp}/m-gate-str"], "field 'halting_gate' must be true or false; got 'false'"),
+    ([*EVM, "{tmp}/m-lens-str"], "field 'lens_rank' must be a whole number >= 0; got '2'"),
+    ([*EVM, "{tmp}/m-lens-neg"], "field 'lens_rank' must be a whole number >= 0; got -1"),
+    ([*EVM, "{tmp}/m-step-str"], "field 'step' must be null or a whole number"),
+    ([*EVM, "{tmp}/m-cfg-str"], "field 'train_config' must be a mapping"),
+    ([*EVM, "{tmp}/m-cfg-list"], "field 'train_config' must be a mapping"),
+    ([*EVM, "{tmp}/m-cfg-model"], "train_config: config section model must be a mapping"),
+    ([*EVM, "{tmp}/m-cfg-params"], "train_config: config key 'loss.params' must be a mapping"),
+    ([*EVM, "{tmp}/m-cfg-legacy"], "train_config: config key 'loss.params' must be a mapping"),
+    ([*EVM, "{tmp}/m-cfg-lr"], "train_config: config key 'train.lr' must be a number"),
+    ([*EVM, "{tmp}/m-cfg-betas"], "train_config: config key 'train.betas' must be a list"),
+    ([*EVM, "{tmp}/m-cfg-layers"], "train_config: config key 'model.n_layers' must be a numb"),
+    ([*EVM, "{tmp}/m-final-list"], "field 'final' must be a mapping"),
+    ([*NEW, "--set", "model.pretrained={tmp}/m-gate-str"], "field 'halting_gate' must be true"),
+    ([*NEW, "--set", "model.pretrained={tmp}/m-cfg-lr"], "config key 'train.lr' must be a number"),
+    # ---- calibration / classifier fitting with --max-tokens below what they need
+    (
+        ["calibrate", "--model", "{ck}", "--fit", "lstm", "--max-tokens", "10"],
+        "--max-tokens 10 holds 0 whole windows of 32 tokens; fitting exit classifiers needs",
+    ),
+    (
+        ["calibrate", "--model", "{ck}", "--policy", "margin", "--max-tokens", "40"],
+        "needs at least 45 tokens: 2 windows (--max-tokens >= 64)",
+    ),
+    (
+        [
+            "calibrate",
+            "--model",
+            "{ck}",
+            "--fit",
+            "lstm",
+            "--policy",
+            "margin",
+            "--max-tokens",
+            "64",
+        ],
+        "in the odd windows (the even ones fit the classifiers): 4 windows (--max-tokens >= 128)",
+    ),
+]
+
+
+def test_at_least_fifty_training_cases():
+    assert len(TRAIN_CASES) >= 50
+
+
+@pytest.mark.parametrize(
+    "args,expect", TRAIN_CASES, ids=[f"{i:03d}-{c[0][0]}" for i, c in enumerate(TRAIN_CASES)]
+)
+def test_bad_training_input(train_world, args, expect):
+    w = train_world
+    argv = [a.replace("{ck}", str(w / "ck")).replace("{tmp}", str(w)) for a in args]
+    before = snapshot(w)
+    code, _, err = run_cli(*argv)
+    lines = message_lines(err)
+    assert code == 2, f"exit {code}: {err}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert expect in lines[0], lines[0]
+    assert snapshot(w) == before  # nothing created, replaced or removed
+
+
 # ---- evaluation side of the newer features: self-spec, shortlist, --model, task lengths, sweep
 # and calibrate options. Model-free checks fail before the load; the others right after it, before
 # any work. {V} is the world checkpoint's vocabulary size, read from its config.json.
