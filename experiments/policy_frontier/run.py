@@ -4,13 +4,14 @@ model's headroom).
     python experiments/policy_frontier/run.py --model checkpoints/smollm2-135m \\
         --exit-layers 8,12,16,20,22,24,26,28,30 --out results/policy_frontier/smollm2-135m
 
-Each policy's threshold is chosen by Learn-then-Test at the same epsilon / delta on the odd
-windows of the validation split (the even windows fit the learned classifiers), and reported on
-the test split beside the oracle: compute %, decision overhead %, agreement, efficiency (layers
-saved / layers the frontier saves at the same agreement), exit-location accuracy (hits and
-distance to the oracle exit, seed 004), ideal speedup with the head counted. With
-`--decode-prompts N` each calibrated policy also decodes N prompts at batch 1 against full-depth
-decoding of the same model: the realized speedup and realized / ideal.
+Each policy's threshold is chosen by Learn-then-Test (and, with `--free`, by FREE's Beta
+mixture) at the same epsilon / delta on the odd windows of the validation split (the even
+windows fit the learned classifiers), and reported on the test split beside the oracle: compute
+%, decision overhead %, agreement, efficiency (layers saved / layers the frontier saves at the
+same agreement), exit-location accuracy (hits and distance to the oracle exit, seed 004), ideal
+speedup with the head counted. With `--decode-prompts N` each calibrated policy also decodes N
+prompts at batch 1 against full-depth decoding of the same model: the realized speedup and
+realized / ideal.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--free", action="store_true", help="also FREE's Beta-mixture threshold")
     ap.add_argument("--decode-prompts", type=int, default=0)
     ap.add_argument("--decode-tokens", type=int, default=24)
     ap.add_argument("--device", default="auto")
@@ -102,23 +104,26 @@ def main() -> None:
     xt, yt, _ = teacher_forced_inputs(ctx, "test")
     test_table = collect_exit_table(model, xt, yt, ctx.policy, a.batch_size, ctx.runtime)
     oracle = frontier_rows(test_table, a.min_exit_layer)
-    rows = [{"policy": "oracle", "threshold": None, **_oracle_row(oracle[0])}]
+    rows = [{"policy": "oracle", "threshold_by": "-", "threshold": None, **_oracle_row(oracle[0])}]
     prompts = (
         prompts_from(tok, a.dataset, "test", a.decode_prompts, 32) if a.decode_prompts else None
     )
     for name in names:
         request = EvalRequest(**{**base, "policy": name, "policy_params": params.get(name, {})})
         summary = calibrate_policy(request, opts, model, tok)
-        row = {"policy": name, "threshold": summary["threshold"]}
-        if summary["threshold"] is None:
-            row["note"] = summary["message"]
-        else:
-            row.update({k: summary[f"test_{k}"] for k in KEEP})
-            row["test_risk"] = summary["test_risk"]
-            if prompts is not None:
-                row.update(_decode(model, request, summary["threshold"], prompts, a, tok))
-        rows.append(row)
-        print(row, flush=True)
+        # LTT's threshold, then FREE's (Beta mixture) from the same calibration tables
+        for found in summary["compared"] if a.free else summary["compared"][:1]:
+            by = found.get("threshold_by", "ltt")
+            row = {"policy": name, "threshold_by": by, "threshold": found["threshold"]}
+            if found["threshold"] is None:
+                row["note"] = found.get("message", "no threshold")
+            else:
+                row.update({k: found[f"test_{k}"] for k in KEEP})
+                row["test_risk"] = found["test_risk"]
+                if prompts is not None:
+                    row.update(_decode(model, request, found["threshold"], prompts, a, tok))
+            rows.append(row)
+            print(row, flush=True)
     _write(a, rows, oracle, fit_rows, ctx)
 
 
@@ -159,7 +164,7 @@ def _decode(model, request: EvalRequest, threshold: float, prompts, a, tok) -> d
 
 
 def _write(a, rows: list[dict], oracle: list[dict], fit_rows: list[dict], ctx) -> None:
-    cols = ["policy", "threshold", *KEEP, "test_risk"]
+    cols = ["policy", "threshold_by", "threshold", *KEEP, "test_risk"]
     if a.decode_prompts:
         cols += ["decode_speedup", "decode_agreement_pct", "realized_over_ideal"]
     heads = {
@@ -197,7 +202,10 @@ def _write(a, rows: list[dict], oracle: list[dict], fit_rows: list[dict], ctx) -
     write_results(a.out, "policies", title, rows, prov, cols, heads, notes, overwrite=True)
     write_results(a.out, "frontier", "Oracle frontier (test split)", oracle, prov, overwrite=True)
     done = [r for r in rows if r.get("threshold") is not None]
-    series = {r["policy"]: [(r["cost_pct"], r["agreement_pct"], None)] for r in done}
+    series = {
+        f"{r['policy']} ({r['threshold_by']})": [(r["cost_pct"], r["agreement_pct"], None)]
+        for r in done
+    }
     series["oracle frontier"] = [(f["compute_pct"], f["agreement_pct"], None) for f in oracle]
     plot_tradeoff(
         Path(a.out) / "policies.png",
