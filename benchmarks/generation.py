@@ -419,6 +419,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     ap.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's); 1 gives stable timings on a shared machine",
+    )
+    ap.add_argument(
         "--dtypes",
         help="e.g. float32,bfloat16: only compare decoding speed of the first --model in each "
         "dtype (-> generation_dtype.*)",
@@ -426,6 +431,8 @@ def main() -> None:
     a = ap.parse_args()
     quiet()
     torch.set_grad_enabled(False)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.dtypes:
         if not a.model:
             ap.error("--dtypes compares one --model")
@@ -566,8 +573,12 @@ def dtype_table(a) -> None:
         **rt.describe(),
         "dtype": ",".join(dtypes),  # one table, every dtype
         "cpu_bf16_instructions": cpu_bf16_instructions() if rt.device.type == "cpu" else None,
+        "cpu_threads": torch.get_num_threads(),
     }
     base = dtypes[0]
+    threads = (
+        f", torch on {torch.get_num_threads()} CPU thread(s)" if rt.device.type == "cpu" else ""
+    )
     write_results(
         a.out,
         "generation_dtype",
@@ -578,9 +589,9 @@ def dtype_table(a) -> None:
             f"{a.prompts} prompts of {a.prompt_len} tokens (wiki-gensim test split), {a.new} new "
             "tokens each (EOS ignored), one prompt at a time; median of "
             f"{a.reps} repetitions interleaved across dtypes and decoders, after one warm-up run "
-            f"each. speed_vs_{base}: tokens/s over the same decoder's in {base}; agreement: "
-            f"tokens equal to transformers' {base} greedy output. Information: which dtype "
-            "decodes faster depends on the device (native bfloat16 instructions, memory "
+            f"each{threads}. speed_vs_{base}: tokens/s over the same decoder's in {base}; "
+            f"agreement: tokens equal to transformers' {base} greedy output. Information: which "
+            "dtype decodes faster depends on the device (native bfloat16 instructions, memory "
             "bandwidth), not on eexit.\n\n"
         ),
     )
