@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from eexit.config import ModelConfig
@@ -27,3 +29,17 @@ class HiddenSign(ExitPolicy):
 
     def score(self, view):
         return (view.hidden[:, 0] > 0).float()
+
+
+# `accelerate launch` as a test starts it on CPUs: no config file, no mixed precision, no dynamo
+ACCELERATE_LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]

@@ -9,32 +9,27 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import message_lines, run_cli
 from tests.evaluation.test_tasks import random_t5, tokenizer  # noqa: F401  (fixtures)
+from tests.helpers import ACCELERATE_LAUNCH
 
 TIMING = ("tokens_per_s", "eval_tokens_per_s", "full_tokens_per_s", "speedup", "seconds")
-
-LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
 
 
 def launch(args: list[str], port: int, processes: str = "2", multi: bool = True):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     flags = ["--multi_gpu"] if multi else ["--cpu"]
-    cmd = [*LAUNCH, *flags, "--num_processes", processes, "--main_process_port", str(port)]
+    cmd = [
+        *ACCELERATE_LAUNCH,
+        *flags,
+        "--num_processes",
+        processes,
+        "--main_process_port",
+        str(port),
+    ]
     return subprocess.run(
         [*cmd, "-m", "eexit.cli", *args], capture_output=True, text=True, env=env, timeout=600
     )

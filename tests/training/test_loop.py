@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import message_lines, run_cli, tiny_overrides
+from tests.helpers import ACCELERATE_LAUNCH
 
 LOG = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
 
@@ -167,17 +168,7 @@ def test_accelerate_launch_two_processes_match_one_and_a_silent_single_process_i
     code, _, err = run_cli("train", *args, "--out", str(tmp_path / "one"))
     assert code == 0, err
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launch = ACCELERATE_LAUNCH
     proc = subprocess.run(
         [
             *launch,
