@@ -13,7 +13,7 @@ EEXIT := $(BIN)/eexit
 
 .PHONY: install install-smollm2 lint test test-fast demo reproduce seed002 calm-vs-monotonic \
 	monotonicity monotonicity-t5 t5-translation smollm2-tasks smollm2-adapted smollm2-layerskip bench \
-	gpu-check results-doc clean
+	gpu-check policy-frontier results-doc clean
 
 install: $(STAMP)
 
@@ -175,6 +175,8 @@ smollm2-layerskip: install-smollm2
 # generation_dtype.*, on one thread: two threads on a shared 2-core machine measure OpenMP waits).
 bench: install-smollm2
 	$(BIN)/python benchmarks/speed.py --out results/bench
+	$(BIN)/python benchmarks/cli_startup.py --out results/bench
+	$(BIN)/python benchmarks/logits_memory.py --out results/bench
 	test -f checkpoints/demo/model.safetensors || $(MAKE) demo
 	$(BIN)/python benchmarks/generation.py --model checkpoints/demo --label demo-4L \
 	  --model "$(SMOLLM2)" --label SmolLM2-135M \

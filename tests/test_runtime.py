@@ -173,3 +173,27 @@ def test_bfloat16_weights_give_float32_scores(tiny_checkpoint):
     table = collect_exit_table(ctx.model, x, y, ctx.policy, 4, ctx.runtime)
     assert table.nll.dtype == torch.float32 and table.score.dtype == torch.float32
     assert torch.isfinite(table.nll).all()
+
+
+def test_training_takes_bf16_mixed_precision_from_accelerate_and_records_it(tmp_path):
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION: the run trains
+    under bf16 autocast (on the CPU too) and its checkpoint says so. A fresh process: accelerate's
+    state is process-wide."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import tiny_overrides
+
+    out = tmp_path / "bf16"
+    env = dict(os.environ, ACCELERATE_MIXED_PRECISION="bf16", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "eexit.cli", "train", *tiny_overrides("train.steps=3")]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((out / "eexit.json").read_text())
+    assert meta["mixed_precision"] == "bf16"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
