@@ -402,6 +402,30 @@ def check_lora(m: ModelConfig) -> None:
         )
 
 
+def resolve_exit_layers(spec, num_layers: int, min_exit_layer: int = 1) -> list[int]:
+    """'all' or a list of 1-based layers -> sorted list that always ends with the last layer."""
+    if spec in (None, "all"):
+        layers = list(range(1, num_layers + 1))
+    else:
+        if isinstance(spec, str):
+            try:
+                spec = [int(s) for s in spec.replace(" ", "").split(",") if s]
+            except ValueError:
+                raise EexitError(
+                    f"exit layers must be 'all' or a comma list of layer numbers, got {spec!r}"
+                ) from None
+        if isinstance(spec, int):
+            spec = [spec]
+        bad = [x for x in spec if not isinstance(x, int) or not 1 <= x <= num_layers]
+        if bad:
+            raise EexitError(f"exit layers must be integers in 1..{num_layers}; got {bad}")
+        layers = sorted(set(spec))
+    layers = [x for x in layers if x >= min_exit_layer]
+    if num_layers not in layers:
+        layers.append(num_layers)
+    return layers
+
+
 def check_exits(m: ModelConfig, depth: int) -> None:
     """model.exit_layers and model.min_exit_layer against the model's depth (the config's
     n_layers, or a pretrained model's once it loads): an exit setting beyond the depth would
@@ -414,8 +438,6 @@ def check_exits(m: ModelConfig, depth: int) -> None:
     spec = m.exit_layers
     if not (spec == "all" or isinstance(spec, (str, list)) or type(spec) is int):
         raise EexitError(f"model.exit_layers must be 'all' or a list of layers; got {spec!r}")
-    from eexit.models.early_exit import resolve_exit_layers
-
     try:
         resolve_exit_layers(spec, depth, m.min_exit_layer)
     except EexitError as e:

@@ -18,36 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from eexit.config import EXIT_HEADS
+from eexit.config import EXIT_HEADS, resolve_exit_layers  # noqa: F401  (re-exported)
 from eexit.errors import EexitError
 from eexit.files import atomic_json, atomic_write, library_write_error
 from eexit.models.checkpoint import EEXIT_META, EXTRA_WEIGHTS, model_card
 from eexit.models.families import family_of
 from eexit.models.lora import has_lora, merged
-
-
-def resolve_exit_layers(spec, num_layers: int, min_exit_layer: int = 1) -> list[int]:
-    """'all' or a list of 1-based layers -> sorted list that always ends with the last layer."""
-    if spec in (None, "all"):
-        layers = list(range(1, num_layers + 1))
-    else:
-        if isinstance(spec, str):
-            try:
-                spec = [int(s) for s in spec.replace(" ", "").split(",") if s]
-            except ValueError:
-                raise EexitError(
-                    f"exit layers must be 'all' or a comma list of layer numbers, got {spec!r}"
-                ) from None
-        if isinstance(spec, int):
-            spec = [spec]
-        bad = [x for x in spec if not isinstance(x, int) or not 1 <= x <= num_layers]
-        if bad:
-            raise EexitError(f"exit layers must be integers in 1..{num_layers}; got {bad}")
-        layers = sorted(set(spec))
-    layers = [x for x in layers if x >= min_exit_layer]
-    if num_layers not in layers:
-        layers.append(num_layers)
-    return layers
 
 
 class Translator(nn.Module):
