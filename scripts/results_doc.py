@@ -58,6 +58,12 @@ GROUPS = [
         "SmolLM2 tasks",
         "Prompted SmolLM2-135M-Instruct (no extra heads) on summarization and open-book QA.",
     ),
+    (
+        "policy_frontier",
+        "Policies against the oracle frontier",
+        "Every exit policy calibrated at one epsilon (LTT and FREE's threshold) beside the oracle "
+        "frontier: efficiency, exit-location accuracy, ideal and realized speedup.",
+    ),
     ("bench", "Benchmarks", "Speed ratios measured side by side in one run."),
 ]
 
@@ -71,6 +77,7 @@ MAKE_TARGETS = {
     "monotonicity/t5-en-fr": "make t5-translation",
     "t5_translation": "make t5-translation",
     "smollm2_tasks": "make smollm2-tasks",
+    "policy_frontier": "make policy-frontier",
     "bench": "make bench",
 }
 

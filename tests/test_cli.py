@@ -95,7 +95,7 @@ def test_sweep_writes_tables_plot_and_provenance(tiny_checkpoint, tmp_path):
     assert [r["threshold"] for r in data] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert data[-1]["compute_pct"] == 100.0
     prov = json.loads((out / "provenance.json").read_text())
-    assert list(prov["tables"]) == ["sweep"]
+    assert list(prov["tables"]) == ["sweep", "frontier"]  # the oracle frontier beside it
     assert prov["tables"]["sweep"]["command"] == prov["command"]
     data = prov
     assert (
