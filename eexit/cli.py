@@ -582,14 +582,8 @@ def lm_eval_command(
     max_length: Optional[int] = typer.Option(
         None, "--max-length", help="Longest input in tokens (default: the model's positions)."
     ),
-    device: str = typer.Option(
-        "auto",
-        help="auto (cuda, then mps, else cpu), cpu, cuda, cuda:N or mps. Several processes: "
-        "accelerate launch --multi_gpu --num_processes N -m eexit.cli lm-eval ...",
-    ),
-    dtype: str = typer.Option(
-        "auto", help="Weights' dtype: auto, float32, bfloat16 or float16 (scores in float32)."
-    ),
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
     limit: Optional[int] = typer.Option(None, help="Examples per task (all by default)."),
     out: Optional[str] = typer.Option(None, help="Write the table to this results folder."),
     overwrite: bool = _OVERWRITE,
