@@ -40,7 +40,7 @@ def brute_force(top1: torch.Tensor, exit_layers: list[int], agreement: float, mi
 def test_the_frontier_equals_a_brute_force_search(seed, min_exit):
     g = torch.Generator().manual_seed(seed)
     exit_layers = [1, 2, 3, 5]
-    top1 = torch.randint(0, 3, (len(exit_layers), 6), generator=g)  # 3 tokens: many ties, flips
+    top1 = torch.randint(0, 3, (len(exit_layers), 6), generator=g)  # 6 tokens, 3 ids: many flips
     idx, first = oracle_indices(top1, exit_layers, min_exit)
     oracle_layers = torch.tensor(exit_layers, dtype=torch.float64)[idx]
     for agreement in (100.0, 83.0, 66.0, 50.0, 0.0):
