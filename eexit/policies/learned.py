@@ -126,32 +126,21 @@ def fit_classifier(
             "label)"
         )
     pos_weight = torch.tensor((1 - pos) / pos)
-    opt = torch.optim.Adam(clf.parameters(), lr=lr)
 
     def loss_on(rows):
         logit = step_logits(clf, feats[rows])[:, cols]
         return F.binary_cross_entropy_with_logits(logit, y[rows][:, cols], pos_weight=pos_weight)
 
-    best, best_state, bad, epochs = float("inf"), None, 0, 0
-    for epoch in range(1, max_epochs + 1):
-        epochs = epoch
-        clf.train()
-        order = tr[torch.randperm(len(tr))]
-        for i in range(0, len(order), batch):
-            opt.zero_grad()
-            loss_on(order[i : i + batch]).backward()
-            opt.step()
-        clf.eval()
-        with torch.no_grad():
-            v = loss_on(val).item()
-        if v < best - 1e-4:
-            best, best_state, bad = v, {k: t.clone() for k, t in clf.state_dict().items()}, 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    clf.load_state_dict(best_state)
-    clf.eval()
+    best, epochs = train_with_early_stopping(
+        clf,
+        lambda b: loss_on(tr[b]),
+        lambda: loss_on(val),
+        len(tr),
+        max_epochs,
+        patience,
+        lr,
+        batch,
+    )
     with torch.no_grad():
         pred = (step_logits(clf, feats[val])[:, cols] > 0).float()
         acc = (pred == y[val][:, cols]).float().mean().item()
@@ -162,6 +151,43 @@ def fit_classifier(
         "epochs": epochs,
         "train_tokens": len(tr),
     }
+
+
+def train_with_early_stopping(
+    clf: nn.Module,
+    train_loss,
+    val_loss,
+    n_train: int,
+    max_epochs: int,
+    patience: int,
+    lr: float,
+    batch: int,
+) -> tuple[float, int]:
+    """Adam over shuffled mini-batches of the n_train training rows (`train_loss(rows)`), stopped
+    once the held-out loss (`val_loss()`) has not improved by 1e-4 for `patience` epochs; the
+    best state is restored. Returns (best held-out loss, epochs run)."""
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
+    best, best_state, bad, epochs = float("inf"), None, 0, 0
+    for epoch in range(1, max_epochs + 1):
+        epochs = epoch
+        clf.train()
+        order = torch.randperm(n_train)
+        for i in range(0, n_train, batch):
+            opt.zero_grad()
+            train_loss(order[i : i + batch]).backward()
+            opt.step()
+        clf.eval()
+        with torch.no_grad():
+            v = val_loss().item()
+        if v < best - 1e-4:
+            best, best_state, bad = v, {k: t.clone() for k, t in clf.state_dict().items()}, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    clf.load_state_dict(best_state)
+    clf.eval()
+    return best, epochs
 
 
 def save_classifier(model_dir: str | Path, name: str, clf: nn.Module, meta: dict) -> Path:

@@ -41,7 +41,13 @@ from torch import nn
 
 from eexit.errors import EexitError
 from eexit.policies.base import ExitPolicy, ExitView, positive_int, register_policy
-from eexit.policies.learned import CLASSIFIER_DIR, CLASSIFIERS, exit_labels, load_classifier
+from eexit.policies.learned import (
+    CLASSIFIER_DIR,
+    CLASSIFIERS,
+    exit_labels,
+    load_classifier,
+    train_with_early_stopping,
+)
 from eexit.runtime import LOCAL, Runtime, logits_chunk_tokens
 
 PREDICTOR = "predictor"
@@ -301,30 +307,22 @@ def fit_predictor(
             "another label)"
         )
     clf = PredictorMLP()
-    opt = torch.optim.Adam(clf.parameters(), lr=lr)
     xs, ys = feats[tr].reshape(-1, feats.shape[-1]), labels[tr].reshape(-1)
     xv, yv = feats[val].reshape(-1, feats.shape[-1]), labels[val].reshape(-1)
-    best, best_state, bad, epochs = float("inf"), None, 0, 0
-    for epoch in range(1, max_epochs + 1):
-        epochs = epoch
-        clf.train()
-        order = torch.randperm(len(ys))
-        for i in range(0, len(order), batch):
-            b = order[i : i + batch]
-            opt.zero_grad()
-            F.binary_cross_entropy_with_logits(clf(xs[b]), ys[b]).backward()
-            opt.step()
-        clf.eval()
-        with torch.no_grad():
-            v = F.binary_cross_entropy_with_logits(clf(xv), yv).item()
-        if v < best - 1e-4:
-            best, best_state, bad = v, {k: t.clone() for k, t in clf.state_dict().items()}, 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    clf.load_state_dict(best_state)
-    clf.eval()
+
+    def loss_on(x, y):
+        return F.binary_cross_entropy_with_logits(clf(x), y)
+
+    best, epochs = train_with_early_stopping(
+        clf,
+        lambda b: loss_on(xs[b], ys[b]),
+        lambda: loss_on(xv, yv),
+        len(ys),
+        max_epochs,
+        patience,
+        lr,
+        batch,
+    )
     with torch.no_grad():
         logit = clf(xv)
     acc = ((logit > 0).float() == yv).float().mean().item()
