@@ -596,12 +596,8 @@ def lm_eval_command(
     model_source(model)  # nothing behind --model: refused before torch is imported
     _quiet()
     try:
-        from eexit.integrations.lm_eval_harness import (
-            EexitLM,
-            check_settings,
-            prepare_tasks,
-            run_harness,
-        )
+        from eexit.integrations.lm_eval_harness import EexitLM, check_settings, run_harness
+        from eexit.integrations.lm_eval_tasks import prepare_tasks
     except ImportError:
         raise EexitError("lm-eval is not installed: pip install 'eexit[lmeval]'") from None
     from eexit.files import check_output_path, output_folder

@@ -18,7 +18,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from eexit.errors import EexitError  # noqa: E402
 from eexit.integrations import lm_eval_harness  # noqa: E402
-from eexit.integrations.lm_eval_harness import EexitLM, run_harness, task_manager  # noqa: E402
+from eexit.integrations.lm_eval_harness import EexitLM, run_harness  # noqa: E402
+from eexit.integrations.lm_eval_tasks import task_manager  # noqa: E402
 from tests.conftest import message_lines, run_cli  # noqa: E402
 
 QUESTIONS = [
