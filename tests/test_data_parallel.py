@@ -95,7 +95,12 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_give_the_tables_of_one(case, tiny_checkpoint, random_t5, tmp_path):  # noqa: F811
+def test_two_processes_give_the_tables_of_one(
+    case,
+    tiny_checkpoint,
+    random_t5,  # noqa: F811  (the fixture imported above)
+    tmp_path,
+):
     args, name = CASES[case]
     model = tmp_path / "model"  # calibrate --fit writes beside the checkpoint: a copy each
     # the task: T5 translating bible-en-fr verses (examples split across the processes)
