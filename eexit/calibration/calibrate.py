@@ -44,7 +44,7 @@ from eexit.evaluation.records import (
     collect_exit_table,
     exit_indices,
     exit_metrics,
-    forward_batches,
+    shard_forward_batches,
 )
 from eexit.files import FolderLock, atomic_json, check_output_path, output_folder
 from eexit.policies import POLICIES
@@ -111,12 +111,11 @@ def layer_features(
     processes: each runs a contiguous block of the batches; every process gets all rows, in order.
     """
     runtime = runtime or LOCAL
-    shard = runtime.shard(-(-len(x) // batch_size))
-    part = x[shard.start * batch_size : shard.stop * batch_size]
     chunk = logits_chunk_tokens(model.vocab_size, model.device)
     norm = model.parts.final_norm
     parts = []
-    for states, _, _ in forward_batches(model, part, None, batch_size, with_inputs=False):
+    batches = shard_forward_batches(model, x, None, batch_size, runtime, "layer features", False)
+    for states, _, _ in batches:
         feats = torch.stack([norm(s) for s in states], 1).float().cpu()
         top = [
             torch.cat(

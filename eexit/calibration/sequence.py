@@ -36,6 +36,7 @@ import torch
 
 from eexit.calibration.ltt import CalibrationResult, fixed_sequence_test
 from eexit.errors import EexitError
+from eexit.reporting import log
 
 SEQUENCE_RISKS = ("sequence-mismatch", "sequence-rouge")
 PVALUE = "hoeffding-bentkus"
@@ -170,6 +171,7 @@ class Decodings:
 
             self.scorer = rouge_scorer.RougeScorer(["rougeL"])
         reference = EarlyExitDecoder(model, None, "full")
+        log(f"decoding {len(prompts)} prompts at full depth (the reference)")
         self.full = torch.cat(
             [
                 reference.generate(
@@ -210,7 +212,10 @@ class Decodings:
         """{"risk", "agreement_pct", "compute_pct", "mean_exit_layer"}: arrays over `idx`."""
         threshold = float(threshold)
         done = self.cache.get(threshold, {})
-        for chunk in sorted({int(i) // self.batch for i in idx if int(i) not in done}):
+        todo = sorted({int(i) // self.batch for i in idx if int(i) not in done})
+        if todo:
+            log(f"decoding {len(idx)} prompts with early exit at threshold {threshold:g}")
+        for chunk in todo:
             self._decode(threshold, chunk)
             done = self.cache[threshold]
         rows = [done[int(i)] for i in idx]

@@ -77,6 +77,18 @@ def forward_batches(
         yield [s.reshape(-1, d) for s in states], y.to(dev).reshape(-1), pos.to(dev)
 
 
+def shard_forward_batches(
+    model, inputs, targets, batch_size: int, runtime: Runtime | None, what: str, with_inputs=True
+):
+    """`forward_batches` over this process's contiguous block of whole batches (all of them in
+    one process), with progress: what every teacher-forced pass that gathers runs."""
+    shard = (runtime or LOCAL).shard(-(-len(inputs) // batch_size))
+    start, stop = shard.start * batch_size, min(len(inputs), shard.stop * batch_size)
+    part_targets = targets[start:stop] if targets is not None else None
+    batches = forward_batches(model, inputs[start:stop], part_targets, batch_size, with_inputs)
+    return track(batches, len(shard), what)
+
+
 def window_length(inputs) -> int:
     from eexit.data.pairs import EncodedPairs
 
@@ -102,15 +114,11 @@ def collect_exit_table(
     runtime = runtime or LOCAL
     exits = model.exit_layers
     T = window_length(inputs)
-    n_batches = -(-len(inputs) // batch_size)
-    mine = runtime.shard(n_batches)
-    start, stop = mine.start * batch_size, min(len(inputs), mine.stop * batch_size)
-    part_targets = targets[start:stop] if targets is not None else None
     chunk = chunk_tokens or logits_chunk_tokens(model.vocab_size, model.device)
-    batches = forward_batches(model, inputs[start:stop], part_targets, batch_size)
+    batches = shard_forward_batches(model, inputs, targets, batch_size, runtime, "exit records")
     records = []  # per chunk: (nll [K, n], top1 [K, n], score [K, n] or None, positions [n])
     # flat: [input of block 1, output of block 1, ...]
-    for flat, y, positions in track(batches, len(mine), "exit records"):
+    for flat, y, positions in batches:
         for a in range(0, len(y), chunk):
             rows = slice(a, a + chunk)
             records.append(

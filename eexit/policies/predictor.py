@@ -224,11 +224,9 @@ def predictor_data(
     """The predictor's training data from teacher-forced passes, through the policy's own
     `features` at the exits it scores. Several processes: each runs a contiguous block of the
     batches; all get all rows."""
-    from eexit.evaluation.records import forward_batches  # records imports the policies
+    from eexit.evaluation.records import shard_forward_batches  # records imports the policies
 
     runtime = runtime or LOCAL
-    shard = runtime.shard(-(-len(x) // batch_size))
-    part = x[shard.start * batch_size : shard.stop * batch_size]
     chunk = logits_chunk_tokens(model.vocab_size, model.device)
     policy = Predictor(shortlist=shortlist, min_exit_layer=min_exit_layer)
     L = model.num_layers
@@ -239,7 +237,7 @@ def predictor_data(
             "layer (see --exit-layers)"
         )
     parts = []
-    for flat, _, _ in forward_batches(model, part, None, batch_size):
+    for flat, _, _ in shard_forward_batches(model, x, None, batch_size, runtime, "features"):
         for a in range(0, flat[0].shape[0], chunk):
             rows = [s[a : a + chunk] for s in flat]
             state: dict = {}
