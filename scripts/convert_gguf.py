@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 
 from eexit import quiet
+from eexit.errors import EexitError
 from eexit.models.loading import load_model
 from eexit.reporting import portable
 
 
 def main() -> None:
     if len(sys.argv) != 3:
-        sys.exit("usage: python scripts/convert_gguf.py MODEL.gguf OUT_FOLDER")
+        raise EexitError("usage: python scripts/convert_gguf.py MODEL.gguf OUT_FOLDER")
     quiet()
     src, out = sys.argv[1:]
     model, tokenizer, _ = load_model(src)
@@ -25,4 +26,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EexitError as e:  # bad input: one line, exit code 2 (as the eexit commands)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

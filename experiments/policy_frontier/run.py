@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 
 from eexit import quiet  # noqa: E402
 from eexit.calibration.calibrate import CalibrateOptions, fit  # noqa: E402
+from eexit.errors import EexitError  # noqa: E402
 from eexit.evaluation.context import EvalRequest, open_context, teacher_forced_inputs  # noqa: E402
 from eexit.evaluation.frontier import frontier_rows  # noqa: E402
 from eexit.evaluation.generation import GenerationOptions, compare, prompts_from  # noqa: E402
@@ -78,8 +79,10 @@ def main() -> None:
         POLICIES.get(name)  # unknown names: one line with "did you mean", before any work
     params: dict[str, dict] = {}
     for item in a.param:
-        policy, kv = item.split(":", 1)
-        key, value = kv.split("=", 1)
+        policy, _, kv = item.partition(":")
+        key, eq, value = kv.partition("=")
+        if not (policy and key and eq):
+            raise EexitError(f"--param {item!r}: give POLICY:key=value, e.g. predictor:shortlist=8")
         params.setdefault(policy, {})[key] = int(value) if value.isdigit() else value
     prepare_dir(a.out, a.overwrite)
     base = dict(
@@ -217,4 +220,8 @@ def _write(a, rows: list[dict], oracle: list[dict], fit_rows: list[dict], ctx) -
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EexitError as e:  # bad input: one line, exit code 2 (as the eexit commands)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
