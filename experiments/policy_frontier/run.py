@@ -29,6 +29,7 @@ from eexit.evaluation.context import EvalRequest, open_context, teacher_forced_i
 from eexit.evaluation.frontier import frontier_rows  # noqa: E402
 from eexit.evaluation.generation import GenerationOptions, compare, prompts_from  # noqa: E402
 from eexit.evaluation.records import collect_exit_table  # noqa: E402
+from eexit.files import output_folder  # noqa: E402
 from eexit.models.decoding import EarlyExitDecoder  # noqa: E402
 from eexit.policies import POLICIES  # noqa: E402
 from eexit.reporting import plot_tradeoff, prepare_dir, provenance, write_results  # noqa: E402
@@ -202,21 +203,23 @@ def _write(a, rows: list[dict], oracle: list[dict], fit_rows: list[dict], ctx) -
     config = {**vars(a), "runtime": ctx.runtime.describe(), "exit_layers": ctx.model.exit_layers}
     prov = provenance(config)
     title = f"Policies against the oracle frontier ({Path(a.model).name})"
-    write_results(a.out, "policies", title, rows, prov, cols, heads, notes, overwrite=True)
-    write_results(a.out, "frontier", "Oracle frontier (test split)", oracle, prov, overwrite=True)
     done = [r for r in rows if r.get("threshold") is not None]
     series = {
         f"{r['policy']} ({r['threshold_by']})": [(r["cost_pct"], r["agreement_pct"], None)]
         for r in done
     }
     series["oracle frontier"] = [(f["compute_pct"], f["agreement_pct"], None) for f in oracle]
-    plot_tradeoff(
-        Path(a.out) / "policies.png",
-        series,
-        "cost % (layers + decisions)",
-        "top-1 agreement with the full model (%)",
-        f"LTT at epsilon={a.epsilon}: policies vs the oracle frontier",
-    )
+    # staged and swapped in whole: a run that dies leaves the previous folder as it was
+    with output_folder(a.out, a.overwrite) as folder:
+        write_results(folder, "policies", title, rows, prov, cols, heads, notes)
+        write_results(folder, "frontier", "Oracle frontier (test split)", oracle, prov)
+        plot_tradeoff(
+            folder / "policies.png",
+            series,
+            "cost % (layers + decisions)",
+            "top-1 agreement with the full model (%)",
+            f"LTT at epsilon={a.epsilon}: policies vs the oracle frontier",
+        )
 
 
 if __name__ == "__main__":
