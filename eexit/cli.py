@@ -5,6 +5,7 @@ the registered names; heavy imports (transformers, datasets) wait until a comman
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -646,7 +647,16 @@ def lm_eval_command(
             )
 
 
+def _stop_on_sigint() -> None:
+    """Ctrl-C / `kill -INT` stops every command cleanly however it was started: a process started
+    in the background of a non-interactive shell (`cmd &`, a CI job, a test runner launched that
+    way) inherits SIGINT as ignored, and Python then installs no KeyboardInterrupt handler."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main() -> None:
+    _stop_on_sigint()
     try:
         app()
     except EexitError as e:

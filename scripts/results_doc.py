@@ -4,6 +4,7 @@ docs is ever copied by hand.
 
     python scripts/results_doc.py            # (re)write docs/results.md     (make results-doc)
     python scripts/results_doc.py --check    # exit 1 if docs/results.md is out of date
+                                             # (the "Run at" commit / versions lines aside)
 
 Every folder under results/ that holds Markdown tables becomes one section: the make target and
 the command that wrote it (its provenance.json), its path, the tables with the notes under them
@@ -100,6 +101,9 @@ WIDTH = 100  # line width of prose and commands (tables keep their own width)
 MAX_NOTE_CHARS = 1200  # a longer note paragraph is left in its file
 # A wrapped line must not start with a word that Markdown would read as markup (a list marker,
 # a heading, a quote, a table row, a setext underline).
+# The line naming a folder's commit and versions: a rerun with another commit or package version
+# changes it and nothing else, so the staleness check (`--check`) does not compare it.
+ENV_PREFIX = "Run at "
 RISKY_START = re.compile(r"^([-+*]|#{1,6}|\d{1,9}[.)]|-+|=+)$|^[>|]")
 
 
@@ -347,8 +351,8 @@ def render(results: Path, out_dir: Path | None = None) -> str:
             if command:
                 out += [*command_block(command), ""]
             env = environment(prov)
-            if env:
-                out += [*wrap(f"Run at {env}."), ""]
+            if env:  # one line, never wrapped: `--check` leaves it out of the comparison
+                out += [f"{ENV_PREFIX}{env}.", ""]
             for md in mds:
                 out += render_md(md, level, f"{base}/{rel}/{md.name}", command, seen)
             for png in sorted(folder.glob("*.png")):
@@ -362,6 +366,11 @@ def render(results: Path, out_dir: Path | None = None) -> str:
     while out and out[-1] == "":
         out.pop()
     return "\n".join(out) + "\n"
+
+
+def comparable(text: str) -> list[str]:
+    """`text` without its environment lines: what `--check` compares."""
+    return [line for line in text.splitlines() if not line.startswith(ENV_PREFIX)]
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -411,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(args.results, args.out.parent)
     if args.check:
         current = args.out.read_text(encoding="utf-8") if args.out.is_file() else None
-        if current != text:
+        if current is None or comparable(current) != comparable(text):
             state = "is missing" if current is None else "is out of date"
             shown = args.out
             if shown.is_absolute() and shown.is_relative_to(Path.cwd()):

@@ -187,9 +187,13 @@ def test_two_writers_of_one_folder(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_ctrl_c_says_where_training_stopped(tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_says_where_training_stopped(tmp_path, inherited):
+    """Ctrl-C stops training cleanly whatever SIGINT disposition the process inherited: started
+    from a background job (`make test &`), a child inherits SIGINT as ignored."""
     out = tmp_path / "run"
     args = tiny_overrides("train.steps=100000", "train.save_every=3", "train.eval_every=1000")
+    disposition = signal.SIG_IGN if inherited == "ignored" else signal.SIG_DFL
     proc = subprocess.Popen(
         [*EEXIT, "train", *args, "--out", str(out)],
         stdout=subprocess.PIPE,
@@ -197,6 +201,7 @@ def test_ctrl_c_says_where_training_stopped(tmp_path):
         text=True,
         env=env(),
         cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition),
     )
     deadline = time.time() + 120
     while not list(out.glob("checkpoint-*")) and time.time() < deadline:
