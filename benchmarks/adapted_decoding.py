@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from generation import hf_greedy  # noqa: E402
 
 from eexit import quiet  # noqa: E402
-from eexit.data.corpora import frequent_tokens  # noqa: E402
+from eexit.data.corpora import cache_dir, frequent_tokens  # noqa: E402
 from eexit.data.task_data import task_split  # noqa: E402
 from eexit.data.tasks import get_task  # noqa: E402
+from eexit.evaluation.costs import measure_costs  # noqa: E402
 from eexit.evaluation.entry import read_calibrated  # noqa: E402
 from eexit.evaluation.generation import prompts_from  # noqa: E402
 from eexit.evaluation.tasks import TaskOptions, decode_all  # noqa: E402
@@ -163,6 +164,18 @@ def calibrated_policy(calibrated: dict):
     )
 
 
+COSTS: list = []  # the cost models measured by `run` (one per batch size), for the costs table
+
+
+def cost_rows(costs) -> list[dict]:
+    """One row per measured part and row count: milliseconds."""
+    return [
+        {"batch": costs.batch, "rows": rows, "part": part, "ms": 1e3 * s}
+        for part, by_rows in costs.seconds.items()
+        for rows, s in sorted(by_rows.items())
+    ]
+
+
 def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, drafts) -> list[dict]:
     """Rows for one batch size: every decoder on the same prompts, `new` tokens each (each
     warmed up by one untimed run, then the median of `reps` timed runs)."""
@@ -177,7 +190,11 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
     def ours(dec):
         def go():
             outs = [dec.generate(c, None, new, pad_token_id=0) for c in chunks]
-            return torch.cat([o.new_tokens for o in outs]), torch.cat([o.exit_layers for o in outs])
+            return (
+                torch.cat([o.new_tokens for o in outs]),
+                torch.cat([o.exit_layers for o in outs]),
+                torch.cat([o.decisions for o in outs]),
+            )
 
         return go
 
@@ -207,18 +224,41 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
             }
         )
 
-    t, (toks, _) = median_time(ours(EarlyExitDecoder(model, None, "full")), reps, dev)
-    add("eexit full depth", t, toks)
+    t_full, (toks, _, _) = median_time(ours(EarlyExitDecoder(model, None, "full")), reps, dev)
+    add("eexit full depth", t_full, toks)
     if calibrated is not None:
-        dec = EarlyExitDecoder(model, calibrated_policy(calibrated), "propagate")
-        t, (toks, layers) = median_time(ours(dec), reps, dev)
+        policy = calibrated_policy(calibrated)
+        dec = EarlyExitDecoder(model, policy, "propagate")
+        t, (toks, layers, decisions) = median_time(ours(dec), reps, dev)
         mean_exit = layers[:, 1:].float().mean().item()
-        add(early_exit_name(calibrated), t, toks, {"mean_exit_layer": mean_exit})
+        # the measured cost model (eexit/evaluation/costs.py) on this device, dtype and batch:
+        # its prediction for the exits and decisions this run took (the first token is the
+        # prefill's), against the measured speedup over eexit full depth
+        costs = measure_costs(
+            model, policy, batch=min(batch, len(x)), context=x.shape[1] + new // 2,
+            cache=cache_dir() / "costs",
+        )  # fmt: skip
+        L = model.num_layers
+        scored = [l for l in model.exit_layers if l < L and policy.scored_at(l, L)]
+        predicted = costs.predicted_speedup(layers[:, 1:], decisions[:, 1:], scored, batch)
+        measured = t_full / t
+        COSTS.append(costs)
+        add(
+            early_exit_name(calibrated),
+            t,
+            toks,
+            {
+                "mean_exit_layer": mean_exit,
+                "speedup_vs_full_depth": measured,
+                "predicted_speedup_vs_full_depth": predicted,
+                "predicted_over_measured": predicted / measured,
+            },
+        )
     for k, length, vocab in drafts:
         dec = SelfSpeculativeDecoder(model, k, length, vocab)
         ours(dec)()  # warm-up, then the statistics of the timed runs only
         dec.reset_stats()
-        t, (toks, _) = median_time(ours(dec), reps, dev)
+        t, (toks, _, _) = median_time(ours(dec), reps, dev)
         st = dec.stats
         add(
             spec_name(k, length, vocab),
@@ -300,6 +340,9 @@ def main() -> None:
         "speedup",
         "agreement_pct",
         "mean_exit_layer",
+        "speedup_vs_full_depth",
+        "predicted_speedup_vs_full_depth",
+        "predicted_over_measured",
         "acceptance_rate",
         "tokens_per_cycle",
     ]
@@ -313,6 +356,22 @@ def main() -> None:
         cols,
         notes=notes,
     )
+    if COSTS:
+        write_results(
+            a.out,
+            "costs",
+            "The measured cost model: one decoding step's parts (ms, medians)",
+            [r for c in COSTS for r in cost_rows(c)],
+            provenance(config),
+            notes=(
+                "Timed at the decoding shapes (one new token per row over a KV cache of prompt + "
+                "half the new tokens), warmed up, medians of 30 runs (eexit/evaluation/costs.py): "
+                "block, full LM head, shortlist head, one skipped layer's KV fill, the calibrated "
+                "policy's decision, a whole full-depth step, and overhead = step - L blocks - "
+                "head. The early-exit rows' predicted speedup adds these parts for the exits "
+                "and decisions the run took.\n\n"
+            ),
+        )
     if tasks:
         write_results(
             a.out,

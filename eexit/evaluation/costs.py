@@ -1,0 +1,289 @@
+"""The decoding cost model, measured on the run's own device and dtype.
+
+The FLOP model of the tables (`ideal_speedup`: the LM head counted as d x V over one block's
+multiply-adds) ignores what dominates small models and small batches: per-op overhead, the
+decoder's own bookkeeping, the real price of a decision. Measured decoding contradicted it. This
+module times, at the decoding shapes (one new token per row over a KV cache of `context`
+tokens), warmed up and as medians of repeats with the device's queue drained (`runtime.now`):
+
+- `block`: one transformer block (its KV write and attention included);
+- `head`: the final norm + full LM head; `shortlist_head`: a head over K rows of the unembedding;
+- `kv_fill`: one skipped layer's K/V projections and cache write (KV propagate);
+- `decision`: one decision of the policy (its own exit logits included when it reads them);
+- `step_full`: a whole full-depth decode step, and `overhead` = step_full - L block - head, the
+  fixed per-token cost (embedding, token pick, bookkeeping).
+
+Each is measured at batch 1 and at the run's batch; a step with n active rows uses the value
+interpolated linearly in n. `predict_step` adds the parts a decoding step spends for a given
+exit pattern (no timing of its own: predicted time is the sum of its measured parts), and
+`predicted_speedup` sets the full-depth step against the steps the exits imply.
+
+Measurements are cached per (weights, device, dtype, batch, context, policy, shortlist, torch
+version) under the eexit cache (content-keyed: other weights are another key), so sweeps stay
+fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from eexit.errors import EexitError
+from eexit.runtime import now
+
+PARTS = ("block", "head", "shortlist_head", "kv_fill", "decision", "step_full", "overhead")
+
+
+@dataclass
+class DecodeCosts:
+    """Median seconds of each part of a decoding step, at batch 1 and at `batch` rows."""
+
+    num_layers: int
+    batch: int  # the run's batch (the second measured row count)
+    context: int  # KV cache length the parts were timed at
+    shortlist: int  # K of the shortlist head
+    policy: str | None  # the policy whose decision was timed (None: no decision)
+    decision_reads_head: bool  # the decision computes the exit logits (reused on exit)
+    device: str
+    dtype: str
+    seconds: dict[str, dict[int, float]] = field(default_factory=dict)  # part -> rows -> s
+
+    def at(self, part: str, rows: int) -> float:
+        """Seconds of `part` with `rows` active rows (linear between the measured row counts)."""
+        if rows <= 0:
+            return 0.0
+        by_rows = self.seconds[part]
+        if len(by_rows) == 1 or self.batch == 1:
+            return next(iter(by_rows.values()))
+        lo, hi = by_rows[1], by_rows[self.batch]
+        return lo + (hi - lo) * (rows - 1) / (self.batch - 1)
+
+    def predict_step(
+        self, exits: list[int], decisions: list[int], decision_layers: list[int]
+    ) -> float:
+        """Seconds of one decoding step (KV propagate) whose rows exit at `exits` (1-based
+        layers, L = full depth) after `decisions[r]` decisions, taken at the first
+        `decisions[r]` of `decision_layers`: the sum of the measured parts it spends."""
+        L, n = self.num_layers, len(exits)
+        t = self.at("overhead", n)
+        for layer in range(1, L + 1):
+            t += self.at("block", sum(e >= layer for e in exits))
+        for i in range(len(decision_layers)):  # one batched decision per scored exit
+            t += self.at("decision", sum(d > i for d in decisions))
+        for group in sorted(set(exits)):
+            rows = sum(e == group for e in exits)
+            if group == L or not self.decision_reads_head:
+                t += self.at("head", rows)
+            t += (L - group) * self.at("kv_fill", rows)
+        return t
+
+    def predicted_speedup(
+        self,
+        exits: torch.Tensor,
+        decisions: torch.Tensor,
+        decision_layers: list[int],
+        batch: int | None = None,
+    ) -> float:
+        """Full-depth step time over the predicted step time, for decoded steps `exits` /
+        `decisions` ([rows, T] each); rows are decoded `batch` at a time (default: all at once)."""
+        exits, decisions = exits.reshape(exits.shape[0], -1), decisions.reshape(exits.shape[0], -1)
+        batch = batch or exits.shape[0]
+        full = pred = 0.0
+        for start in range(0, exits.shape[0], batch):
+            for step in range(exits.shape[1]):
+                pairs = zip(
+                    exits[start : start + batch, step], decisions[start : start + batch, step]
+                )
+                kept = [(int(e), int(d)) for e, d in pairs if int(e) > 0]  # 0: row finished
+                if not kept:
+                    continue
+                e, d = [k[0] for k in kept], [k[1] for k in kept]
+                full += self.at("step_full", len(e))
+                pred += self.predict_step(e, d, decision_layers)
+        if pred <= 0:
+            raise EexitError("no decoding steps to predict a speedup from")
+        return full / pred
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["seconds"] = {p: {str(k): v for k, v in r.items()} for p, r in self.seconds.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DecodeCosts:
+        d = dict(d)
+        d["seconds"] = {p: {int(k): v for k, v in r.items()} for p, r in d["seconds"].items()}
+        return cls(**d)
+
+
+def weights_digest(model) -> str:
+    """sha256 of every parameter and buffer (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(model, batch: int, context: int, shortlist: int, policy) -> str:
+    """The content key of a measurement: weights, device, dtype, shapes, policy, torch."""
+    w = model.parts.lm_head.weight
+    spec = {
+        "weights": weights_digest(model),
+        "device": str(w.device),
+        "dtype": str(w.dtype),
+        "batch": int(batch),
+        "context": int(context),
+        "shortlist": int(shortlist),
+        "policy": None if policy is None else policy_descriptor(policy),
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def policy_descriptor(policy) -> dict:
+    return {
+        "name": policy.registered_name,
+        "threshold": float(getattr(policy, "threshold", 0.0)),
+        "params": {k: repr(v) for k, v in sorted(vars(policy).items()) if not k.startswith("_")},
+    }
+
+
+def _median(fn, device, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = now(device)
+        fn()
+        times.append(now(device) - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def _measure_rows(model, policy, rows: int, context: int, shortlist: int, repeats: int) -> dict:
+    from eexit.models.decoding import EarlyExitDecoder, _Rows
+    from eexit.policies.base import ExitView
+
+    dev = model.device
+    L = model.num_layers
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.vocab_size, (rows, context), generator=gen).to(dev)
+    dec = EarlyExitDecoder(model, None, "full")
+    _, _, _, _, pos, _ = dec._prefill(prompt, None, 2, None, 0, None, None, spare_slots=0)
+    blocks, slot = dec.blocks, context
+    pos[:, slot] = pos[:, slot - 1] + 1
+    all_rows = torch.arange(rows, device=dev)
+    slots = torch.full((rows, 1), slot, device=dev)
+    p = pos[:, slot : slot + 1]
+    dtype = model.parts.lm_head.weight.dtype
+    h = torch.randn(rows, 1, model.hidden_size, generator=gen).to(dev, dtype)
+    mid = max(0, L // 2 - 1)
+    w = model.parts.lm_head.weight
+    pick = torch.randperm(w.shape[0], generator=gen)[: max(1, shortlist)].to(dev)
+    cache = dec.cache
+
+    def fill():  # what KV propagate does for one skipped layer
+        k, v = blocks.kv(mid, h, p)
+        cache["k"][mid][all_rows, :, slot] = k[:, :, 0]
+        cache["v"][mid][all_rows, :, slot] = v[:, :, 0]
+        cache["valid"][mid][all_rows, slot] = True
+
+    tokens = prompt[:, -1]
+    out = {
+        "block": _median(lambda: dec._layer(mid, h, all_rows, slots, p), dev, repeats),
+        "head": _median(lambda: model.exit_logits(h[:, 0], L), dev, repeats),
+        "shortlist_head": _median(
+            lambda: torch.nn.functional.linear(model.parts.final_norm(h[:, 0]), w[pick]),
+            dev,
+            repeats,
+        ),
+        "kv_fill": _median(fill, dev, repeats),
+        "step_full": _median(
+            lambda: dec._step(tokens, all_rows, slot, pos, None, None, 1), dev, repeats
+        ),
+    }
+    reads_head = False
+    if policy is not None:
+        layer = next((x for x in model.exit_layers if policy.scored_at(x, L) and x < L), None)
+        hist = [h[:, 0]] * ((layer or 1) + 1)
+
+        def decide():
+            view = ExitView(
+                layer or 1,
+                L,
+                _Rows(hist, all_rows),
+                lambda: model.exit_logits(h[:, 0], layer or 1),
+                model,
+                {},
+                torch.full((rows,), 1, device=dev),
+                2,
+            )
+            policy.decide(view)
+            return view
+
+        out["decision"] = _median(decide, dev, repeats)
+        reads_head = "logits" in decide().__dict__
+    else:
+        out["decision"] = 0.0
+    out["overhead"] = max(0.0, out["step_full"] - L * out["block"] - out["head"])
+    return {"seconds": out, "reads_head": reads_head}
+
+
+def measure_costs(
+    model,
+    policy=None,
+    batch: int = 1,
+    context: int = 64,
+    shortlist: int = 32,
+    repeats: int = 30,
+    cache: Path | None = None,
+) -> DecodeCosts:
+    """The parts of a decoding step of `model` timed on its device and dtype (module docstring);
+    read from `cache` (a folder) when this exact measurement is there, written to it after."""
+    from eexit.files import atomic_json
+
+    if batch < 1 or context < 1 or repeats < 1:
+        raise EexitError("cost model: batch, context and repeats must be >= 1")
+    key = cache_key(model, batch, context, shortlist, policy) if cache is not None else None
+    if cache is not None:
+        path = Path(cache) / f"{key}.json"
+        if path.is_file():
+            try:
+                return DecodeCosts.from_dict(json.loads(path.read_text()))
+            except (ValueError, KeyError, TypeError):
+                pass  # a damaged cache entry is measured again
+    w = model.parts.lm_head.weight
+    seconds: dict[str, dict[int, float]] = {part: {} for part in PARTS}
+    reads = False
+    for rows in sorted({1, batch}):
+        m = _measure_rows(model, policy, rows, context, shortlist, repeats)
+        reads = m["reads_head"]
+        for part, s in m["seconds"].items():
+            seconds[part][rows] = s
+    costs = DecodeCosts(
+        num_layers=model.num_layers,
+        batch=batch,
+        context=context,
+        shortlist=shortlist,
+        policy=None if policy is None else policy.registered_name,
+        decision_reads_head=reads,
+        device=str(w.device),
+        dtype=str(w.dtype).removeprefix("torch."),
+        seconds=seconds,
+    )
+    if cache is not None:
+        try:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+            atomic_json(Path(cache) / f"{key}.json", costs.as_dict())
+        except OSError as e:  # the cache only saves time: say so and go on
+            from eexit.reporting import log
+
+            log(f"cost model not cached ({e.strerror or e}): {cache}")
+    return costs

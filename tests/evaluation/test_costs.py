@@ -1,0 +1,93 @@
+"""The measured decoding cost model (eexit/evaluation/costs.py): predicted step time is the sum
+of its measured parts for a given exit pattern, the full-depth pattern predicts the measured
+full step (overhead is what the parts do not explain), and the cache is keyed on content (device,
+dtype, batch, weights). No timing is asserted: only how the measured numbers are combined."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eexit.evaluation.costs import DecodeCosts, cache_key, measure_costs
+from eexit.policies import make_policy
+from tests.helpers import tiny
+
+
+def costs_of(seconds: dict[str, dict[int, float]], L=4, batch=4, reads_head=True) -> DecodeCosts:
+    return DecodeCosts(L, batch, 16, 8, "max-prob", reads_head, "cpu", "float32", seconds)
+
+
+SECONDS = {
+    "block": {1: 1.0, 4: 1.6},
+    "head": {1: 2.0, 4: 2.6},
+    "shortlist_head": {1: 0.1, 4: 0.2},
+    "kv_fill": {1: 0.25, 4: 0.4},
+    "decision": {1: 0.5, 4: 0.8},
+    "step_full": {1: 7.0, 4: 10.0},
+    "overhead": {1: 1.0, 4: 1.0},
+}
+
+
+def test_predicted_step_is_the_sum_of_its_measured_parts():
+    c = costs_of(SECONDS)
+    # batch 1, exit at layer 2 of 4 after decisions at layers 1 and 2 (the decision's logits
+    # are the output: no extra head), two skipped layers' KV filled
+    assert c.predict_step([2], [2], [1, 2, 3]) == pytest.approx(1.0 + 2 * 1.0 + 2 * 0.5 + 2 * 0.25)
+    # full depth: every block, the decisions at the three scored exits, the final head
+    assert c.predict_step([4], [3], [1, 2, 3]) == pytest.approx(1.0 + 4 * 1.0 + 3 * 0.5 + 2.0)
+    # a decision that does not read the head pays a head on exit
+    c2 = costs_of(SECONDS, reads_head=False)
+    assert c2.predict_step([2], [2], [1, 2, 3]) == pytest.approx(4.5 + 2.0)
+    # batch 4 (rows at 1, 2, 4, 4): blocks at 4, 3, 2, 2 active rows, interpolated linearly
+    block = {n: 1.0 + 0.2 * (n - 1) for n in range(1, 5)}
+    kv = {n: 0.25 + 0.05 * (n - 1) for n in range(1, 5)}
+    dec = {n: 0.5 + 0.1 * (n - 1) for n in range(1, 5)}
+    head = {n: 2.0 + 0.2 * (n - 1) for n in range(1, 5)}
+    expected = (
+        1.0
+        + block[4] + block[3] + block[2] + block[2]
+        + dec[4] + dec[3] + dec[2]  # decisions 1, 2, 3, 3 taken at layers 1, 2, 3
+        + 3 * kv[1] + 2 * kv[1] + head[2]
+    )  # fmt: skip
+    assert c.predict_step([1, 2, 4, 4], [1, 2, 3, 3], [1, 2, 3]) == pytest.approx(expected)
+
+
+def test_predicted_speedup_sets_full_steps_against_the_exit_pattern():
+    c = costs_of(SECONDS, batch=1)
+    c.seconds = {k: {1: v[1]} for k, v in SECONDS.items()}
+    exits = torch.tensor([[4, 2, 2, 1]])
+    decisions = torch.tensor([[3, 2, 2, 1]])
+    steps = [c.predict_step([int(e)], [int(d)], [1, 2, 3]) for e, d in zip(exits[0], decisions[0])]
+    assert c.predicted_speedup(exits, decisions, [1, 2, 3]) == pytest.approx(4 * 7.0 / sum(steps))
+
+
+def test_measured_costs_on_a_tiny_model_and_their_content_keyed_cache(tmp_path):
+    model = tiny(arch="llama", layers=3)
+    policy = make_policy("max-prob", 0.5, 1)
+    cache = tmp_path / "costs"  # made by the first measurement
+    c = measure_costs(model, policy, batch=2, context=8, shortlist=4, repeats=2, cache=cache)
+    for part in ("block", "head", "kv_fill", "decision", "step_full", "overhead"):
+        assert set(c.seconds[part]) == {1, 2} and all(v >= 0 for v in c.seconds[part].values())
+    assert c.decision_reads_head  # max-prob reads the exit logits
+    # overhead is what the full step's parts do not explain (clamped at 0)
+    for n in (1, 2):
+        s = {p: c.seconds[p][n] for p in c.seconds}
+        assert s["overhead"] == pytest.approx(max(0.0, s["step_full"] - 3 * s["block"] - s["head"]))
+    # the full-depth pattern predicts overhead + L blocks + decisions + head
+    full = c.predict_step([3], [2], [1, 2])
+    s1 = {p: c.seconds[p][1] for p in c.seconds}
+    assert full == pytest.approx(s1["overhead"] + 3 * s1["block"] + 2 * s1["decision"] + s1["head"])
+    # cached: a second call reads the file (same numbers, no new measurement)
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1
+    again = measure_costs(model, policy, batch=2, context=8, shortlist=4, repeats=2, cache=cache)
+    assert again.seconds == c.seconds
+    # the key changes with batch, dtype, weights and policy
+    k = cache_key(model, 2, 8, 4, policy)
+    assert k != cache_key(model, 1, 8, 4, policy)
+    assert k != cache_key(model, 2, 8, 4, make_policy("max-prob", 0.9, 1))
+    half = tiny(arch="llama", layers=3).to(torch.bfloat16)
+    assert cache_key(half, 2, 8, 4, policy) != k
+    other = tiny(arch="llama", layers=3, seed=1)
+    assert cache_key(other, 2, 8, 4, policy) != k
+    assert cache_key(tiny(arch="llama", layers=3), 2, 8, 4, policy) == k  # same content
