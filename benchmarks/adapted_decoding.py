@@ -47,18 +47,6 @@ from eexit.reporting import provenance, write_results  # noqa: E402
 from eexit.runtime import device_name, now, resolve_runtime  # noqa: E402
 
 
-def median_time(fn, reps: int, device: torch.device | str = "cpu"):
-    """Median seconds of `reps` timed runs after one untimed warm-up run, and the last output;
-    the clock waits for the device's queued work (`eexit.runtime.now`)."""
-    fn()
-    times, out = [], None
-    for _ in range(reps):
-        t0 = now(device)
-        out = fn()
-        times.append(now(device) - t0)
-    return statistics.median(times), out
-
-
 def placement(model) -> dict:
     """The device and dtype columns of a row (where the model's weights are)."""
     w = model.parts.lm_head.weight
@@ -176,9 +164,42 @@ def cost_rows(costs) -> list[dict]:
     ]
 
 
+# two-sided 95 % Student t quantiles by degrees of freedom (n - 1 for n paired repetitions)
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def interleaved(fns: dict, reps: int, device, after_warmup=None) -> tuple[dict, dict]:
+    """Seconds of `reps` rounds, each running every decoder once (the order rotated per round),
+    after one untimed warm-up each: a slow spell of the machine hits every decoder alike. Returns
+    (name -> list of seconds, name -> last output)."""
+    names = list(fns)
+    outs = {n: fns[n]() for n in names}  # warm-up
+    if after_warmup is not None:
+        after_warmup()
+    times = {n: [] for n in names}
+    for r in range(reps):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = now(device)
+            outs[n] = fns[n]()
+            times[n].append(now(device) - t0)
+    return times, outs
+
+
+def speedup_interval(ref: list[float], times: list[float]) -> tuple:
+    """95 % confidence interval of the mean paired speedup ref_i / t_i over the rounds (None,
+    None from a single round)."""
+    ratios = [a / b for a, b in zip(ref, times)]
+    if len(ratios) < 2:
+        return None, None
+    mean, sd = statistics.fmean(ratios), statistics.stdev(ratios)
+    half = T975.get(len(ratios) - 1, 1.96) * sd / len(ratios) ** 0.5
+    return mean - half, mean + half
+
+
 def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, drafts) -> list[dict]:
-    """Rows for one batch size: every decoder on the same prompts, `new` tokens each (each
-    warmed up by one untimed run, then the median of `reps` timed runs)."""
+    """Rows for one batch size: every decoder on the same prompts, `new` tokens each, timed in
+    interleaved rounds (`interleaved`); speedup = median time of transformers greedy / median
+    time of the decoder, with the 95 % interval of the paired per-round speedups."""
     dev, where = model.device, placement(model)
     x = x.to(dev)
     chunks = [x[i : i + batch] for i in range(0, len(x), batch)]
@@ -198,81 +219,64 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
 
         return go
 
-    t_hf, ref = median_time(hf(), reps, dev)
-    rows = [
-        {
-            "batch": batch,
-            "decoder": "transformers greedy generate",
-            "tokens_per_s": n_tok / t_hf,
-            "speedup": 1.0,
-            "agreement_pct": 100.0,
-            **where,
-        }
-    ]
-
-    def add(name, seconds, tokens, extra=None):
-        same = (tokens == ref).float().mean().item()
-        rows.append(
-            {
-                "batch": batch,
-                "decoder": name,
-                "tokens_per_s": n_tok / seconds,
-                "speedup": t_hf / seconds,
-                "agreement_pct": 100 * same,
-                **(extra or {}),
-                **where,
-            }
-        )
-
-    t_full, (toks, _, _) = median_time(ours(EarlyExitDecoder(model, None, "full")), reps, dev)
-    add("eexit full depth", t_full, toks)
-    if calibrated is not None:
-        policy = calibrated_policy(calibrated)
-        dec = EarlyExitDecoder(model, policy, "propagate")
-        t, (toks, layers, decisions) = median_time(ours(dec), reps, dev)
-        mean_exit = layers[:, 1:].float().mean().item()
-        # the measured cost model (eexit/evaluation/costs.py) on this device, dtype and batch:
-        # its prediction for the exits and decisions this run took (the first token is the
-        # prefill's), against the measured speedup over eexit full depth
-        costs = measure_costs(
-            model, policy, batch=min(batch, len(x)), context=x.shape[1] + new // 2,
-            cache=cache_dir() / "costs",
-        )  # fmt: skip
-        L = model.num_layers
-        scored = [l for l in model.exit_layers if l < L and policy.scored_at(l, L)]
-        predicted = costs.predicted_speedup(layers[:, 1:], decisions[:, 1:], scored, batch)
-        measured = t_full / t
-        COSTS.append(costs)
-        add(
-            early_exit_name(calibrated),
-            t,
-            toks,
-            {
-                "mean_exit_layer": mean_exit,
-                "speedup_vs_full_depth": measured,
-                "predicted_speedup_vs_full_depth": predicted,
-                "predicted_over_measured": predicted / measured,
-            },
-        )
+    greedy = "transformers greedy generate"
+    fns = {greedy: hf(), "eexit full depth": ours(EarlyExitDecoder(model, None, "full"))}
+    policy = calibrated_policy(calibrated) if calibrated is not None else None
+    if policy is not None:
+        fns[early_exit_name(calibrated)] = ours(EarlyExitDecoder(model, policy, "propagate"))
+    specs = {}
     for k, length, vocab in drafts:
-        dec = SelfSpeculativeDecoder(model, k, length, vocab)
-        ours(dec)()  # warm-up, then the statistics of the timed runs only
-        dec.reset_stats()
-        t, (toks, _, _) = median_time(ours(dec), reps, dev)
-        st = dec.stats
-        add(
-            spec_name(k, length, vocab),
-            t,
-            toks,
-            {
-                "acceptance_rate": st.acceptance_rate,
-                "tokens_per_cycle": st.tokens_per_cycle,
-                **dec.time_shares,
-            },
-        )
+        specs[spec_name(k, length, vocab)] = dec = SelfSpeculativeDecoder(model, k, length, vocab)
+        fns[spec_name(k, length, vocab)] = ours(dec)
         if batch == 1 and vocab is None and type(model.lm).__name__.startswith("Llama"):
-            t, toks = median_time(hf(assistant_early_exit=k), reps, dev)
-            add(f"transformers assistant_early_exit={k}", t, toks)
+            fns[f"transformers assistant_early_exit={k}"] = hf(assistant_early_exit=k)
+    # self-spec statistics of the timed runs only (reset after the warm-up)
+    times, outs = interleaved(fns, reps, dev, lambda: [d.reset_stats() for d in specs.values()])
+    ref = outs[greedy]
+    t_ref = statistics.median(times[greedy])
+    t_full = statistics.median(times["eexit full depth"])
+    rows = []
+    for name, ts in times.items():
+        out = outs[name]
+        toks = out if isinstance(out, torch.Tensor) else out[0]
+        t = statistics.median(ts)
+        lo, hi = speedup_interval(times[greedy], ts)
+        row = {
+            "batch": batch,
+            "decoder": name,
+            "tokens_per_s": n_tok / t,
+            "speedup": t_ref / t,
+            "speedup_ci95_low": lo if name != greedy else 1.0,
+            "speedup_ci95_high": hi if name != greedy else 1.0,
+            "agreement_pct": 100 * (toks == ref).float().mean().item(),
+        }
+        if policy is not None and name == early_exit_name(calibrated):
+            _, layers, decisions = out
+            # the measured cost model (eexit/evaluation/costs.py) on this device, dtype and
+            # batch: its prediction for the exits and decisions this run took (the first token
+            # is the prefill's), against the measured speedup over eexit full depth
+            costs = measure_costs(
+                model, policy, batch=min(batch, len(x)), context=x.shape[1] + new // 2,
+                cache=cache_dir() / "costs",
+            )  # fmt: skip
+            COSTS.append(costs)
+            L = model.num_layers
+            scored = [l for l in model.exit_layers if l < L and policy.scored_at(l, L)]
+            predicted = costs.predicted_speedup(layers[:, 1:], decisions[:, 1:], scored, batch)
+            row.update(
+                mean_exit_layer=layers[:, 1:].float().mean().item(),
+                speedup_vs_full_depth=t_full / t,
+                predicted_speedup_vs_full_depth=predicted,
+                predicted_over_measured=predicted / (t_full / t),
+            )
+        if name in specs:
+            st = specs[name].stats
+            row.update(
+                acceptance_rate=st.acceptance_rate,
+                tokens_per_cycle=st.tokens_per_cycle,
+                **specs[name].time_shares,
+            )
+        rows.append({**row, **where})
     return rows
 
 
@@ -327,9 +331,12 @@ def main() -> None:
     }
     notes = (
         f"{len(x)} prompts of {a.prompt_len} tokens from the wiki-gensim test split, {a.new} new "
-        f"tokens each (EOS ignored), median of {a.reps} runs; speedup = transformers greedy "
-        "time / this decoder's time at the same batch size; agreement = tokens equal to "
-        "transformers' greedy output.\n\n"
+        f"tokens each (EOS ignored), {a.reps} interleaved rounds (every decoder once per round, "
+        "the order rotated) after one warm-up; speedup = transformers greedy's median time / "
+        "this decoder's at the same batch size, with the 95 % interval (Student t) of the "
+        "paired per-round speedups; agreement = tokens equal to transformers' greedy output. "
+        "Early exit: predicted = the measured cost model (costs.md) for the exits and "
+        "decisions taken, against the measured speedup over eexit full depth.\n\n"
     )
     cols = [
         "batch",
@@ -338,6 +345,8 @@ def main() -> None:
         "dtype",
         "tokens_per_s",
         "speedup",
+        "speedup_ci95_low",
+        "speedup_ci95_high",
         "agreement_pct",
         "mean_exit_layer",
         "speedup_vs_full_depth",
