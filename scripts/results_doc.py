@@ -31,6 +31,13 @@ DEFAULT_OUT = ROOT / "docs" / "results.md"
 GROUPS = [
     ("demo", "Demo", "4-layer weighted-CE GPT-2-style model, max-prob threshold sweep."),
     (
+        "headroom",
+        "Headroom model: train, calibrate, decode",
+        "A 12-layer Llama-family LM trained here (weighted CE and LayerSkip compared by their "
+        "oracle frontier), the kept one LTT-calibrated and decoded side by side with "
+        "transformers, with the measured cost model's prediction.",
+    ),
+    (
         "seed002",
         "Seed 002, experiments 3 and 4",
         "Auxiliary loss and deep supervision (3 layers, exits after layers 1 and 3) against "
@@ -71,6 +78,7 @@ GROUPS = [
 # The make target that writes each folder (the longest matching prefix wins).
 MAKE_TARGETS = {
     "demo": "make demo",
+    "headroom": "make headroom",
     "seed002": "make seed002",
     "calm_vs_monotonic": "make calm-vs-monotonic",
     "monotonicity": "make monotonicity",
@@ -84,6 +92,7 @@ MAKE_TARGETS = {
 
 # Sub-folders shown first within a group, in this order; the rest follow by name.
 FIRST_FOLDERS = {
+    "headroom": ["weighted_ce", "layerskip", "calibration", "decoding"],
     "seed002": ["aux", "deep_supervision", "standard_3l", "standard_1l"],
     "monotonicity": ["trained-8l", "smollm2-135m", "t5-trained", "t5-en-fr"],
     "smollm2_tasks": [

@@ -125,9 +125,12 @@ def test_recompute_gives_the_full_models_kv_while_propagate_does_not(gpt2):
     assert differs.any()  # the propagated keys come from the exited (shallower) state
 
 
-def test_per_row_exits_in_a_batch(gpt2):
+@pytest.mark.parametrize("mode", KV_MODES)
+def test_per_row_exits_in_a_batch(gpt2, mode):
+    """Rows that exit stop computing (the decoder compacts the active rows layer by layer); each
+    row's tokens and exits equal that row decoded alone, in every KV mode."""
     model, tok, enc = gpt2
-    out = EarlyExitDecoder(model, HiddenSign(threshold=0.5), "propagate").generate(
+    out = EarlyExitDecoder(model, HiddenSign(threshold=0.5), mode).generate(
         enc["input_ids"], enc["attention_mask"], 20, pad_token_id=tok.pad_token_id
     )
     layers = out.exit_layers[:, 1:]
@@ -136,7 +139,7 @@ def test_per_row_exits_in_a_batch(gpt2):
     # each row, generated alone, takes the same exits (rows do not influence each other)
     for b in range(3):
         n = int(enc["attention_mask"][b].sum())
-        alone = EarlyExitDecoder(model, HiddenSign(threshold=0.5), "propagate").generate(
+        alone = EarlyExitDecoder(model, HiddenSign(threshold=0.5), mode).generate(
             enc["input_ids"][b : b + 1, -n:], None, 20, pad_token_id=tok.pad_token_id
         )
         assert torch.equal(alone.exit_layers[0], out.exit_layers[b])
