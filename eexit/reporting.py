@@ -18,6 +18,7 @@ from pathlib import Path
 
 from eexit.errors import EexitError
 from eexit.files import atomic_file, atomic_write, check_output_path
+from eexit.pinned import pinned_state
 
 
 def git_commit() -> str:
@@ -55,6 +56,7 @@ def environment() -> dict:
         **{name: v(name) for name in ("eexit", "torch", "transformers", "accelerate", "datasets")},
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **pinned_state(),  # whether the tested versions (constraints.txt) are the ones running
     }
 
 
@@ -123,9 +125,15 @@ def check_finite(rows: list[dict], what: str) -> None:
                 )
 
 
-def _fmt(v) -> str:
+# settings a user typed (a threshold of 0.9995 must not read "1"): shown with the digits given
+AS_GIVEN = {"threshold", "epsilon", "delta", "lambda"}
+
+
+def _fmt(v, column: str = "") -> str:
     if v is None:
         return "-"
+    if isinstance(v, float) and column in AS_GIVEN:
+        return repr(v)  # the shortest text that reads back as the same float
     if isinstance(v, float):
         return (
             f"{v:.3g}" if 0 < abs(v) < 1 else f"{v:.2f}"
@@ -143,7 +151,7 @@ def markdown_table(
         "|" + "|".join("---" for _ in columns) + "|",
     ]
     for r in rows:
-        out.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+        out.append("| " + " | ".join(_fmt(r.get(c), c) for c in columns) + " |")
     return "\n".join(out)
 
 

@@ -147,7 +147,9 @@ def parse_device(spec: str) -> torch.device:
     except (RuntimeError, ValueError):
         raise EexitError(f"unknown --device {spec!r}; valid: {DEVICE_CHOICES}") from None
     if device.type == "cpu":
-        return device
+        if device.index not in (None, 0):  # torch has one CPU device; cpu:N would be ignored
+            raise EexitError(f"--device {spec}: there is one CPU device; use --device cpu")
+        return torch.device("cpu")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

@@ -78,3 +78,12 @@ def test_old_result_tables_convert_to_records_with_their_provenance(tmp_path):
     before = {p.name: p.read_text() for p in folder.iterdir()}
     tidy(str(tmp_path))
     assert {p.name: p.read_text() for p in folder.iterdir()} == before
+
+
+def test_thresholds_are_shown_with_the_digits_they_were_given():
+    from eexit.reporting import markdown_table
+
+    rows = [{"threshold": 0.9995, "ppl": 12.3456}, {"threshold": 0.5, "ppl": 1.0}]
+    table = markdown_table(rows)
+    assert "| 0.9995 | 12.35 |" in table  # not "1": the rows would look identical
+    assert "| 0.5 | 1.00 |" in table

@@ -29,6 +29,7 @@ def test_auto_is_the_cpu_in_float32_on_this_machine():
         ("cuda:7", "no CUDA GPU"),
         ("tpu", "unknown --device"),
         ("gpu0", "unknown --device"),
+        ("cpu:1", "one CPU device"),
     ],
 )
 def test_an_unavailable_or_unknown_device_is_one_line(spec, words):
