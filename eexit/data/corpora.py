@@ -209,10 +209,22 @@ def load_corpus(
     raise unknown_dataset(name)
 
 
-def corpus_split(corpus: dict[str, list[str]], split: str, name: str) -> list[str]:
+def corpus_split(
+    corpus: dict[str, list[str]], split: str, name: str, split_files: dict[str, str] | None = None
+) -> list[str]:
+    """The documents of `split`; an empty one is named as the user gave it (the dataset, or
+    the data.<split>_file that is missing or empty)."""
     if split not in SPLITS:
         raise EexitError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     docs = corpus.get(split) or []
+    if not docs and split_files:
+        if split not in split_files:
+            given = ", ".join(f"data.{s}_file" for s in split_files)
+            raise EexitError(
+                f"no data.{split}_file given (only {given}); set data.{split}_file to a "
+                f"{' / '.join(LOCAL_BUILDERS)} file"
+            )
+        raise EexitError(f"data.{split}_file {split_files[split]} holds no text")
     if not docs:
         raise EexitError(f"split {split!r} of dataset {name!r} holds no text")
     return docs

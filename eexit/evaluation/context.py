@@ -170,7 +170,7 @@ def lm_windows(ctx: EvalContext, split: str | None = None):
     # the training run's own split files, when evaluating on its data
     files = data.split_files() if ctx.dataset == ctx.checkpoint.trained_dataset else None
     corpus = corpora.load_corpus(ctx.dataset, data.text_field, files)
-    docs = corpora.corpus_split(corpus, split, ctx.dataset)
+    docs = corpora.corpus_split(corpus, split, ctx.dataset, files)
     tokens = corpora.encode_documents(ctx.tokenizer, docs, f"{ctx.dataset}:{split}")
     x, y = corpora.eval_windows(tokens, seq_len, r.max_tokens)
     return x, y, ctx.resolved(split=split, seq_len=seq_len)

@@ -107,9 +107,10 @@ def prepare_data(cfg: RunConfig, tokenizer=None, seq2seq: bool = False):
             "an encoder-decoder model trains on a task dataset (one of "
             f"{', '.join(TASK_DATA.names())}); got {cfg.data.dataset!r}"
         )
-    corpus = data_mod.load_corpus(cfg.data.dataset, cfg.data.text_field, cfg.data.split_files())
-    train_docs = data_mod.corpus_split(corpus, "train", cfg.data.dataset)
-    val_docs = data_mod.corpus_split(corpus, "validation", cfg.data.dataset)
+    files = cfg.data.split_files()
+    corpus = data_mod.load_corpus(cfg.data.dataset, cfg.data.text_field, files)
+    train_docs = data_mod.corpus_split(corpus, "train", cfg.data.dataset, files)
+    val_docs = data_mod.corpus_split(corpus, "validation", cfg.data.dataset, files)
     if tokenizer is None:
         tokenizer = data_mod.train_tokenizer(train_docs, cfg.model.vocab_size)
     train = data_mod.encode_documents(tokenizer, train_docs, f"{cfg.data.dataset}:train")
