@@ -47,6 +47,7 @@ from eexit.evaluation.records import (
     shard_forward_batches,
 )
 from eexit.files import FolderLock, atomic_json, check_output_path, output_folder
+from eexit.models.identity import model_identity
 from eexit.policies import POLICIES
 from eexit.policies.learned import (
     CLASSIFIER_DIR,
@@ -154,6 +155,7 @@ def fit(ctx: EvalContext, names: list[str], label: str | None) -> list[dict]:
         first = ctx.request.min_exit_layer  # its candidates come from the first scored exit
         data = predictor_data(model, x[0::2], k, bs, ctx.runtime, first)
     rows = []
+    identity = model_identity(model) if ctx.runtime.is_main and names else None
     for name in names if ctx.runtime.is_main else []:  # the main process fits and saves
         lab = label or (DEFAULT_LABEL if name == PREDICTOR else "consistent")
         if name == PREDICTOR:
@@ -165,6 +167,7 @@ def fit(ctx: EvalContext, names: list[str], label: str | None) -> list[dict]:
             "label": lab,
             "hidden_size": model.hidden_size,
             "exit_layers": model.exit_layers,
+            "model": identity,  # refused on another model (eexit.models.identity)
             "metrics": metrics,
             "data": resolved,
         }

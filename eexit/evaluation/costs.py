@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from eexit.errors import EexitError
+from eexit.models.identity import weights_digest
 from eexit.runtime import now
 
 PARTS = ("block", "head", "shortlist_head", "kv_fill", "decision", "step_full", "overhead")
@@ -119,16 +120,6 @@ class DecodeCosts:
         d = dict(d)
         d["seconds"] = {p: {int(k): v for k, v in r.items()} for p, r in d["seconds"].items()}
         return cls(**d)
-
-
-def weights_digest(model) -> str:
-    """sha256 of every parameter and buffer (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def cache_key(model, batch: int, context: int, shortlist: int, policy) -> str:

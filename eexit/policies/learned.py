@@ -23,6 +23,7 @@ from torch import nn
 
 from eexit.errors import EexitError
 from eexit.files import atomic_torch_save
+from eexit.models.identity import check_identity
 from eexit.policies.base import ExitPolicy, ExitView, register_policy
 from eexit.registry import Registry
 
@@ -199,8 +200,9 @@ def save_classifier(model_dir: str | Path, name: str, clf: nn.Module, meta: dict
 
 
 def load_classifier(
-    path: str | Path, hidden_size: int, kind: str | None = None
+    path: str | Path, hidden_size: int, kind: str | None = None, model=None
 ) -> tuple[nn.Module, dict]:
+    """A fitted classifier; with `model`, refused unless it was fitted on that model."""
     p = Path(path)
     if not p.is_file():
         raise EexitError(
@@ -219,6 +221,8 @@ def load_classifier(
         ) from None
     if kind is not None and blob["kind"] != kind:
         raise EexitError(f"{p} holds a {blob['kind']!r} classifier, not {kind!r}")
+    if model is not None:
+        check_identity(blob.get("model"), model, f"the {blob['kind']} classifier at {p}")
     return clf.eval(), blob
 
 
@@ -249,7 +253,7 @@ class LearnedPolicy(ExitPolicy):
             raise EexitError(
                 f"policy {self.kind!r} needs a fitted classifier: --param classifier=PATH"
             )
-        self.clf, _ = load_classifier(path, model.hidden_size, self.kind)
+        self.clf, _ = load_classifier(path, model.hidden_size, self.kind, model)
         self.clf.to(model.device)
         self.norm = model.parts.final_norm
         self.hidden_size = model.hidden_size

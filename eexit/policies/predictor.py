@@ -137,7 +137,7 @@ class Predictor(ExitPolicy):
         )
         if path is None:
             raise EexitError("policy 'predictor' needs a fitted predictor: --param classifier=PATH")
-        clf, blob = load_classifier(path, model.hidden_size, PREDICTOR)
+        clf, blob = load_classifier(path, model.hidden_size, PREDICTOR, model)
         fitted = int(blob.get("shortlist", DEFAULT_SHORTLIST))
         if self.requested is not None and self.requested != fitted:
             raise EexitError(
