@@ -215,6 +215,14 @@ CASES = [
     ([*CAL, "--policy", "margin", "--out", "{tmp}/file.txt"], "is a file, not a folder"),
     ([*CAL, "--policy", "margin", "--split", "dev"], "unknown split 'dev'"),
     ([*CAL, "--policy", "nope"], "unknown policy 'nope'"),
+    (
+        [*CAL, "--policy", "margin", "--risk", "sequence-mismatch", "--repeats", "1000000000"],
+        "--repeats must be in 0..10000",
+    ),
+    (
+        [*CAL, "--policy", "margin", "--risk", "sequence-mismatch", "--prompts", "1000000"],
+        "--prompts must be at most 100000",
+    ),
     (["calibrate", "--model", "{tmp}/nope", "--policy", "margin"], "model checkpoint not found"),
     # ---- analyze-monotonicity
     ([*AN, "--top-k", "0"], "--top-k and --max-tokens must be >= 1"),

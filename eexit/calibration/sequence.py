@@ -39,6 +39,9 @@ from eexit.errors import EexitError
 from eexit.reporting import log
 
 SEQUENCE_RISKS = ("sequence-mismatch", "sequence-rouge")
+# upper bounds on work-sized options: beyond them a run would not end in any useful time
+MAX_REPEATS = 10_000
+MAX_PROMPTS = 100_000
 PVALUE = "hoeffding-bentkus"
 
 
@@ -59,8 +62,11 @@ class SequenceOptions:
             raise EexitError("--prompts and --test-prompts must be >= 1")
         if self.prompt_len < 1 or self.max_new_tokens < 2:
             raise EexitError("--prompt-len must be >= 1 and --max-new-tokens >= 2")
-        if self.repeats < 0:
-            raise EexitError(f"--repeats must be >= 0; got {self.repeats}")
+        if not 0 <= self.repeats <= MAX_REPEATS:
+            raise EexitError(f"--repeats must be in 0..{MAX_REPEATS}; got {self.repeats}")
+        for name, n in (("--prompts", self.prompts), ("--test-prompts", self.test_prompts)):
+            if n is not None and n > MAX_PROMPTS:
+                raise EexitError(f"{name} must be at most {MAX_PROMPTS}; got {n}")
 
     @property
     def held_out(self) -> int:
