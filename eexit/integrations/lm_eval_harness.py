@@ -481,7 +481,21 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     finally:
         sys.argv, _KEEP = old, None
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under several processes: wait for every process, then tear the group down before the
+    interpreter exits (a group left to the interpreter's teardown can abort a process with
+    "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _check_model_args(args: list[str]) -> None:
@@ -505,6 +519,20 @@ def _check_model_args(args: list[str]) -> None:
         if key in keys:
             raise EexitError(
                 f"give {key} as lm-eval's {flag}, not in --model_args (lm-eval passes its own)"
+            )
+    for i, a in enumerate(args):  # lm-eval's own check is a ValueError traceback
+        value = a.split("=", 1)[1] if a.startswith("--limit=") else None
+        if a in ("--limit", "-L") and i + 1 < len(args):
+            value = args[i + 1]
+        if value is None:
+            continue
+        try:
+            ok = float(value) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise EexitError(
+                f"--limit must be a number of examples >= 1 or a fraction in (0, 1); got {value!r}"
             )
 
 

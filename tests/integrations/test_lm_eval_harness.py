@@ -209,6 +209,12 @@ def test_unknown_model_args_are_refused_by_name(tiny_checkpoint, monkeypatch, ca
         "error: give batch_size as lm-eval's --batch_size, not in --model_args (lm-eval passes "
         "its own)"
     )
+    # --limit 0 (lm-eval: a ValueError traceback) is one line too, before any work
+    good = ["--model", "eexit", "--model_args", f"pretrained={tiny_checkpoint}"]
+    for limit in (["--limit", "0"], ["--limit=-1"], ["-L", "x"]):
+        assert lm_eval_harness.main([*good, "--tasks", "tiny_mc", *limit]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: --limit must be"), err
 
 
 def test_bfloat16_runs_on_the_cpu_close_to_float32(tiny_checkpoint, task_dir, tmp_path):
