@@ -476,24 +476,26 @@ def main(argv: list[str] | None = None) -> int:
             stats = lm.early_exit_stats()
             if lm.runtime.is_main:
                 print("eexit early exit: " + json.dumps(stats, sort_keys=True), flush=True)
+        _end_process_group(wait=True)
     except EexitError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     finally:
         sys.argv, _KEEP = old, None
-        _end_process_group()
+        _end_process_group(wait=False)
     return 0
 
 
-def _end_process_group() -> None:
-    """Under several processes: wait for every process, then tear the group down before the
-    interpreter exits (a group left to the interpreter's teardown can abort a process with
-    "terminate called without an active exception")."""
+def _end_process_group(wait: bool) -> None:
+    """Under several processes: (after a run that ended well, once every process is there) tear
+    the group down before the interpreter exits: a group left to the interpreter's teardown can
+    abort a process with "terminate called without an active exception"."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if wait:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 
