@@ -57,6 +57,8 @@ def test_headroom_end_to_end_at_tiny_sizes(tmp_path):
     for r in early:
         ratio = r["predicted_speedup_vs_full_depth"] / r["speedup_vs_full_depth"]
         assert r["predicted_over_measured"] == pytest.approx(ratio)
+    for path in out.rglob("*.json"):  # provenance names --out, not the staging folder
+        assert "staging" not in path.read_text(), path
     costs = json.loads((out / "decoding" / "costs.json").read_text())
     assert {c["part"] for c in costs} >= {"block", "head", "kv_fill", "decision", "overhead"}
     # the checkpoints are reused: a second run trains nothing and refuses an existing --out

@@ -19,6 +19,7 @@ import torch
 from eexit import __version__
 from eexit.data.names import CORPORA, unknown_dataset
 from eexit.errors import EexitError
+from eexit.files import atomic_torch_save, atomic_write
 from eexit.reporting import log
 
 SPLITS = ("train", "validation", "test")
@@ -252,9 +253,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer)
-        tmp = path.with_suffix(".tmp")
-        tok.save(str(tmp))
-        tmp.replace(path)
+        atomic_write(path, tok.to_str())  # a temporary name per process: runs share the cache
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=EOS,
@@ -310,9 +309,7 @@ def encode_documents(tokenizer, docs: list[str], cache_key: str | None = None) -
             ids.append(eos)
     tokens = torch.tensor(ids, dtype=torch.long)
     if path is not None:
-        tmp = path.with_suffix(".tmp")
-        torch.save(tokens, tmp)
-        tmp.replace(path)
+        atomic_torch_save(tokens, path)
     return tokens
 
 

@@ -325,9 +325,13 @@ class EarlyExitDecoder:
                     l, h, r, torch.full((len(r), 1), slot, device=dev), pos[r, slot : slot + 1]
                 )
             layer = l + 1
-            full_h = torch.zeros(n, h.shape[-1], device=dev, dtype=h.dtype)
-            full_h[active] = h[:, 0]
-            hist.append(full_h)
+            if policy is not None:  # the states a policy may read ([n, d] per layer)
+                if len(active) == n:  # every row still running: the output itself, no copy
+                    hist.append(h[:, 0])
+                else:
+                    full_h = torch.zeros(n, h.shape[-1], device=dev, dtype=h.dtype)
+                    full_h[active] = h[:, 0]
+                    hist.append(full_h)
             if layer == L:
                 last = model.exit_logits(h[:, 0], L)
                 keep = ~emitted[active]

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from eexit.errors import EexitError  # noqa: E402
-from eexit.files import output_folder  # noqa: E402
+from eexit.files import atomic_write, output_folder  # noqa: E402
 from eexit.reporting import log, provenance, save_figure, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -218,6 +218,17 @@ def main() -> None:
                "--calibrated", str(calibration), "--prompts", str(a.prompts),
                "--new", str(a.new), "--reps", str(a.reps), "--drafts", a.drafts,
                "--out", str(stage / "decoding"))  # fmt: skip
+        name_the_destination(stage, Path(a.out))
+
+
+def name_the_destination(stage: Path, out: Path) -> None:
+    """The steps' own provenance names the staging folder they wrote into: name the folder the
+    files end up in (`--out`) instead, before the swap."""
+    for path in stage.rglob("*"):
+        if path.suffix in (".md", ".json", ".csv") and path.is_file():
+            text = path.read_text(encoding="utf-8")
+            if str(stage) in text:
+                atomic_write(path, text.replace(str(stage), str(out)))
 
 
 if __name__ == "__main__":

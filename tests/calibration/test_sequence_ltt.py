@@ -185,7 +185,7 @@ def summary_tested(out):
         (["--risk", "sequence-mismatch", "--prompts", "4"], "needs at least 5 prompts"),
         (["--risk", "sequence-rouge", "--method", "free"], "--method free fits teacher-forced"),
         (["--risk", "sequence-mismatch", "--kv", "none"], "unknown KV mode 'none'"),
-        (["--risk", "sequence-mismatch", "--repeats", "-1"], "--repeats must be >= 0"),
+        (["--risk", "sequence-mismatch", "--repeats", "-1"], "--repeats must be in 0..10000"),
         (["--risk", "sequence-mismatch", "--fit", "meta"], "fit first"),
         (["--risk", "sequence-mismatch", "--prompt-len", "30"], "must be <= 32"),
     ],
