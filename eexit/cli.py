@@ -198,8 +198,32 @@ def _request(
     )
 
 
+# Options that a mode of a command does not use: given there, they are refused in one line
+# naming the mode instead of being silently ignored (tests/test_cli.py walks this table).
+IGNORED_BY_MODE = {
+    ("evaluate", "--mode self-spec"): {
+        "policy": "--policy",
+        "threshold": "--threshold",
+        "kv": "--kv",
+        "min_exit_layer": "--min-exit-layer",
+        "param": "--param",
+        "calibrated": "--calibrated",
+    },
+    ("sweep", "a threshold-free policy"): {"thresholds": "--thresholds"},
+}
+
+
+def _refuse_ignored(ctx: typer.Context, command: str, mode: str, why: str) -> None:
+    """Refuse each option of IGNORED_BY_MODE[(command, mode)] the user gave."""
+    for name, flag in IGNORED_BY_MODE[(command, mode)].items():
+        source = ctx.get_parameter_source(name)  # (Typer's own click: compared by name)
+        if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
+            raise EexitError(f"{flag} has no effect with {mode} ({why}); leave it out")
+
+
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     model: Optional[str] = _MODEL,
     policy: str = _POLICY,
     threshold: float = typer.Option(
@@ -251,6 +275,11 @@ def evaluate(
     """Perplexity, compute % and exit shares of one policy at one threshold (or, with
     --generate, decoding speed and agreement). On a task dataset: the task metric of early-exit
     decoding."""
+    if generate and mode == "self-spec":
+        _refuse_ignored(
+            ctx, "evaluate", "--mode self-spec", "no policy decides: --draft-layer drafts and "
+            "the full model verifies every token",
+        )  # fmt: skip
     model = _model_or_newest(model)
     _quiet()
     from eexit.evaluation.entry import apply_calibrated
@@ -309,6 +338,7 @@ def evaluate(
 
 
 def sweep_threshold(
+    ctx: typer.Context,
     model: Optional[str] = _MODEL,
     policy: str = _POLICY,
     thresholds: str = typer.Option("0.5:0.95", help="a:b (step 0.05), a:b:step, or a comma list."),
@@ -336,8 +366,14 @@ def sweep_threshold(
     _quiet()
     from eexit.evaluation.entry import evaluate as run
     from eexit.evaluation.tasks import TaskOptions
+    from eexit.policies import POLICIES
     from eexit.policies.thresholds import parse_thresholds
     from eexit.reporting import print_rows
+
+    if POLICIES.get(policy).threshold_free:  # every row would be the same
+        _refuse_ignored(
+            ctx, "sweep", "a threshold-free policy", f"{policy!r} exits without a threshold"
+        )
 
     values = parse_thresholds(thresholds)
     out = out or f"results/sweep-{Path(model).name}-{policy}"

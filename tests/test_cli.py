@@ -212,3 +212,35 @@ def test_sweep_one_liner_takes_the_newest_checkpoint(tmp_path, tiny_checkpoint, 
     shutil.rmtree(tmp_path / "checkpoints")
     code, _, err = run_cli("sweep", "--thresholds", "0.5:0.95")
     assert code == 2 and "no --model given and no trained checkpoint" in err
+
+
+def test_every_option_a_mode_ignores_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+    """IGNORED_BY_MODE: each option a mode does not use is refused, naming the mode, exit 2,
+    before any work; the same command without it is not refused for it."""
+    from eexit.cli import IGNORED_BY_MODE
+
+    given = {
+        "--policy": ["--policy", "margin"],
+        "--threshold": ["--threshold", "0.5"],
+        "--kv": ["--kv", "recompute"],
+        "--min-exit-layer": ["--min-exit-layer", "2"],
+        "--param": ["--param", "decay_tau=2"],
+        "--calibrated": ["--calibrated", str(tmp_path)],
+        "--thresholds": ["--thresholds", "0.2,0.4"],
+    }
+    base = {
+        ("evaluate", "--mode self-spec"): [
+            "evaluate", "--model", str(tiny_checkpoint), "--generate", "--mode", "self-spec",
+        ],
+        ("sweep", "a threshold-free policy"): [
+            "sweep", "--model", str(tiny_checkpoint), "--policy", "oracle",
+        ],
+    }  # fmt: skip
+    assert set(base) == set(IGNORED_BY_MODE)
+    for key, options in IGNORED_BY_MODE.items():
+        for flag in options.values():
+            code, _, err = run_cli(*base[key], *given[flag], "--out", str(tmp_path / "x"))
+            lines = message_lines(err)
+            assert code == 2 and len(lines) == 1, err
+            assert lines[0].startswith(f"error: {flag} has no effect with {key[1]}"), lines[0]
+            assert not (tmp_path / "x").exists()
