@@ -487,7 +487,7 @@ EVAL_CASES = [
     ([*E_SPEC, "--draft-vocab", "-1"], "--draft-vocab must be >= 0"),
     ([*E_SPEC, "--draft-length", "0"], "--draft-length must be >= 1"),
     ([*E_SPEC, "--prompts", "0"], "--prompts and --prompt-len must be >= 1"),
-    ([*E_SPEC, "--kv", "copy"], "unknown KV mode 'copy'"),
+    ([*E_SPEC, "--kv", "copy"], "--kv has no effect with --mode self-spec"),
     ([*EV, "--generate", "--mode", "self-spec", "--prompt-len", "30"], "must be <= 32"),
     ([*E_GEN, "--mode", "self_spec"], "unknown --mode 'self_spec' (did you mean 'self-spec'?)"),
     ([*E_GEN, "--draft-length", "2"], "--draft-length 2: for --mode self-spec only"),
