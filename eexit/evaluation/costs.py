@@ -19,8 +19,8 @@ exit pattern (no timing of its own: predicted time is the sum of its measured pa
 `predicted_speedup` sets the full-depth step against the steps the exits imply.
 
 Measurements are cached per (weights, device, dtype, batch, context, policy, shortlist, torch
-version) under the eexit cache (content-keyed: other weights are another key), so sweeps stay
-fast."""
+version, the decoder's source) under the eexit cache (content-keyed: other weights or another
+decoder are another key), so sweeps stay fast."""
 
 from __future__ import annotations
 
@@ -134,8 +134,21 @@ def cache_key(model, batch: int, context: int, shortlist: int, policy) -> str:
         "shortlist": int(shortlist),
         "policy": None if policy is None else policy_descriptor(policy),
         "torch": torch.__version__,
+        "code": code_digest(),  # the decoder's own code: a faster decoder is another measurement
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def code_digest() -> str:
+    """sha256 of the source files a decoding step runs (decoder, block adapters, this module)."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "evaluation" / "costs.py", root / "models" / "decoding.py"]
+    files += sorted((root / "models").glob("blocks.py"))
+    files += sorted((root / "models" / "families").glob("*.py"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def policy_descriptor(policy) -> dict:
