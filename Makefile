@@ -71,7 +71,7 @@ demo-dry: install
 	$(MAKE) demo DEMO_TRAIN_ARGS="--set train.steps=4 --set train.save_every=4 \
 	  --set train.eval_every=4 --set train.eval_batches=1" DEMO_SWEEP_ARGS="--max-tokens 2048"
 
-# The headroom model, end to end: a 12-layer Llama-family LM (head = 1.31 blocks) trained here
+# The headroom model, end to end: a 12-layer Llama-family LM (head = 1.25 blocks) trained here
 # with weighted CE and with LayerSkip's recipe (both side by side, one thread each, ~25 min; kept
 # in checkpoints/headroom-*), each swept against its oracle frontier, the better one calibrated
 # (LTT, epsilon 0.05) and decoded side by side with transformers -> results/headroom/.

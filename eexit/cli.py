@@ -1,7 +1,8 @@
 """The `eexit` command line: each command parses its options, builds a request by keyword and
 calls one library entry (`training.loop.run_training`, `evaluation.entry.evaluate`,
 `calibration.calibrate.run_calibration`, `analysis.analyze.run_analysis`). Help texts list
-the registered names; heavy imports (transformers, datasets) wait until a command runs."""
+the registered names; heavy imports (transformers, datasets) wait until a command runs. The options
+the commands share, the request they build and the options a mode refuses are in `cli_options`."""
 
 from __future__ import annotations
 
@@ -12,8 +13,30 @@ from typing import List, Optional
 
 import typer
 
+from eexit.cli_options import (
+    _BS,
+    _DATASET,
+    _DEVICE,
+    _DTYPE,
+    _EXAMPLES,
+    _EXITS,
+    _KV,
+    _MAXTOK,
+    _MIN,
+    _MODEL,
+    _NEW,
+    _OVERWRITE,
+    _PARAM,
+    _POLICY,
+    _SEQ,
+    _SPLIT,
+    model_or_newest,
+    quiet_libraries,
+    refuse_ignored,
+    request_from,
+)
 from eexit.errors import EexitError
-from eexit.names import dataset_names, loss_names, policy_names
+from eexit.names import loss_names
 
 app = typer.Typer(
     add_completion=True,
@@ -41,38 +64,6 @@ def _root(
     """eexit: train, evaluate and sweep early-exit transformers."""
 
 
-def _model_or_newest(model: str | None) -> str:
-    """--model, or the newest trained checkpoint under checkpoints/ (said on stderr); a --model
-    with nothing behind it is refused here, before torch is imported."""
-    if model:
-        from eexit.model_source import model_source
-
-        model_source(model)
-        return model
-    from eexit.models.checkpoint import newest_checkpoint
-
-    found = newest_checkpoint(Path("checkpoints"))
-    if found is None:
-        raise EexitError(
-            "no --model given and no trained checkpoint under checkpoints/; train one with "
-            "`eexit train` or pass --model"
-        )
-    typer.echo(f"no --model given: using the newest checkpoint, {found}", err=True)
-    return str(found)
-
-
-def _quiet() -> None:
-    from eexit import quiet
-
-    quiet()
-
-
-def _params(items: List[str]) -> dict:
-    from eexit.config import parse_override
-
-    return dict(parse_override(i) for i in items)
-
-
 @app.command()
 def train(
     config: Optional[str] = typer.Option(
@@ -94,7 +85,7 @@ def train(
     ),
 ):
     """Train an early-exit LM (multi-process with `accelerate launch` or `torchrun`)."""
-    _quiet()
+    quiet_libraries()
     from eexit.config import load_config
     from eexit.training.loop import run_training
 
@@ -118,107 +109,6 @@ def train(
     }
     state = "finished" if result["finished"] else "stopped"
     typer.echo(f"{state}: {cfg.output_dir}  {shown}")
-
-
-_MODEL = typer.Option(
-    None,
-    "--model",
-    "-m",
-    help="eexit checkpoint folder, HF folder / hub name, or .gguf file (default: the newest "
-    "trained checkpoint under checkpoints/).",
-)
-_POLICY = typer.Option("max-prob", help=f"Exit policy: {', '.join(policy_names())}.")
-_MIN = typer.Option(1, "--min-exit-layer", help="No exit below this layer.")
-_PARAM = typer.Option(
-    [], "--param", help="Policy parameter key=value, e.g. --param layer=2 for static."
-)
-_DATASET = typer.Option(
-    None, help=f"Dataset (default: the checkpoint's training data): {', '.join(dataset_names())}."
-)
-_SPLIT = typer.Option("test", help="train, validation or test.")
-_SEQ = typer.Option(None, "--seq-len", help="Window length (default: the training one).")
-_MAXTOK = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens.")
-_BS = typer.Option(8, "--batch-size", help="Windows (or, with --generate, prompts) per batch.")
-_EXITS = typer.Option(None, "--exit-layers", help="Override the exits: all, or e.g. 1,3.")
-_EXAMPLES = typer.Option(
-    32, "--examples", help="Task datasets: test examples decoded per threshold."
-)
-_KV = typer.Option(
-    "propagate", "--kv", help="KV of skipped layers when decoding: propagate, recompute or full."
-)
-_NEW = typer.Option(
-    None,
-    help="--generate: tokens per prompt (32); task datasets: longest answer (the training "
-    "max_target_len).",
-)
-_OVERWRITE = typer.Option(False, help="Replace an existing results folder.")
-_DEVICE = typer.Option(
-    "auto",
-    help="auto (cuda, then mps, else cpu), cpu, cuda, cuda:N or mps. Several processes: "
-    "accelerate launch --multi_gpu --num_processes N -m eexit.cli ...",
-)
-_DTYPE = typer.Option(
-    "auto",
-    help="Weights' dtype: auto (bfloat16 on a GPU that has it, float32 on the CPU), float32, "
-    "bfloat16 or float16. Scores and log-probabilities are float32 in every case.",
-)
-
-
-def _request(
-    model,
-    policy,
-    thresholds,
-    min_exit_layer,
-    param,
-    dataset,
-    split,
-    seq_len,
-    max_tokens,
-    batch_size,
-    exit_layers,
-    device="auto",
-    dtype="auto",
-):
-    from eexit.evaluation.context import EvalRequest
-
-    return EvalRequest(
-        model=model,
-        policy=policy,
-        thresholds=thresholds,
-        min_exit_layer=min_exit_layer,
-        policy_params=_params(param),
-        dataset=dataset,
-        split=split,
-        seq_len=seq_len,
-        max_tokens=max_tokens,
-        batch_size=batch_size,
-        exit_layers=exit_layers,
-        device=device,
-        dtype=dtype,
-    )
-
-
-# Options that a mode of a command does not use: given there, they are refused in one line
-# naming the mode instead of being silently ignored (tests/test_cli.py walks this table).
-IGNORED_BY_MODE = {
-    ("evaluate", "--mode self-spec"): {
-        "policy": "--policy",
-        "threshold": "--threshold",
-        "kv": "--kv",
-        "min_exit_layer": "--min-exit-layer",
-        "param": "--param",
-        "calibrated": "--calibrated",
-    },
-    ("sweep", "a threshold-free policy"): {"thresholds": "--thresholds"},
-}
-
-
-def _refuse_ignored(ctx: typer.Context, command: str, mode: str, why: str) -> None:
-    """Refuse each option of IGNORED_BY_MODE[(command, mode)] the user gave."""
-    for name, flag in IGNORED_BY_MODE[(command, mode)].items():
-        source = ctx.get_parameter_source(name)  # (Typer's own click: compared by name)
-        if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
-            raise EexitError(f"{flag} has no effect with {mode} ({why}); leave it out")
 
 
 @app.command()
@@ -276,12 +166,12 @@ def evaluate(
     --generate, decoding speed and agreement). On a task dataset: the task metric of early-exit
     decoding."""
     if generate and mode == "self-spec":
-        _refuse_ignored(
+        refuse_ignored(
             ctx, "evaluate", "--mode self-spec", "no policy decides: --draft-layer drafts and "
             "the full model verifies every token",
         )  # fmt: skip
-    model = _model_or_newest(model)
-    _quiet()
+    model = model_or_newest(model)
+    quiet_libraries()
     from eexit.evaluation.entry import apply_calibrated
     from eexit.evaluation.entry import evaluate as run
     from eexit.evaluation.generation import generation_options
@@ -300,7 +190,7 @@ def evaluate(
         draft_length=draft_length,
         draft_vocab=draft_vocab,
     )
-    r = _request(
+    r = request_from(
         model,
         policy,
         [threshold],
@@ -362,8 +252,8 @@ def sweep_threshold(
 ):
     """One row per threshold: PPL (or, on a task dataset, the task metric of early-exit
     decoding), compute %, exit shares; Markdown/CSV/JSON + PNG in results/."""
-    model = _model_or_newest(model)
-    _quiet()
+    model = model_or_newest(model)
+    quiet_libraries()
     from eexit.evaluation.entry import evaluate as run
     from eexit.evaluation.tasks import TaskOptions
     from eexit.policies import POLICIES
@@ -371,13 +261,13 @@ def sweep_threshold(
     from eexit.reporting import print_rows
 
     if POLICIES.get(policy).threshold_free:  # every row would be the same
-        _refuse_ignored(
+        refuse_ignored(
             ctx, "sweep", "a threshold-free policy", f"{policy!r} exits without a threshold"
         )
 
     values = parse_thresholds(thresholds)
     out = out or f"results/sweep-{Path(model).name}-{policy}"
-    r = _request(
+    r = request_from(
         model,
         policy,
         values,
@@ -437,7 +327,7 @@ def analyze_monotonicity(
 
     for m in model:  # nothing behind a --model: refused before torch is imported
         model_source(m)
-    _quiet()
+    quiet_libraries()
     from eexit.analysis.analyze import AnalyzeSetup, run_analysis
     from eexit.reporting import print_rows
 
@@ -541,8 +431,8 @@ def calibrate(
     dtype: str = _DTYPE,
 ):
     """Fit learned exit classifiers and/or pick a threshold with a Learn-then-Test guarantee."""
-    _quiet()
-    model = _model_or_newest(model)
+    quiet_libraries()
+    model = model_or_newest(model)
     from eexit.calibration.calibrate import (
         CalibrateOptions,
         CalibrationRun,
@@ -576,7 +466,7 @@ def calibrate(
         )
     out = out or f"results/calibrate-{Path(model).name}-{policy or 'fit'}"
     # without --policy, --param reaches the predictor being fitted (its shortlist=K)
-    r = _request(
+    r = request_from(
         model,
         policy or ("predictor" if "predictor" in names else "max-prob"),
         [],
@@ -631,7 +521,7 @@ def lm_eval_command(
     from eexit.model_source import model_source
 
     model_source(model)  # nothing behind --model: refused before torch is imported
-    _quiet()
+    quiet_libraries()
     try:
         from eexit.integrations.lm_eval_harness import EexitLM, check_settings, run_harness
         from eexit.integrations.lm_eval_tasks import prepare_tasks

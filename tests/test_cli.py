@@ -217,7 +217,7 @@ def test_sweep_one_liner_takes_the_newest_checkpoint(tmp_path, tiny_checkpoint, 
 def test_every_option_a_mode_ignores_is_refused_in_one_line(tiny_checkpoint, tmp_path):
     """IGNORED_BY_MODE: each option a mode does not use is refused, naming the mode, exit 2,
     before any work; the same command without it is not refused for it."""
-    from eexit.cli import IGNORED_BY_MODE
+    from eexit.cli_options import IGNORED_BY_MODE
 
     given = {
         "--policy": ["--policy", "margin"],

@@ -3,7 +3,7 @@
     python experiments/headroom/run.py --out results/headroom --overwrite
 
 1. Trains the two variants of experiments/headroom/ (a 12-layer Llama-family LM whose LM head
-   costs 1.31 blocks; CALM's weighted CE, and LayerSkip's loss + layer dropout) side by side
+   costs 1.25 blocks; CALM's weighted CE, and LayerSkip's loss + layer dropout) side by side
    unless their checkpoints exist (`--retrain` trains again).
 2. Sweeps each with `eexit sweep` (max-prob over a shortlist of the first scored exit's top-K
    tokens): the oracle frontier, the per-threshold table.

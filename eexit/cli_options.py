@@ -1,0 +1,145 @@
+"""The options the `eexit` commands share (one declaration each, the same help everywhere), how
+they become an evaluation request, and which of them a mode of a command does not use. Names only
+(no torch at import): `eexit --help` stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+
+from eexit.errors import EexitError
+from eexit.names import dataset_names, policy_names
+
+_MODEL = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="eexit checkpoint folder, HF folder / hub name, or .gguf file (default: the newest "
+    "trained checkpoint under checkpoints/).",
+)
+_POLICY = typer.Option("max-prob", help=f"Exit policy: {', '.join(policy_names())}.")
+_MIN = typer.Option(1, "--min-exit-layer", help="No exit below this layer.")
+_PARAM = typer.Option(
+    [], "--param", help="Policy parameter key=value, e.g. --param layer=2 for static."
+)
+_DATASET = typer.Option(
+    None, help=f"Dataset (default: the checkpoint's training data): {', '.join(dataset_names())}."
+)
+_SPLIT = typer.Option("test", help="train, validation or test.")
+_SEQ = typer.Option(None, "--seq-len", help="Window length (default: the training one).")
+_MAXTOK = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens.")
+_BS = typer.Option(8, "--batch-size", help="Windows (or, with --generate, prompts) per batch.")
+_EXITS = typer.Option(None, "--exit-layers", help="Override the exits: all, or e.g. 1,3.")
+_EXAMPLES = typer.Option(
+    32, "--examples", help="Task datasets: test examples decoded per threshold."
+)
+_KV = typer.Option(
+    "propagate", "--kv", help="KV of skipped layers when decoding: propagate, recompute or full."
+)
+_NEW = typer.Option(
+    None,
+    help="--generate: tokens per prompt (32); task datasets: longest answer (the training "
+    "max_target_len).",
+)
+_OVERWRITE = typer.Option(False, help="Replace an existing results folder.")
+_DEVICE = typer.Option(
+    "auto",
+    help="auto (cuda, then mps, else cpu), cpu, cuda, cuda:N or mps. Several processes: "
+    "accelerate launch --multi_gpu --num_processes N -m eexit.cli ...",
+)
+_DTYPE = typer.Option(
+    "auto",
+    help="Weights' dtype: auto (bfloat16 on a GPU that has it, float32 on the CPU), float32, "
+    "bfloat16 or float16. Scores and log-probabilities are float32 in every case.",
+)
+
+
+# Options that a mode of a command does not use: given there, they are refused in one line
+# naming the mode instead of being silently ignored (tests/test_cli.py walks this table).
+IGNORED_BY_MODE = {
+    ("evaluate", "--mode self-spec"): {
+        "policy": "--policy",
+        "threshold": "--threshold",
+        "kv": "--kv",
+        "min_exit_layer": "--min-exit-layer",
+        "param": "--param",
+        "calibrated": "--calibrated",
+    },
+    ("sweep", "a threshold-free policy"): {"thresholds": "--thresholds"},
+}
+
+
+def refuse_ignored(ctx: typer.Context, command: str, mode: str, why: str) -> None:
+    """Refuse each option of IGNORED_BY_MODE[(command, mode)] the user gave."""
+    for name, flag in IGNORED_BY_MODE[(command, mode)].items():
+        source = ctx.get_parameter_source(name)  # (Typer's own click: compared by name)
+        if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
+            raise EexitError(f"{flag} has no effect with {mode} ({why}); leave it out")
+
+
+def model_or_newest(model: str | None) -> str:
+    """--model, or the newest trained checkpoint under checkpoints/ (said on stderr); a --model
+    with nothing behind it is refused here, before torch is imported."""
+    if model:
+        from eexit.model_source import model_source
+
+        model_source(model)
+        return model
+    from eexit.models.checkpoint import newest_checkpoint
+
+    found = newest_checkpoint(Path("checkpoints"))
+    if found is None:
+        raise EexitError(
+            "no --model given and no trained checkpoint under checkpoints/; train one with "
+            "`eexit train` or pass --model"
+        )
+    typer.echo(f"no --model given: using the newest checkpoint, {found}", err=True)
+    return str(found)
+
+
+def quiet_libraries() -> None:
+    from eexit import quiet
+
+    quiet()
+
+
+def policy_params(items: List[str]) -> dict:
+    from eexit.config import parse_override
+
+    return dict(parse_override(i) for i in items)
+
+
+def request_from(
+    model,
+    policy,
+    thresholds,
+    min_exit_layer,
+    param,
+    dataset,
+    split,
+    seq_len,
+    max_tokens,
+    batch_size,
+    exit_layers,
+    device="auto",
+    dtype="auto",
+):
+    from eexit.evaluation.context import EvalRequest
+
+    return EvalRequest(
+        model=model,
+        policy=policy,
+        thresholds=thresholds,
+        min_exit_layer=min_exit_layer,
+        policy_params=policy_params(param),
+        dataset=dataset,
+        split=split,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        exit_layers=exit_layers,
+        device=device,
+        dtype=dtype,
+    )
