@@ -29,6 +29,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,13 +65,29 @@ def train_side_by_side(runs: dict[str, list[str]]) -> None:
         out = open(f"{ckpt}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
         cmd = [sys.executable, "-m", "eexit.cli", *args]
         procs[ckpt] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out), out)
+    shown: dict = {}
+    while any(proc.poll() is None for proc, _ in procs.values()):
+        time.sleep(2)
+        for ckpt in procs:  # progress: each training's newest step line, as it changes
+            lines = [ln for ln in last_lines(f"{ckpt}.log") if " step " in ln]
+            if lines and shown.get(ckpt) != lines[-1]:
+                shown[ckpt] = lines[-1]
+                log(f"{Path(ckpt).name}: {lines[-1].split('] ', 1)[-1]}")
     failed = []
     for ckpt, (proc, out) in procs.items():
-        if proc.wait() != 0:
+        if proc.returncode != 0:
             failed.append(f"{ckpt} (exit {proc.returncode}, see {ckpt}.log)")
         out.close()
     if failed:
         raise EexitError("training failed: " + ", ".join(failed))
+
+
+def last_lines(path: str, size: int = 4096) -> list[str]:
+    """The lines of the last `size` bytes of a log file."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - size))
+        return f.read().decode("utf-8", "replace").splitlines()
 
 
 def python(script: str, *args: str) -> None:
