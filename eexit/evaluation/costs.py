@@ -8,8 +8,12 @@ tokens), warmed up and as medians of repeats with the device's queue drained (`r
 
 - `block`: one transformer block (its KV write and attention included);
 - `head`: the final norm + full LM head; `shortlist_head`: a head over K rows of the unembedding;
-- `kv_fill`: one skipped layer's K/V projections and cache write (KV propagate);
-- `decision`: one decision of the policy (its own exit logits included when it reads them);
+- `kv_fill`: the K/V projections and cache write of the last layer alone when a row skips it
+  (KV propagate), and `kv_fill_layer`: what each further skipped layer adds (the skipped layers
+  are filled at once, so m layers cost kv_fill + (m - 1) kv_fill_layer);
+- `decision_first`: a token's first decision (a shortlisted measure computes the full
+  vocabulary there), `decision`: each later one, with the state the first left (its own exit
+  logits included when it reads them);
 - `step_full`: a whole full-depth decode step, and `overhead` = step_full - L block - head, the
   fixed per-token cost (embedding, token pick, bookkeeping).
 
@@ -37,7 +41,17 @@ from eexit.errors import EexitError
 from eexit.models.identity import weights_digest
 from eexit.runtime import now
 
-PARTS = ("block", "head", "shortlist_head", "kv_fill", "decision", "step_full", "overhead")
+PARTS = (
+    "block",
+    "head",
+    "shortlist_head",
+    "kv_fill",
+    "kv_fill_layer",
+    "decision_first",
+    "decision",
+    "step_full",
+    "overhead",
+)
 
 
 @dataclass
@@ -49,10 +63,11 @@ class DecodeCosts:
     context: int  # KV cache length the parts were timed at
     shortlist: int  # K of the shortlist head
     policy: str | None  # the policy whose decision was timed (None: no decision)
-    decision_reads_head: bool  # the decision computes the exit logits (reused on exit)
+    decision_reads_head: bool  # a later decision computes the exit logits (reused on exit)
     device: str
     dtype: str
     seconds: dict[str, dict[int, float]] = field(default_factory=dict)  # part -> rows -> s
+    first_decision_reads_head: bool = True  # the first decision computes the exit logits
 
     def at(self, part: str, rows: int) -> float:
         """Seconds of `part` with `rows` active rows (linear between the measured row counts)."""
@@ -75,12 +90,15 @@ class DecodeCosts:
         for layer in range(1, L + 1):
             t += self.at("block", sum(e >= layer for e in exits))
         for i in range(len(decision_layers)):  # one batched decision per scored exit
-            t += self.at("decision", sum(d > i for d in decisions))
+            t += self.at("decision_first" if i == 0 else "decision", sum(d > i for d in decisions))
+        first = decision_layers[0] if decision_layers else None
         for group in sorted(set(exits)):
             rows = sum(e == group for e in exits)
-            if group == L or not self.decision_reads_head:
+            reused = self.first_decision_reads_head if group == first else self.decision_reads_head
+            if group == L or not reused:
                 t += self.at("head", rows)
-            t += (L - group) * self.at("kv_fill", rows)
+            if group < L:  # the skipped layers, filled at once
+                t += self.at("kv_fill", rows) + (L - group - 1) * self.at("kv_fill_layer", rows)
         return t
 
     def predicted_speedup(
@@ -181,7 +199,7 @@ def _measure_rows(model, policy, rows: int, context: int, shortlist: int, repeat
     prompt = torch.randint(0, model.vocab_size, (rows, context), generator=gen).to(dev)
     dec = EarlyExitDecoder(model, None, "full")
     _, _, _, _, pos, _ = dec._prefill(prompt, None, 2, None, 0, None, None, spare_slots=0)
-    blocks, slot = dec.blocks, context
+    slot = context
     pos[:, slot] = pos[:, slot - 1] + 1
     all_rows = torch.arange(rows, device=dev)
     slots = torch.full((rows, 1), slot, device=dev)
@@ -191,13 +209,9 @@ def _measure_rows(model, policy, rows: int, context: int, shortlist: int, repeat
     mid = max(0, L // 2 - 1)
     w = model.parts.lm_head.weight
     pick = torch.randperm(w.shape[0], generator=gen)[: max(1, shortlist)].to(dev)
-    cache = dec.cache
 
-    def fill():  # what KV propagate does for one skipped layer
-        k, v = blocks.kv(mid, h, p)
-        cache["k"][mid][all_rows, :, slot] = k[:, :, 0]
-        cache["v"][mid][all_rows, :, slot] = v[:, :, 0]
-        cache["valid"][mid][all_rows, slot] = True
+    def fill(first):  # what KV propagate does for a row that leaves after layer `first`
+        return lambda: dec._fill_skipped(first, h, all_rows, slot, p)
 
     tokens = prompt[:, -1]
     out = {
@@ -208,36 +222,44 @@ def _measure_rows(model, policy, rows: int, context: int, shortlist: int, repeat
             dev,
             repeats,
         ),
-        "kv_fill": _median(fill, dev, repeats),
+        "kv_fill": _median(fill(L - 1), dev, repeats),
+        "kv_fill_layer": (
+            max(0.0, _median(fill(1), dev, repeats) - _median(fill(L - 1), dev, repeats))
+            / max(1, L - 2)
+        ),
         "step_full": _median(
             lambda: dec._step(tokens, all_rows, slot, pos, None, None, 1), dev, repeats
         ),
     }
-    reads_head = False
+    reads = {"first": False, "later": False}
     if policy is not None:
-        layer = next((x for x in model.exit_layers if policy.scored_at(x, L) and x < L), None)
-        hist = [h[:, 0]] * ((layer or 1) + 1)
+        scored = [x for x in model.exit_layers if policy.scored_at(x, L) and x < L]
+        first, later = (scored + scored + [1, 1])[:2]  # the first two scored exits
+        hist = [h[:, 0]] * (max(first, later) + 1)
+        carried: dict = {}  # the state a token's first decision leaves (e.g. its shortlist)
 
-        def decide():
+        def decide(layer, state):
             view = ExitView(
-                layer or 1,
+                layer,
                 L,
                 _Rows(hist, all_rows),
-                lambda: model.exit_logits(h[:, 0], layer or 1),
+                lambda: model.exit_logits(h[:, 0], layer),
                 model,
-                {},
+                state,
                 torch.full((rows,), 1, device=dev),
                 2,
             )
             policy.decide(view)
             return view
 
-        out["decision"] = _median(decide, dev, repeats)
-        reads_head = "logits" in decide().__dict__
+        out["decision_first"] = _median(lambda: decide(first, {}), dev, repeats)
+        reads["first"] = "logits" in decide(first, carried).__dict__
+        out["decision"] = _median(lambda: decide(later, dict(carried)), dev, repeats)
+        reads["later"] = "logits" in decide(later, dict(carried)).__dict__
     else:
-        out["decision"] = 0.0
+        out["decision_first"] = out["decision"] = 0.0
     out["overhead"] = max(0.0, out["step_full"] - L * out["block"] - out["head"])
-    return {"seconds": out, "reads_head": reads_head}
+    return {"seconds": out, "reads_head": reads}
 
 
 def measure_costs(
@@ -265,7 +287,7 @@ def measure_costs(
                 pass  # a damaged cache entry is measured again
     w = model.parts.lm_head.weight
     seconds: dict[str, dict[int, float]] = {part: {} for part in PARTS}
-    reads = False
+    reads = {"first": False, "later": False}
     for rows in sorted({1, batch}):
         m = _measure_rows(model, policy, rows, context, shortlist, repeats)
         reads = m["reads_head"]
@@ -277,7 +299,8 @@ def measure_costs(
         context=context,
         shortlist=shortlist,
         policy=None if policy is None else policy.registered_name,
-        decision_reads_head=reads,
+        decision_reads_head=reads["later"],
+        first_decision_reads_head=reads["first"],
         device=str(w.device),
         dtype=str(w.dtype).removeprefix("torch."),
         seconds=seconds,

@@ -48,6 +48,13 @@ class BlockAdapter:
         """Only the keys and values of block l for hidden h (CALM's state propagation)."""
         raise NotImplementedError
 
+    def kv_many(self, first: int, stop: int, h: torch.Tensor, positions: torch.Tensor):
+        """The keys and values of blocks first..stop-1 for the same hidden h [B, t, d] (KV
+        propagate fills every skipped layer from the exited state): k, v [layers, B, Hkv, t,
+        dh]. This default asks `kv` layer by layer; a family may batch the layers."""
+        pairs = [self.kv(l, h, positions) for l in range(first, stop)]
+        return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+
     def finish(
         self, l: int, h: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:

@@ -88,6 +88,7 @@ class EarlyExitDecoder:
         self.exits = {
             l for l in model.exit_layers if policy is not None and policy.scored_at(l, self.L)
         }
+        self._exit_tensor: torch.Tensor | None = None  # `exit_tensor`, made on first use
 
     # ------------------------------------------------------------------ attention over our cache
     def _attend(self, l, q, k_new, v_new, rows, slots, qvalid=None):
@@ -95,21 +96,38 @@ class EarlyExitDecoder:
         each query's slot."""
         c = self.cache
         gqa = self.blocks.n_heads != self.blocks.n_kv_heads
-        if qvalid is None and slots.shape[1] == 1 and rows.numel() == c["k"][l].shape[0]:
-            # every row, one new token at one slot (the common decode step): views, no gathers
-            s0 = int(slots[0, 0])
-            c["k"][l][:, :, s0] = k_new[:, :, 0]
-            c["v"][l][:, :, s0] = v_new[:, :, 0]
-            c["valid"][l][:, s0] = True
+        B = c["k"][l].shape[0]
+        s0 = int(slots[0, 0]) if qvalid is None and slots.shape[1] == 1 else -1
+        if s0 >= 0 and (rows.numel() == B or bool((slots == s0).all())):
+            # one new token per row at one slot (the decode step): attend over the whole batch's
+            # cache as it is (no gather of the running rows' keys), the running rows' queries in
+            # their batch rows; the other rows' outputs are dropped
+            every = rows.numel() == B
+            if every:
+                c["k"][l][:, :, s0] = k_new[:, :, 0]
+                c["v"][l][:, :, s0] = v_new[:, :, 0]
+                c["valid"][l][:, s0] = True
+            else:
+                c["k"][l][:, :, s0][rows] = k_new[:, :, 0]
+                c["v"][l][:, :, s0][rows] = v_new[:, :, 0]
+                c["valid"][l][:, s0][rows] = True
+                q_all = q.new_zeros((B, *q.shape[1:]))
+                q_all[rows] = q
+                q = q_all
             valid = c["valid"][l][:, : s0 + 1]
             window = self.blocks.window(l)
             if window is not None and s0 + 1 > window:
                 valid = valid.clone()
                 valid[:, : s0 + 1 - window] = False
+            if not every:  # a dropped row may have no valid key: let it see its slot
+                valid = valid.clone()
+                valid[:, s0] = True
             mask = self._with_bias(
-                None if bool(valid.all()) else valid[:, None, None, :], slots, s0 + 1
+                None if bool(valid.all()) else valid[:, None, None, :],
+                slots if every else torch.full((B, 1), s0, device=q.device),
+                s0 + 1,
             )
-            return F.scaled_dot_product_attention(
+            out = F.scaled_dot_product_attention(
                 q,
                 c["k"][l][:, :, : s0 + 1],
                 c["v"][l][:, :, : s0 + 1],
@@ -117,6 +135,7 @@ class EarlyExitDecoder:
                 scale=self.blocks.scaling,
                 enable_gqa=gqa,
             )
+            return out if every else out[rows]
         if qvalid is None:
             c["k"][l][rows[:, None], :, slots] = k_new.transpose(1, 2)
             c["v"][l][rows[:, None], :, slots] = v_new.transpose(1, 2)
@@ -191,10 +210,18 @@ class EarlyExitDecoder:
         Tmax = T0 + max_new_tokens + spare_slots
         dtype = model.parts.lm_head.weight.dtype
         kv_shape = (B, blocks.n_kv_heads, Tmax, blocks.head_dim)
+        # one tensor per kind for every layer ([L, ...], so that the skipped layers of KV
+        # propagate are written at once); "k" / "v" / "valid" are its per-layer views
+        k_all = torch.zeros((L, *kv_shape), device=dev, dtype=dtype)
+        v_all = torch.zeros((L, *kv_shape), device=dev, dtype=dtype)
+        valid_all = torch.zeros(L, B, Tmax, dtype=torch.bool, device=dev)
         self.cache = {
-            "k": [torch.zeros(kv_shape, device=dev, dtype=dtype) for _ in range(L)],
-            "v": [torch.zeros(kv_shape, device=dev, dtype=dtype) for _ in range(L)],
-            "valid": [torch.zeros(B, Tmax, dtype=torch.bool, device=dev) for _ in range(L)],
+            "k_all": k_all,
+            "v_all": v_all,
+            "valid_all": valid_all,
+            "k": list(k_all.unbind(0)),
+            "v": list(v_all.unbind(0)),
+            "valid": list(valid_all.unbind(0)),
         }
         pos = torch.zeros(B, Tmax, dtype=torch.long, device=dev)
         pos[:, :T0] = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
@@ -306,24 +333,22 @@ class EarlyExitDecoder:
         model, blocks, L, policy = self.model, self.blocks, self.L, self.policy
         n = len(rows)
         dev = tokens.device
-        h = blocks.embed(tokens[:, None], pos[rows, slot : slot + 1])
+        # the slots and positions of the running rows, indexed again only when rows exit
+        slots, p = torch.full((n, 1), slot, device=dev), pos[rows, slot : slot + 1]
+        h = blocks.embed(tokens[:, None], p)
         out_logits = torch.zeros(n, model.vocab_size, device=dev, dtype=h.dtype)
         out_layer = torch.full((n,), L, dtype=torch.long, device=dev)
-        n_dec = torch.zeros(n, dtype=torch.long, device=dev)
         active = torch.arange(n, device=dev)  # indices into rows
-        emitted = torch.zeros(
-            n, dtype=torch.bool, device=dev
-        )  # full mode: output fixed, still computing KV
+        r = rows  # rows[active]
+        # full mode: rows whose output is fixed but which still compute the deeper KV
+        emitted = torch.zeros(n, dtype=torch.bool, device=dev) if self.kv_mode == "full" else None
         hist = [h[:, 0]]
         state: dict = {}
         for l in range(L):
-            r = rows[active]
             if self.kv_mode == "recompute":
                 h = self._recompute_layer(l, h, r, slot, pos, frontier, depth)
             else:
-                h = self._layer(
-                    l, h, r, torch.full((len(r), 1), slot, device=dev), pos[r, slot : slot + 1]
-                )
+                h = self._layer(l, h, r, slots, p)
             layer = l + 1
             if policy is not None:  # the states a policy may read ([n, d] per layer)
                 if len(active) == n:  # every row still running: the output itself, no copy
@@ -334,59 +359,80 @@ class EarlyExitDecoder:
                     hist.append(full_h)
             if layer == L:
                 last = model.exit_logits(h[:, 0], L)
-                keep = ~emitted[active]
-                out_logits[active[keep]] = last[keep]
+                if emitted is None:
+                    out_logits[active] = last
+                else:
+                    keep = ~emitted[active]
+                    out_logits[active[keep]] = last[keep]
                 break
             if layer not in self.exits or policy is None:
                 continue
-            deciding = ~emitted[active]
-            if not deciding.any():
-                continue
-            sel = active[deciding]
+            if emitted is None:  # every running row decides
+                deciding, sel, h_dec = None, active, h[:, 0]
+            else:
+                deciding = ~emitted[active]
+                if not bool(deciding.any()):
+                    continue
+                sel, h_dec = active[deciding], h[deciding, 0]
             view = ExitView(
                 layer,
                 L,
                 _Rows(hist, sel),
-                lambda hh=h[deciding, 0], la=layer: model.exit_logits(hh, la),
+                lambda hh=h_dec, la=layer: model.exit_logits(hh, la),
                 model,
                 state,
                 torch.full((len(sel),), step, device=dev),
                 self.max_steps,
             )
             go = policy.decide(view)
-            n_dec[sel] += 1
-            if go.any():
-                done = sel[go]
-                logits = (
-                    view.logits[go]
-                    if "logits" in view.__dict__
-                    else model.exit_logits(h[deciding, 0][go], layer)
-                )
-                out_logits[done] = logits.to(out_logits.dtype)
-                out_layer[done] = layer
-            _subset_state(state, ~go)
-            if not go.any():
+            if not bool(go.any()):
                 continue
-            exiting = torch.zeros(len(active), dtype=torch.bool, device=dev)
-            exiting[deciding.nonzero().squeeze(1)[go]] = True
+            done = sel[go]
+            logits = (
+                view.logits[go]
+                if "logits" in view.__dict__
+                else model.exit_logits(h_dec[go], layer)
+            )
+            out_logits[done] = logits.to(out_logits.dtype)
+            out_layer[done] = layer
+            _subset_state(state, ~go)
+            if deciding is None:
+                exiting = go
+            else:
+                exiting = torch.zeros(len(active), dtype=torch.bool, device=dev)
+                exiting[deciding.nonzero().squeeze(1)[go]] = True
             if self.kv_mode == "full":
                 emitted[active[exiting]] = True
                 continue
-            h_exit, r_exit = h[exiting], rows[active[exiting]]
+            h_exit, r_exit = h[exiting], r[exiting]
             if self.kv_mode == "propagate":  # CALM: skipped layers' K/V from the exited state
-                p = pos[r_exit, slot : slot + 1]
-                for l2 in range(l + 1, L):
-                    k, v = blocks.kv(l2, h_exit, p)
-                    self.cache["k"][l2][r_exit, :, slot] = k[:, :, 0]
-                    self.cache["v"][l2][r_exit, :, slot] = v[:, :, 0]
-                    self.cache["valid"][l2][r_exit, slot] = True
+                self._fill_skipped(l + 1, h_exit, r_exit, slot, p[exiting])
             else:  # recompute: pending at this depth, filled by the row's next deeper token
                 frontier[r_exit, slot] = h_exit[:, 0]
                 depth[r_exit, slot] = layer
-            active, h = active[~exiting], h[~exiting]
+            stay = ~exiting
+            active, h, r, slots, p = active[stay], h[stay], r[stay], slots[stay], p[stay]
             if len(active) == 0:
                 break
+        # a row decided at every scored exit up to the one it left at (once its output is fixed,
+        # a full-mode row decides no more)
+        n_dec = (self.exit_tensor(dev)[None, :] <= out_layer[:, None]).sum(1)
         return out_logits, out_layer, n_dec
+
+    def exit_tensor(self, dev) -> torch.Tensor:
+        """The scored exits (1-based layers) as a tensor on `dev`."""
+        if self._exit_tensor is None or self._exit_tensor.device != dev:
+            self._exit_tensor = torch.tensor(sorted(self.exits), dtype=torch.long, device=dev)
+        return self._exit_tensor
+
+    def _fill_skipped(self, first: int, h, rows, slot: int, positions) -> None:
+        """KV propagate: layers first..L-1 (0-based) get the keys and values of the exited state
+        h [m, 1, d] at `slot`, all skipped layers at once (`BlockAdapter.kv_many`)."""
+        c = self.cache
+        k, v = self.blocks.kv_many(first, self.L, h, positions)  # [layers, m, Hkv, 1, dh]
+        c["k_all"][first:, :, :, slot][:, rows] = k[:, :, :, 0]
+        c["v_all"][first:, :, :, slot][:, rows] = v[:, :, :, 0]
+        c["valid_all"][first:, :, slot][:, rows] = True
 
     def _recompute_layer(self, l, h, r, slot, pos, frontier, depth):
         """Layer l for the current token of rows r plus their pending positions computed up to layer

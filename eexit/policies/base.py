@@ -128,6 +128,8 @@ class ExitPolicy:
             passed = scores > decayed_threshold(
                 self.threshold, self.decay_tau, positions, max_steps
             )
+        if isinstance(layers, int):  # one exit (the decoder): no tensor for the layer test
+            return passed if layers >= self.min_exit_layer else torch.zeros_like(passed)
         return passed & (torch.as_tensor(layers) >= self.min_exit_layer)
 
     def decide(self, view: ExitView) -> torch.Tensor:

@@ -46,7 +46,7 @@ class SoftmaxMeasure(ExitPolicy):
             return full.gather(1, ids)
         h = model.parts.final_norm(model.translate(view.hidden, view.layer)).float()
         head = model.parts.lm_head
-        logits = torch.einsum("nd,nkd->nk", h, head.weight[ids].float())
+        logits = torch.bmm(head.weight[ids].float(), h[:, :, None])[:, :, 0]  # [n, K]
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[ids].float()
         return logits

@@ -22,6 +22,8 @@ SECONDS = {
     "head": {1: 2.0, 4: 2.6},
     "shortlist_head": {1: 0.1, 4: 0.2},
     "kv_fill": {1: 0.25, 4: 0.4},
+    "kv_fill_layer": {1: 0.05, 4: 0.08},
+    "decision_first": {1: 0.5, 4: 0.8},
     "decision": {1: 0.5, 4: 0.8},
     "step_full": {1: 7.0, 4: 10.0},
     "overhead": {1: 1.0, 4: 1.0},
@@ -31,23 +33,28 @@ SECONDS = {
 def test_predicted_step_is_the_sum_of_its_measured_parts():
     c = costs_of(SECONDS)
     # batch 1, exit at layer 2 of 4 after decisions at layers 1 and 2 (the decision's logits
-    # are the output: no extra head), two skipped layers' KV filled
-    assert c.predict_step([2], [2], [1, 2, 3]) == pytest.approx(1.0 + 2 * 1.0 + 2 * 0.5 + 2 * 0.25)
+    # are the output: no extra head), two skipped layers' KV filled at once
+    assert c.predict_step([2], [2], [1, 2, 3]) == pytest.approx(
+        1.0 + 2 * 1.0 + 2 * 0.5 + 0.25 + 0.05
+    )
     # full depth: every block, the decisions at the three scored exits, the final head
     assert c.predict_step([4], [3], [1, 2, 3]) == pytest.approx(1.0 + 4 * 1.0 + 3 * 0.5 + 2.0)
     # a decision that does not read the head pays a head on exit
     c2 = costs_of(SECONDS, reads_head=False)
-    assert c2.predict_step([2], [2], [1, 2, 3]) == pytest.approx(4.5 + 2.0)
+    assert c2.predict_step([2], [2], [1, 2, 3]) == pytest.approx(4.3 + 2.0)
     # batch 4 (rows at 1, 2, 4, 4): blocks at 4, 3, 2, 2 active rows, interpolated linearly
     block = {n: 1.0 + 0.2 * (n - 1) for n in range(1, 5)}
     kv = {n: 0.25 + 0.05 * (n - 1) for n in range(1, 5)}
+    kv_layer = {n: 0.05 + 0.01 * (n - 1) for n in range(1, 5)}
     dec = {n: 0.5 + 0.1 * (n - 1) for n in range(1, 5)}
     head = {n: 2.0 + 0.2 * (n - 1) for n in range(1, 5)}
     expected = (
         1.0
         + block[4] + block[3] + block[2] + block[2]
         + dec[4] + dec[3] + dec[2]  # decisions 1, 2, 3, 3 taken at layers 1, 2, 3
-        + 3 * kv[1] + 2 * kv[1] + head[2]
+        + kv[1] + 2 * kv_layer[1]  # the row at layer 1 skips 3 layers
+        + kv[1] + kv_layer[1]  # the row at layer 2 skips 2
+        + head[2]
     )  # fmt: skip
     assert c.predict_step([1, 2, 4, 4], [1, 2, 3, 3], [1, 2, 3]) == pytest.approx(expected)
 
@@ -66,7 +73,8 @@ def test_measured_costs_on_a_tiny_model_and_their_content_keyed_cache(tmp_path):
     policy = make_policy("max-prob", 0.5, 1)
     cache = tmp_path / "costs"  # made by the first measurement
     c = measure_costs(model, policy, batch=2, context=8, shortlist=4, repeats=2, cache=cache)
-    for part in ("block", "head", "kv_fill", "decision", "step_full", "overhead"):
+    parts = ("block", "head", "kv_fill", "kv_fill_layer", "decision_first", "decision")
+    for part in (*parts, "step_full", "overhead"):
         assert set(c.seconds[part]) == {1, 2} and all(v >= 0 for v in c.seconds[part].values())
     assert c.decision_reads_head  # max-prob reads the exit logits
     # overhead is what the full step's parts do not explain (clamped at 0)
@@ -76,7 +84,9 @@ def test_measured_costs_on_a_tiny_model_and_their_content_keyed_cache(tmp_path):
     # the full-depth pattern predicts overhead + L blocks + decisions + head
     full = c.predict_step([3], [2], [1, 2])
     s1 = {p: c.seconds[p][1] for p in c.seconds}
-    assert full == pytest.approx(s1["overhead"] + 3 * s1["block"] + 2 * s1["decision"] + s1["head"])
+    assert full == pytest.approx(
+        s1["overhead"] + 3 * s1["block"] + s1["decision_first"] + s1["decision"] + s1["head"]
+    )
     # cached: a second call reads the file (same numbers, no new measurement)
     files = list(cache.glob("*.json"))
     assert len(files) == 1
@@ -91,3 +101,22 @@ def test_measured_costs_on_a_tiny_model_and_their_content_keyed_cache(tmp_path):
     other = tiny(arch="llama", layers=3, seed=1)
     assert cache_key(other, 2, 8, 4, policy) != k
     assert cache_key(tiny(arch="llama", layers=3), 2, 8, 4, policy) == k  # same content
+
+
+def test_a_shortlist_pays_the_full_head_once_and_a_head_on_a_later_exit():
+    """A shortlisted measure computes the full vocabulary at a token's first decision only (that
+    exit's output is those logits); a later decision scores K candidates, so leaving there costs
+    a full head."""
+    seconds = {**SECONDS, "decision_first": {1: 3.0, 4: 3.0}, "decision": {1: 0.5, 4: 0.5}}
+    c = DecodeCosts(4, 1, 16, 8, "max-prob", False, "cpu", "float32", seconds, True)
+    c.seconds = {k: {1: v[1]} for k, v in seconds.items()}
+    # exit at the first scored exit: its decision's logits are the output
+    assert c.predict_step([1], [1], [1, 2, 3]) == pytest.approx(1.0 + 1.0 + 3.0 + 0.25 + 2 * 0.05)
+    # exit at the second: the cheap decision, then a full head for the output
+    assert c.predict_step([2], [2], [1, 2, 3]) == pytest.approx(
+        1.0 + 2 * 1.0 + 3.0 + 0.5 + 0.25 + 0.05 + 2.0
+    )
+    # measured on a tiny model: the shortlisted decision reads the full logits first only
+    model = tiny(arch="llama", layers=3)
+    m = measure_costs(model, make_policy("max-prob", 0.5, 1, shortlist=4), context=8, repeats=2)
+    assert m.first_decision_reads_head and not m.decision_reads_head

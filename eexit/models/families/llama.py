@@ -4,8 +4,14 @@ same block structure."""
 
 from __future__ import annotations
 
+import torch
+
 from eexit.models.blocks import BlockAdapter
 from eexit.models.families.base import Family, register_family
+
+# norms computing weight * x / rms(x) exactly as transformers' LlamaRMSNorm (the batched KV fill
+# shares the statistics across layers; any other norm is asked layer by layer)
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
 class LlamaBlocks(BlockAdapter):
@@ -18,9 +24,11 @@ class LlamaBlocks(BlockAdapter):
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", self.n_heads)
         self._scaling = attn.scaling
         self.rotary = model.parts.base.rotary_emb
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        self.apply_rope = apply_rotary_pos_emb
+        # the rotary angles of the last positions seen: every layer of a decode step rotates at
+        # the same positions, so they are computed once per step (keyed on the very tensor and
+        # its version, so an edited or another tensor is computed again)
+        self._rope_memo: tuple | None = None
+        self._kv_stack: dict = {}  # layers (start, stop) -> stacked K/V weights, for `kv_many`
 
     @property
     def scaling(self):
@@ -34,7 +42,25 @@ class LlamaBlocks(BlockAdapter):
         return x.view(b, t, heads, self.head_dim).transpose(1, 2)
 
     def _rope(self, h, positions):
-        return self.rotary(h, positions)
+        """(cos, sin) [B, t, dh] at `positions`, unsqueezed for [B, heads, t, dh]."""
+        memo = self._rope_memo
+        if (
+            memo is not None
+            and memo[0] is positions
+            and memo[1] == positions._version
+            and memo[2] == h.dtype
+        ):
+            return memo[3], memo[4]
+        cos, sin = self.rotary(h, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        self._rope_memo = (positions, positions._version, h.dtype, cos, sin)
+        return cos, sin
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        """Rotary embedding of x [B, heads, t, dh] (the same arithmetic as transformers')."""
+        half = x.shape[-1] // 2
+        return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
     def qkv(self, l, h, positions):
         blk = self.layers[l]
@@ -46,8 +72,7 @@ class LlamaBlocks(BlockAdapter):
             self._split(a.v_proj(x), self.n_kv_heads),
         )
         cos, sin = self._rope(h, positions)
-        q, k = self.apply_rope(q, k, cos, sin)
-        return q, k, v
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
 
     def kv(self, l, h, positions):
         blk = self.layers[l]
@@ -55,8 +80,48 @@ class LlamaBlocks(BlockAdapter):
         a = blk.self_attn
         k, v = self._split(a.k_proj(x), self.n_kv_heads), self._split(a.v_proj(x), self.n_kv_heads)
         cos, sin = self._rope(h, positions)
-        _, k = self.apply_rope(k, k, cos, sin)
-        return k, v
+        return self._rotate(k, cos, sin), v
+
+    def kv_many(self, first, stop, h, positions):
+        """All skipped layers at once: the RMS statistics of h are shared (only each layer's norm
+        weight differs), then one batched matmul over the layers' stacked K/V projections and one
+        rotation (the positions are the same)."""
+        layers = range(first, stop)
+        norm = self.layers[first].input_layernorm
+        if len(layers) < 2 or type(norm).__name__ not in RMS_NORMS:
+            return super().kv_many(first, stop, h, positions)
+        w_norm, w_kv, b_kv = self._stacked(first, stop)
+        eps = norm.variance_epsilon
+        x = h.to(torch.float32)
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+        b, t, d = h.shape
+        xs = (w_norm[:, None, :] * x.reshape(1, b * t, d)).to(w_kv.dtype)  # [layers, b t, d]
+        kv = torch.bmm(xs, w_kv) if b_kv is None else torch.baddbmm(b_kv, xs, w_kv)
+        kv = kv.view(len(layers), b, t, 2, self.n_kv_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
+        cos, sin = self._rope(h, positions)
+        return self._rotate(kv[0], cos[None], sin[None]), kv[1]
+
+    def _stacked(self, first, stop):
+        """Norm weights [layers, d], K/V weights [layers, d, 2 Hkv dh] (and biases) of blocks
+        first..stop-1, built once per decoder and range (a copy of those K/V weights)."""
+        key = (first, stop)
+        if key not in self._kv_stack:
+            blks = [self.layers[l] for l in range(first, stop)]
+            w_norm = torch.stack([b.input_layernorm.weight for b in blks])
+            w_kv = torch.stack(
+                [
+                    torch.cat([b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]).t()
+                    for b in blks
+                ]
+            )
+            bias = [b.self_attn.k_proj.bias for b in blks]
+            b_kv = None
+            if bias[0] is not None:
+                b_kv = torch.stack(
+                    [torch.cat([b.self_attn.k_proj.bias, b.self_attn.v_proj.bias]) for b in blks]
+                )[:, None, :]
+            self._kv_stack[key] = (w_norm, w_kv.contiguous(), b_kv)
+        return self._kv_stack[key]
 
     def finish(self, l, h, ctx, rows):
         blk = self.layers[l]
