@@ -29,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark helpers
 
-from generation import hf_greedy  # noqa: E402
 
 from eexit import quiet  # noqa: E402
 from eexit.data.corpora import cache_dir, frequent_tokens  # noqa: E402
@@ -39,6 +38,8 @@ from eexit.evaluation.costs import measure_costs  # noqa: E402
 from eexit.evaluation.entry import read_calibrated  # noqa: E402
 from eexit.evaluation.generation import prompts_from  # noqa: E402
 from eexit.evaluation.tasks import TaskOptions, decode_all  # noqa: E402
+from eexit.evaluation.timing import interleaved, speedup_interval  # noqa: E402
+from eexit.evaluation.timing import transformers_greedy as hf_greedy  # noqa: E402
 from eexit.models.decoding import EarlyExitDecoder, GenerationResult  # noqa: E402
 from eexit.models.loading import load_model  # noqa: E402
 from eexit.models.speculative import SelfSpeculativeDecoder  # noqa: E402
@@ -165,37 +166,6 @@ def cost_rows(costs) -> list[dict]:
 
 
 # two-sided 95 % Student t quantiles by degrees of freedom (n - 1 for n paired repetitions)
-T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-
-
-def interleaved(fns: dict, reps: int, device, after_warmup=None) -> tuple[dict, dict]:
-    """Seconds of `reps` rounds, each running every decoder once (the order rotated per round),
-    after one untimed warm-up each: a slow spell of the machine hits every decoder alike. Returns
-    (name -> list of seconds, name -> last output)."""
-    names = list(fns)
-    outs = {n: fns[n]() for n in names}  # warm-up
-    if after_warmup is not None:
-        after_warmup()
-    times = {n: [] for n in names}
-    for r in range(reps):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = now(device)
-            outs[n] = fns[n]()
-            times[n].append(now(device) - t0)
-    return times, outs
-
-
-def speedup_interval(ref: list[float], times: list[float]) -> tuple:
-    """95 % confidence interval of the mean paired speedup ref_i / t_i over the rounds (None,
-    None from a single round)."""
-    ratios = [a / b for a, b in zip(ref, times)]
-    if len(ratios) < 2:
-        return None, None
-    mean, sd = statistics.fmean(ratios), statistics.stdev(ratios)
-    half = T975.get(len(ratios) - 1, 1.96) * sd / len(ratios) ** 0.5
-    return mean - half, mean + half
-
-
 def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, drafts) -> list[dict]:
     """Rows for one batch size: every decoder on the same prompts, `new` tokens each, timed in
     interleaved rounds (`interleaved`); speedup = median time of transformers greedy / median

@@ -22,6 +22,7 @@ import torch
 
 from eexit import quiet
 from eexit.evaluation.generation import prompts_from
+from eexit.evaluation.timing import transformers_greedy as hf_greedy
 from eexit.models.decoding import EarlyExitDecoder
 from eexit.models.loading import load_model
 from eexit.policies.base import make_policy
@@ -43,28 +44,6 @@ def timed(fn, reps: int, device: torch.device | str = "cpu") -> tuple[float, obj
 def placement(rt: Runtime) -> dict:
     """The device and dtype columns of a row."""
     return {"device": str(rt.device), "dtype": rt.dtype_name}
-
-
-def hf_greedy(model, x, new, **kw):
-    """transformers' greedy generate for exactly `new` tokens (no EOS: neither stop nor
-    suppression)."""
-    import copy
-
-    gc = copy.deepcopy(model.lm.generation_config)
-    gc.eos_token_id, gc.pad_token_id, gc.do_sample = None, 0, False
-    saved = model.lm.config.eos_token_id, model.lm.generation_config.eos_token_id
-    # generate falls back to the model's own EOS settings when the passed config leaves it unset
-    model.lm.config.eos_token_id = model.lm.generation_config.eos_token_id = None
-    try:
-        return model.lm.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=new,
-            generation_config=gc,
-            **kw,
-        )
-    finally:
-        model.lm.config.eos_token_id, model.lm.generation_config.eos_token_id = saved
 
 
 def exit_set(exits: str | None, L: int) -> list[int]:

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark helpers
 
 from adapted_decoding import run as decoding_rows  # noqa: E402
-from generation import hf_greedy  # noqa: E402
 
 from eexit import quiet  # noqa: E402
 from eexit.calibration.calibrate import token_risks  # noqa: E402
@@ -51,6 +50,7 @@ from eexit.data.corpora import corpus_split, eval_windows, load_corpus  # noqa: 
 from eexit.errors import EexitError  # noqa: E402
 from eexit.evaluation.generation import prompts_from  # noqa: E402
 from eexit.evaluation.records import collect_exit_table  # noqa: E402
+from eexit.evaluation.timing import transformers_greedy as hf_greedy  # noqa: E402
 from eexit.models.decoding import EarlyExitDecoder  # noqa: E402
 from eexit.models.loading import load_model  # noqa: E402
 from eexit.models.speculative import SelfSpeculativeDecoder  # noqa: E402

@@ -157,6 +157,11 @@ def evaluate(
         help="--mode self-spec: draft over the K most frequent tokens of the dataset's train split "
         "(0, the default = every token); cheaper drafts, the same output.",
     ),
+    rounds: Optional[int] = typer.Option(
+        None,
+        help="--generate: interleaved timing rounds (3): each decoder once per round, after a "
+        "warm-up; speedups are ratios of medians, with a 95 % interval from 2 rounds on.",
+    ),
     max_new_tokens: Optional[int] = _NEW,
     examples: int = _EXAMPLES,
     device: str = _DEVICE,
@@ -189,6 +194,7 @@ def evaluate(
         draft_layer=draft_layer,
         draft_length=draft_length,
         draft_vocab=draft_vocab,
+        rounds=rounds,
     )
     r = request_from(
         model,

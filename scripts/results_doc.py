@@ -29,7 +29,13 @@ DEFAULT_OUT = ROOT / "docs" / "results.md"
 
 # Top-level results folders in reading order: (folder, section title, what it is).
 GROUPS = [
-    ("demo", "Demo", "4-layer weighted-CE GPT-2-style model, max-prob threshold sweep."),
+    (
+        "demo",
+        "Demo: train, calibrate, decode",
+        "4-layer weighted-CE GPT-2-style model: CALM's linear exit classifier fitted on it, its "
+        "threshold sweep beside the oracle frontier, its Learn-then-Test threshold, and that "
+        "threshold decoded against eexit full depth and transformers' generate.",
+    ),
     (
         "headroom",
         "Headroom model: train, calibrate, decode",
@@ -92,6 +98,7 @@ MAKE_TARGETS = {
 
 # Sub-folders shown first within a group, in this order; the rest follow by name.
 FIRST_FOLDERS = {
+    "demo": ["sweep", "calibration", "decoding"],
     "headroom": ["weighted_ce", "layerskip", "calibration", "decoding"],
     "seed002": ["aux", "deep_supervision", "standard_3l", "standard_1l"],
     "monotonicity": ["trained-8l", "smollm2-135m", "t5-trained", "t5-en-fr"],

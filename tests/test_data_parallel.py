@@ -16,7 +16,14 @@ from tests.conftest import LOG_LINE, message_lines, run_cli
 from tests.evaluation.test_tasks import random_t5, tokenizer  # noqa: F401  (fixtures)
 from tests.helpers import ACCELERATE_LAUNCH
 
-TIMING = ("tokens_per_s", "eval_tokens_per_s", "full_tokens_per_s", "speedup", "seconds")
+TIMING = (
+    "tokens_per_s",
+    "eval_tokens_per_s",
+    "full_tokens_per_s",
+    "speedup",
+    "seconds",
+    "predicted_speedup",  # the measured cost model (timed on each run's device)
+)
 
 
 def launch(args: list[str], port: int, processes: str = "2", multi: bool = True):

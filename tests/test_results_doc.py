@@ -81,7 +81,7 @@ def test_a_rerun_with_another_commit_or_version_is_not_stale(results_doc, commit
     assert results_doc.render(results, out.parent) != out.read_text()  # the line did change
     assert "Run at commit `0123456789ab`" in results_doc.render(results, out.parent)
     assert results_doc.main([*args, "--check"]) == 0
-    table = results / "demo" / "sweep.md"
+    table = results / "demo" / "sweep" / "sweep.md"
     table.write_text(table.read_text().replace("| 0.05 |", "| 0.05 | 1 |", 1))
     assert results_doc.main([*args, "--check"]) == 1
 
@@ -90,11 +90,11 @@ def test_editing_a_table_changes_the_doc(results_doc, committed, tmp_path):
     results = tmp_path / "results"
     shutil.copytree(committed / "results" / "demo", results / "demo")
     before = results_doc.render(results)
-    table = results / "demo" / "sweep.md"
+    table = results / "demo" / "sweep" / "sweep.md"
     row = next(ln for ln in table.read_text().splitlines() if ln.startswith("| 0.05 |"))
     cell = row.split("|")[2].strip()  # the PPL at threshold 0.05, as committed
     assert f"| 0.05 | {cell} |" in before
-    assert "![sweep](../results/demo/sweep.png)" in before
+    assert "![sweep](../results/demo/sweep/sweep.png)" in before
     assert "eexit sweep --model checkpoints/demo" in before
 
     table.write_text(table.read_text().replace(f"| 0.05 | {cell} |", "| 0.05 | 999.99 |"))

@@ -38,6 +38,7 @@ from eexit.calibration.ltt import fixed_sequence_test, no_threshold_message
 from eexit.calibration.sequence import SEQUENCE_RISKS, SequenceOptions, calibrate_sequences
 from eexit.errors import EexitError
 from eexit.evaluation.context import EvalContext, EvalRequest, open_context, teacher_forced_inputs
+from eexit.evaluation.costs import table_costs
 from eexit.evaluation.entry import CALIBRATED_FILE
 from eexit.evaluation.records import (
     ExitTable,
@@ -244,6 +245,8 @@ def calibrate(
     result = fixed_sequence_test(grid, risks, opts.epsilon, opts.delta, RISKS[opts.risk])
     xt, yt, _ = teacher_forced_inputs(ctx, opts.test_split)
     test = collect_exit_table(model, xt, yt, policy, r.batch_size, ctx.runtime)
+    if not ctx.is_task:  # the test rows' predicted_speedup: measured decoding costs, batch 1
+        test.costs = table_costs(model, policy, max(1, xt.shape[-1] // 2))
     common = {
         "policy": r.policy,
         "policy_params": r.policy_params or {},

@@ -28,6 +28,7 @@ decoder are another key), so sweeps stay fast."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -127,6 +128,21 @@ class DecodeCosts:
         if pred <= 0:
             raise EexitError("no decoding steps to predict a speedup from")
         return full / pred
+
+    def predicted_speedup_tokens(
+        self, exits: torch.Tensor, decisions: torch.Tensor, decision_layers: list[int]
+    ) -> float:
+        """`predicted_speedup` of tokens decoded one at a time (batch 1), `exits` / `decisions`
+        [N] per token, e.g. the teacher-forced exits of a sweep: each distinct (exit, decisions)
+        pair is predicted once."""
+        pairs = collections.Counter(zip(exits.tolist(), decisions.tolist()))
+        if not pairs:
+            raise EexitError("no tokens to predict a speedup from")
+        pred = sum(
+            n * self.predict_step([int(e)], [int(d)], decision_layers)
+            for (e, d), n in pairs.items()
+        )
+        return sum(pairs.values()) * self.at("step_full", 1) / pred
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -314,3 +330,16 @@ def measure_costs(
 
             log(f"cost model not cached ({e.strerror or e}): {cache}")
     return costs
+
+
+def table_costs(model, policy, context: int) -> DecodeCosts | None:
+    """The batch-1 cost model behind the `predicted_speedup` columns of evaluate, sweep,
+    calibrate and the frontier, measured on the model's device and dtype at `context` tokens and
+    cached under the eexit cache; None where eexit does not decode the model token by token (a
+    encoder-decoder model: its steps are not timed here)."""
+    from eexit.data.corpora import cache_dir
+
+    if model.parts.encoder is not None:
+        return None
+    decides = policy if policy is not None and not policy.needs_future else None
+    return measure_costs(model, decides, context=context, cache=cache_dir() / "costs")

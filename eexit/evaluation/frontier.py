@@ -52,6 +52,18 @@ def frontier_mean_layer(
     return float((oracle_layers.double().sum() - spent) / n)
 
 
+def frontier_exits(oracle_layers: torch.Tensor, first_layer: int, agreement_pct: float):
+    """Each token's exit under that cheapest rule: its oracle exit, except the tokens allowed to
+    disagree (those with the most to save), which leave at the first allowed exit."""
+    n = oracle_layers.numel()
+    k = min(max(math.floor((1 - agreement_pct / 100.0) * n + 1e-9), 0), n)
+    exits = oracle_layers.clone()
+    if k > 0:  # oracle exits are never below the first allowed one
+        savings = (oracle_layers.double() - first_layer).clamp_min(0)
+        exits[savings.topk(k).indices] = first_layer
+    return exits
+
+
 def ideal_speedup(num_layers: int, head: float, mean_layers: float) -> float:
     return (num_layers + head) / (mean_layers + head)
 
@@ -74,6 +86,11 @@ def frontier_rows(table, min_exit_layer: int = 1, agreements=AGREEMENTS) -> list
                 "tokens": table.tokens,
             }
         )
+        if table.costs is not None:  # the measured parts for these exits, decisions free
+            exits = frontier_exits(layers, table.exit_layers[first], a)
+            rows[-1]["predicted_speedup"] = table.costs.predicted_speedup_tokens(
+                exits.long(), torch.zeros(len(exits), dtype=torch.long), []
+            )
     return rows
 
 

@@ -4,6 +4,7 @@ decision overhead and KV filling counted in layer-equivalents, agreement with th
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from eexit.data import corpora as data_mod
 from eexit.errors import EexitError
 from eexit.evaluation.context import EvalContext, max_positions
 from eexit.evaluation.records import layer_macs
+from eexit.evaluation.timing import interleaved, speedup_interval, transformers_greedy
 from eexit.models.decoding import EarlyExitDecoder, GenerationResult, check_kv_mode
 from eexit.models.speculative import SelfSpeculativeDecoder
 from eexit.registry import unknown_name_error
@@ -20,7 +22,16 @@ from eexit.reporting import provenance, write_results
 MODES = ("early-exit", "self-spec")
 DRAFT_LENGTH = 4  # self-spec: tokens drafted per verification, when --draft-length is not given
 # options that mean something with --generate only (None: not given)
-GENERATE_ONLY = ("prompts", "prompt_len", "mode", "draft_layer", "draft_length", "draft_vocab")
+GENERATE_ONLY = (
+    "prompts",
+    "prompt_len",
+    "mode",
+    "draft_layer",
+    "draft_length",
+    "draft_vocab",
+    "rounds",
+)
+MAX_ROUNDS = 100  # --rounds: interleaved timing rounds
 SELF_SPEC_ONLY = ("draft_layer", "draft_length", "draft_vocab")
 
 
@@ -45,6 +56,7 @@ class GenerationOptions:
     # self-spec: the draft head scores only the K most frequent tokens of the dataset's train
     # split (0 or None = the whole vocabulary); cheaper drafts, output unchanged
     draft_vocab: int | None = None
+    rounds: int = 3  # interleaved timing rounds (each decoder once per round, after a warm-up)
 
     def check(self) -> None:
         """Everything that can be checked without the model (the depth and vocabulary next,
@@ -69,6 +81,8 @@ class GenerationOptions:
             raise EexitError(f"--draft-vocab must be >= 0 (0 = all tokens); got {self.draft_vocab}")
         if self.prompts < 1 or self.prompt_len < 1 or self.max_new_tokens < 2:
             raise EexitError("--prompts and --prompt-len must be >= 1 and --max-new-tokens >= 2")
+        if not 1 <= self.rounds <= MAX_ROUNDS:
+            raise EexitError(f"--rounds must be in 1..{MAX_ROUNDS}; got {self.rounds}")
 
     def check_model(self, model) -> None:
         """The checks that need the loaded model (its depth and vocabulary), before any work;
@@ -128,12 +142,17 @@ def prompts_from(tokenizer, dataset: str, split: str, n: int, length: int) -> to
 
 
 def token_costs(
-    model, decoder: EarlyExitDecoder, res: GenerationResult, context: float
+    model,
+    decoder: EarlyExitDecoder,
+    res: GenerationResult,
+    context: float,
+    row_cycles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Executed layer-equivalents per generated token (excluding the first, which is full depth),
-    [rows, new tokens - 1]."""
+    [rows, new tokens - 1]. Self-spec: `row_cycles` of the call that gave `res` (default: the
+    decoder's last call)."""
     if isinstance(decoder, SelfSpeculativeDecoder):
-        return speculative_costs(model, decoder, res, context)
+        return speculative_costs(model, decoder, res, context, row_cycles)
     L = res.num_layers
     exit_l = res.exit_layers[:, 1:].float()
     policy = decoder.policy
@@ -155,7 +174,11 @@ def token_costs(
 
 
 def speculative_costs(
-    model, decoder: SelfSpeculativeDecoder, res: GenerationResult, context: float
+    model,
+    decoder: SelfSpeculativeDecoder,
+    res: GenerationResult,
+    context: float,
+    row_cycles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Layer-equivalents per generated token (excluding the first) of self-speculative decoding,
     each row's work spread evenly over its tokens. A cycle runs its D positions through all L
@@ -168,7 +191,7 @@ def speculative_costs(
     draft_head = (model.hidden_size * scored + model.adapter_macs) / lm
     full_head = model.hidden_size * model.vocab_size / lm
     emitted = (res.exit_layers[:, 1:] > 0).sum(1).float().cpu()  # pads have no exit layer
-    positions = decoder.row_cycles.float() * D
+    positions = (decoder.row_cycles if row_cycles is None else row_cycles).float() * D
     work = positions * (L + draft_head) + (positions - emitted) * full_head
     per_token = work / emitted.clamp_min(1)
     return per_token[:, None].expand(-1, res.exit_layers.shape[1] - 1).clone()
@@ -183,62 +206,77 @@ def compare(
     eos: int | None,
     pad: int | None,
 ) -> tuple[list[dict], dict]:
-    rows, totals = (
-        [],
-        {
-            "ee_tokens": 0,
-            "ee_seconds": 0.0,
-            "full_seconds": 0.0,
-            "agree": 0.0,
-            "cost": 0.0,
-            "exit": 0.0,
-            "n": 0,
-        },
-    )
-    L = model.num_layers
-    reference.generate(prompts[:1], None, 2, pad_token_id=pad)  # warm-up
-    decoder.generate(prompts[:1], None, 2, pad_token_id=pad)
-    if isinstance(decoder, SelfSpeculativeDecoder):
-        decoder.reset_stats()  # count the measured runs only
-    for i in range(0, len(prompts), g.batch_size):
-        x = prompts[i : i + g.batch_size]
-        full = reference.generate(x, None, g.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-        ee = decoder.generate(x, None, g.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-        ctx = x.shape[1] + g.max_new_tokens / 2
-        cost = token_costs(model, decoder, ee, ctx)
+    """`decoder` against full-depth `reference` and, for decoder-only models, transformers'
+    greedy `generate` on the same prompts, timed in `g.rounds` interleaved rounds after a
+    warm-up (`timing.interleaved`): speedups are ratios of median times, with the 95 % interval
+    of the paired per-round ratios. Per-sample rows come from the last round."""
+    L, dev = model.num_layers, model.device
+    new = g.max_new_tokens
+    chunks = [prompts[i : i + g.batch_size].to(dev) for i in range(0, len(prompts), g.batch_size)]
+    spec = isinstance(decoder, SelfSpeculativeDecoder)
+
+    def decode(dec):
+        def go():
+            outs = []
+            for x in chunks:
+                res = dec.generate(x, None, new, eos_token_id=eos, pad_token_id=pad)
+                outs.append((res, dec.row_cycles.clone() if dec is decoder and spec else None))
+            return outs
+
+        return go
+
+    fns = {"decoder": decode(decoder), "full": decode(reference)}
+    if model.parts.encoder is None:  # decoder-only: transformers' greedy generate as well
+        fns["transformers"] = lambda: [transformers_greedy(model, x, new) for x in chunks]
+    times, outs = interleaved(fns, g.rounds, dev, decoder.reset_stats if spec else None)
+    t_dec, t_full = statistics.median(times["decoder"]), statistics.median(times["full"])
+    rows, agree, cost_sum, exit_sum, n_cost = [], 0.0, 0.0, 0.0, 0
+    exits, decisions = [], []
+    for i, ((ee, cycles), (full, _)) in enumerate(zip(outs["decoder"], outs["full"])):
+        x = chunks[i]
+        cost = token_costs(model, decoder, ee, x.shape[1] + new / 2, cycles)
+        exits.append(ee.exit_layers[:, 1:])
+        decisions.append(ee.decisions[:, 1:])
         for b in range(len(x)):
             same = (ee.new_tokens[b] == full.new_tokens[b]).float()
-            prefix = int(same.cumprod(0).sum())
             rows.append(
                 {
-                    "sample": i + b,
-                    "tokens_per_s": len(x) * g.max_new_tokens / ee.seconds
-                    if g.batch_size == 1
-                    else None,
+                    "sample": i * g.batch_size + b,
                     "mean_exit_layer": ee.exit_layers[b, 1:].float().mean().item(),
                     "compute_pct": 100 * cost[b].mean().item() / L,
                     "agreement_pct": 100 * same.mean().item(),
-                    "identical_prefix": prefix,
+                    "identical_prefix": int(same.cumprod(0).sum()),
                 }
             )
-            totals["agree"] += same.sum().item()
-            totals["cost"] += cost[b].sum().item()
-            totals["exit"] += ee.exit_layers[b, 1:].float().sum().item()
-            totals["n"] += cost.shape[1]
-        totals["ee_tokens"] += len(x) * g.max_new_tokens
-        totals["ee_seconds"] += ee.seconds
-        totals["full_seconds"] += full.seconds
-    n_new = totals["ee_tokens"]
+            agree += same.sum().item()
+            cost_sum += cost[b].sum().item()
+            exit_sum += ee.exit_layers[b, 1:].float().sum().item()
+            n_cost += cost.shape[1]
+    n_new = len(prompts) * new
+    lo, hi = speedup_interval(times["full"], times["decoder"])
     total = {
-        "tokens_per_s": n_new / totals["ee_seconds"],
-        "full_tokens_per_s": n_new / totals["full_seconds"],
-        "speedup": totals["full_seconds"] / totals["ee_seconds"],
-        "mean_exit_layer": totals["exit"] / totals["n"],
-        "compute_pct": 100 * totals["cost"] / (totals["n"] * L),
-        "agreement_pct": 100 * totals["agree"] / (len(prompts) * g.max_new_tokens),
+        "tokens_per_s": n_new / t_dec,
+        "full_tokens_per_s": n_new / t_full,
+        "speedup": t_full / t_dec,
+        "speedup_ci95_low": lo,
+        "speedup_ci95_high": hi,
     }
+    if "transformers" in times:
+        t_hf = statistics.median(times["transformers"])
+        lo, hi = speedup_interval(times["transformers"], times["decoder"])
+        total.update(
+            transformers_tokens_per_s=n_new / t_hf,
+            speedup_vs_transformers=t_hf / t_dec,
+            speedup_vs_transformers_ci95_low=lo,
+            speedup_vs_transformers_ci95_high=hi,
+        )
+    total.update(
+        mean_exit_layer=exit_sum / n_cost,
+        compute_pct=100 * cost_sum / (n_cost * L),
+        agreement_pct=100 * agree / n_new,
+    )
     total["realized_over_ideal"] = total["speedup"] * total["compute_pct"] / 100
-    if isinstance(decoder, SelfSpeculativeDecoder):
+    if spec:
         # compute % (per sample and in total, `speculative_costs`): every drafted position runs
         # all L layers plus the draft head, rejected ones a verifier head too; what speculation
         # saves is sequential passes, not layers
@@ -247,14 +285,43 @@ def compare(
         total.update(decoder.time_shares)
         total["tokens_per_cycle"] = st.tokens_per_cycle
         total["realized_over_ideal"] = None
+    elif decoder.policy is not None:
+        # the measured cost model (evaluation/costs.py) on this device, dtype and batch: what
+        # it predicts for the exits and decisions taken, against the measured speedup
+        from eexit.data.corpora import cache_dir
+        from eexit.evaluation.costs import measure_costs
+
+        costs = measure_costs(
+            model,
+            decoder.policy,
+            batch=g.batch_size,
+            context=prompts.shape[1] + new // 2,
+            cache=cache_dir() / "costs",
+        )
+        scored = sorted(decoder.exits)
+        predicted = costs.predicted_speedup(
+            torch.cat(exits), torch.cat(decisions), scored, g.batch_size
+        )
+        total["predicted_speedup"] = predicted
+        total["predicted_over_measured"] = predicted / total["speedup"]
     return rows, total
 
 
+TIMING_NOTES = (
+    "Timing: every decoder (this one, eexit full depth, transformers' greedy `generate` on the "
+    "same weights) decodes the same prompts once per round, the order rotated, in --rounds "
+    "rounds after a warm-up; speedup = full depth's median time / this decoder's, "
+    "speedup_vs_transformers = generate's / this decoder's, each with the 95 % interval of the "
+    "paired per-round ratios (Student t). predicted_speedup: the cost model measured on this "
+    "device (block, head, KV fill, decisions, per-token overhead: eexit/evaluation/costs.py) "
+    "for the exits and decisions this run took; predicted_over_measured near 1 means the "
+    "measured parts explain the wall-clock.\n"
+)
 EARLY_EXIT_NOTES = (
     "Compute % (per sample and in total): layer-equivalents run per generated token after the "
     "first, in % of the model's layers: the layers up to each token's exit, the exit decisions "
     "and the KV filling of skipped layers (`--kv`); 100 % = full-depth decoding. Agreement: "
-    "generated tokens equal to full-depth greedy decoding at the same position.\n"
+    "generated tokens equal to full-depth greedy decoding at the same position.\n" + TIMING_NOTES
 )
 SELF_SPEC_NOTES = (
     "Compute % (per sample and in total, the same measure; the total is the token-weighted mean "
@@ -264,6 +331,7 @@ SELF_SPEC_NOTES = (
     "head, so compute is at least 100 % of full-depth decoding and grows as acceptance falls: "
     "self-speculation saves sequential passes (speedup), not arithmetic. Agreement: generated "
     "tokens equal to full-depth greedy decoding at the same position (100 % when greedy).\n"
+    + TIMING_NOTES
 )
 
 

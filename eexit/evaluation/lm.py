@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eexit.evaluation.context import EvalContext, lm_windows
+from eexit.evaluation.costs import table_costs
 from eexit.evaluation.frontier import frontier_rows
 from eexit.evaluation.records import ExitTable, collect_exit_table, exit_metrics, per_exit_ppl
 from eexit.reporting import plot_tradeoff, provenance, write_results
@@ -23,7 +24,8 @@ HEADROOM = [
 
 def table_columns(exit_layers: list[int]) -> tuple[list[str], dict[str, str]]:
     shares = [f"exit@{layer}_pct" for layer in exit_layers]
-    cols = ["threshold", "ppl", "compute_pct", "overhead_pct", "agreement_pct"] + HEADROOM + shares
+    cols = ["threshold", "ppl", "compute_pct", "overhead_pct", "agreement_pct"] + HEADROOM
+    cols += ["predicted_speedup"] + shares
     headers = {
         "threshold": "Threshold",
         "ppl": "PPL",
@@ -35,6 +37,7 @@ def table_columns(exit_layers: list[int]) -> tuple[list[str], dict[str, str]]:
         "oracle_hit_pct": "At oracle exit%",
         "oracle_distance": "Distance to oracle (layers)",
         "ideal_speedup": "Ideal speedup",
+        "predicted_speedup": "Predicted speedup (measured costs)",
         **{f"exit@{layer}_pct": f"Exit@{layer}%" for layer in exit_layers},
     }
     return cols, headers
@@ -57,7 +60,10 @@ def write_frontier(out, table: ExitTable, policy: str, rows, min_exit_layer: int
         "The cheapest exits at each agreement with the full model: the oracle exit (earliest exit "
         "whose top-1 equals the final one and never changes after), with (1 - agreement) of the "
         "tokens, those with the deepest oracle exits, sent to the first allowed exit. Ideal "
-        "speedup = (layers + head) / (mean exit + head), decisions free.\n\n"
+        "speedup = (layers + head) / (mean exit + head), decisions free. Predicted speedup: the "
+        "decoding cost model measured on this device (eexit/evaluation/costs.py: blocks, head, "
+        "KV fill of skipped layers, per-token overhead; batch 1) for these exits, decisions "
+        "free: what early exit can gain here in wall-clock at this agreement.\n\n"
     )
     frontier = frontier_rows(table, min_exit_layer)
     write_results(out, "frontier", title, frontier, provenance(resolved), notes=notes)
@@ -87,6 +93,9 @@ def run_lm(ctx: EvalContext, out: str | None, sweep: bool) -> list[dict]:
     t0 = now(ctx.model.device)
     table = collect_exit_table(ctx.model, x, y, ctx.policy, r.batch_size, ctx.runtime)
     seconds = now(ctx.model.device) - t0
+    # the measured decoding costs on this device (batch 1, half a window of context), for the
+    # predicted_speedup columns
+    table.costs = table_costs(ctx.model, ctx.policy, max(1, x.shape[-1] // 2))
     rows = [{**exit_metrics(table, ctx.policy.at(t)), **ctx.identity()} for t in r.thresholds]
     if not sweep:
         rows[0]["eval_tokens_per_s"] = table.tokens / seconds

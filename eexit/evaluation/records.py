@@ -40,6 +40,9 @@ class ExitTable:
     max_steps: int | None = None  # window length
     first_decision_extra: float = 0.0  # what a token's first decision costs beyond the others
     head_cost: float = 0.0  # the LM head (d x V) in layer-equivalents, paid once per token
+    # the decoding cost model measured on the run's device (evaluation/costs.py), for the
+    # predicted_speedup columns (None: not measured)
+    costs: object = None
 
     @property
     def tokens(self) -> int:
@@ -213,6 +216,9 @@ def exit_metrics(table: ExitTable, policy: ExitPolicy) -> dict:
     row["cost_pct"] = row["compute_pct"] + row["overhead_pct"]
     # beside the oracle frontier: efficiency, exit-location accuracy, ideal speedup
     row.update(policy_headroom(table, idx, row, policy.min_exit_layer))
+    if table.costs is not None:  # the measured parts for these exits and decisions (batch 1)
+        scored = [layer for layer, a in zip(table.exit_layers, asked) if a]
+        row["predicted_speedup"] = table.costs.predicted_speedup_tokens(used, decisions, scored)
     for k, layer in enumerate(table.exit_layers):
         row[f"exit@{layer}_pct"] = 100.0 * (idx == k).float().mean().item()
     return row

@@ -410,10 +410,10 @@ class EarlyExitDecoder:
             else:  # recompute: pending at this depth, filled by the row's next deeper token
                 frontier[r_exit, slot] = h_exit[:, 0]
                 depth[r_exit, slot] = layer
+            if len(done) == len(active):  # every running row has left
+                break
             stay = ~exiting
             active, h, r, slots, p = active[stay], h[stay], r[stay], slots[stay], p[stay]
-            if len(active) == 0:
-                break
         # a row decided at every scored exit up to the one it left at (once its output is fixed,
         # a full-mode row decides no more)
         n_dec = (self.exit_tensor(dev)[None, :] <= out_layer[:, None]).sum(1)

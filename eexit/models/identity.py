@@ -34,9 +34,12 @@ def model_identity(model) -> dict:
 
 
 def describe(identity: dict) -> str:
+    exits = identity.get("exit_layers")
     return (
         f"{identity.get('num_layers')} layers, d {identity.get('hidden_size')}, vocabulary "
-        f"{identity.get('vocab_size')}, weights {str(identity.get('weights_sha256', '?'))[:12]}"
+        f"{identity.get('vocab_size')}"
+        + (f", exits {','.join(str(x) for x in exits)}" if exits is not None else "")
+        + f", weights {str(identity.get('weights_sha256', '?'))[:12]}"
     )
 
 
@@ -46,8 +49,10 @@ def check_identity(recorded: dict | None, model, what: str) -> None:
     if not recorded:
         return
     here = model_identity(model)
-    keys = ("num_layers", "hidden_size", "vocab_size", "exit_layers", "weights_sha256")
-    if any(recorded.get(k) != here[k] for k in keys if k in recorded):
+    keys = ("num_layers", "hidden_size", "vocab_size", "weights_sha256")
+    # a run may use fewer exits than the file was fitted on (--exit-layers), not others
+    exits_ok = set(here["exit_layers"]) <= set(recorded.get("exit_layers", here["exit_layers"]))
+    if not exits_ok or any(recorded.get(k) != here[k] for k in keys if k in recorded):
         raise EexitError(
             f"{what} was fitted on another model ({describe(recorded)}), not this one "
             f"({describe(here)}); fit it again on this model (eexit calibrate --fit ...)"

@@ -120,3 +120,28 @@ def test_a_shortlist_pays_the_full_head_once_and_a_head_on_a_later_exit():
     model = tiny(arch="llama", layers=3)
     m = measure_costs(model, make_policy("max-prob", 0.5, 1, shortlist=4), context=8, repeats=2)
     assert m.first_decision_reads_head and not m.decision_reads_head
+
+
+def test_tokens_one_at_a_time_predict_as_batch_one_decoding():
+    """The sweep's teacher-forced tokens are predicted as batch-1 steps: the grouped shortcut
+    equals stepping through every token."""
+    c = costs_of(SECONDS, batch=1)
+    c.seconds = {k: {1: v[1]} for k, v in SECONDS.items()}
+    gen = torch.Generator().manual_seed(0)
+    exits = torch.randint(1, 5, (50,), generator=gen)
+    decisions = exits.clamp(max=3)  # one decision per scored exit (1, 2, 3) up to the exit
+    stepped = c.predicted_speedup(exits[:, None], decisions[:, None], [1, 2, 3], batch=1)
+    assert c.predicted_speedup_tokens(exits, decisions, [1, 2, 3]) == pytest.approx(stepped)
+
+
+def test_frontier_exits_are_the_frontiers_mean_layer_token_by_token():
+    from eexit.evaluation.frontier import frontier_exits, frontier_mean_layer
+
+    gen = torch.Generator().manual_seed(1)
+    oracle = torch.randint(2, 9, (200,), generator=gen).double()
+    for agreement in (100.0, 98.0, 90.0):
+        exits = frontier_exits(oracle, 2, agreement)
+        assert float(exits.mean()) == pytest.approx(frontier_mean_layer(oracle, 2, agreement))
+        moved = int((exits != oracle).sum())
+        assert moved <= round((1 - agreement / 100) * 200)  # only the allowed disagreements
+    assert torch.equal(frontier_exits(oracle, 2, 100.0), oracle)

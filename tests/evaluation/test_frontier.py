@@ -100,6 +100,11 @@ def test_a_sweep_writes_the_frontier_beside_the_policy(tiny_checkpoint, tmp_path
             saved = 100 - r["compute_pct"]
             assert r["efficiency"] == pytest.approx(saved / (100 - r["oracle_compute_pct"]))
         assert 0 <= r["oracle_hit_pct"] <= 100
+    # the measured cost model's prediction beside the FLOP model's, on every row (the
+    # frontier's with free decisions)
+    assert all(r["predicted_speedup"] > 0 for r in rows + frontier)
+    predicted = [f["predicted_speedup"] for f in frontier]
+    assert predicted == sorted(predicted)  # less agreement, faster
 
 
 def test_location_accuracy_is_counted_token_by_token(tiny_checkpoint):

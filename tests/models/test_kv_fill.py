@@ -15,12 +15,15 @@ def with_random_norms(model):
     one layer's norm for every layer would pass unnoticed)."""
     gen = torch.Generator().manual_seed(1)
     for blk in model.parts.layers:
-        w = blk.input_layernorm.weight
-        w.data = 0.5 + torch.rand(w.shape, generator=gen)
+        norm = blk.input_layernorm if hasattr(blk, "input_layernorm") else blk.ln_1
+        norm.weight.data = 0.5 + torch.rand(norm.weight.shape, generator=gen)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.data = torch.rand(norm.bias.shape, generator=gen) - 0.5
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biased k/v projections
+# qwen2: biased k/v projections; gpt2: LayerNorm (with a bias) and the fused c_attn
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_batched_fill_equals_each_layers_own_projection(arch):
     model = with_random_norms(tiny(arch, layers=4))
     blocks = model.family.adapter(model)
@@ -36,11 +39,12 @@ def test_batched_fill_equals_each_layers_own_projection(arch):
     assert k.shape == (3, 3, blocks.n_kv_heads, 1, blocks.head_dim)
 
 
-def test_propagate_writes_the_exited_states_kv_into_every_skipped_layer():
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_propagate_writes_the_exited_states_kv_into_every_skipped_layer(arch):
     """Every token exits at layer 1, so each generated slot of layers 2..L must hold that layer's
     K/V of the layer-1 state, which transformers computes independently (layer 1's cache is
     always full, so its output over the whole sequence is the exited state)."""
-    model = with_random_norms(tiny("llama", layers=4))
+    model = with_random_norms(tiny(arch, layers=4))
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randint(1, 97, (2, 5), generator=gen)
     dec = EarlyExitDecoder(model, make_policy("static", layer=1), "propagate")

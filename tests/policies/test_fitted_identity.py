@@ -30,3 +30,16 @@ def test_a_classifier_is_refused_on_another_model(tmp_path):
 def test_identity_changes_with_the_weights_and_not_otherwise():
     assert model_identity(tiny(seed=0)) == model_identity(tiny(seed=0))
     assert model_identity(tiny(seed=0)) != model_identity(tiny(seed=1))
+
+
+def test_a_run_on_fewer_exits_keeps_the_classifier_but_not_on_other_exits(tmp_path):
+    """`--exit-layers 1,3` selects exits of the model the classifier was fitted on: allowed.
+    A file fitted on exits 2,3 only does not know exit 1: refused, naming the exits."""
+    every = tiny(seed=0)  # 3 layers, exits 1, 2, 3
+    path = fitted_on(every, tmp_path / "all")
+    fewer = tiny(seed=0, exits="1,3")
+    make_policy("meta", 0.5, 1, classifier=str(path)).bind(fewer, tmp_path)
+    part = fitted_on(tiny(seed=0, exits="2,3"), tmp_path / "part")
+    with pytest.raises(EexitError, match="exits 2,3") as e:
+        make_policy("meta", 0.5, 1, classifier=str(part)).bind(every, tmp_path)
+    assert "exits 1,2,3" in str(e.value)
