@@ -117,14 +117,12 @@ def task_rows(model, tok, decoders: dict, tasks: list[str], examples: int) -> li
     return rows
 
 
-def batch1_decoders(model, calibrated, drafts) -> dict:
+def batch1_decoders(model, calibrated: list[dict], drafts) -> dict:
     """The batch-1 decoders of the decoding table, by the names its rows use."""
     decs = {"transformers greedy generate": TransformersGreedy(model)}
     decs["eexit full depth"] = EarlyExitDecoder(model, None, "full")
-    if calibrated is not None:
-        decs[early_exit_name(calibrated)] = EarlyExitDecoder(
-            model, calibrated_policy(calibrated), "propagate"
-        )
+    for c in calibrated:
+        decs[early_exit_name(c)] = EarlyExitDecoder(model, calibrated_policy(model, c), "propagate")
     for k, length, vocab in drafts:
         decs[spec_name(k, length, vocab)] = SelfSpeculativeDecoder(model, k, length, vocab)
         if vocab is None and type(model.lm).__name__.startswith("Llama"):
@@ -144,29 +142,54 @@ def spec_name(k: int, length: int, vocab) -> str:
     return f"eexit self-speculative, draft layer {k}, {length} drafts{over}"
 
 
-def calibrated_policy(calibrated: dict):
-    return make_policy(
+def calibrated_policy(model, model_dir: str, calibrated: dict):
+    """The calibrated policy, bound to the model (a fitted classifier is loaded from it)."""
+    exits = calibrated.get("exit_layers")
+    if exits is not None and list(exits) != list(model.exit_layers):
+        raise SystemExit(
+            f"error: the calibration at {calibrated['model']} used exits {exits}, this run "
+            f"decodes with {model.exit_layers}"
+        )
+    policy = make_policy(
         calibrated["policy"],
         calibrated["threshold"],
         calibrated["min_exit_layer"],
         **calibrated["policy_params"],
     )
+    policy.bind(model, model_dir)
+    return policy
 
 
 COSTS: list = []  # the cost models measured by `run` (one per batch size), for the costs table
 
 
-def cost_rows(costs) -> list[dict]:
+def cost_rows(policy: str, costs) -> list[dict]:
     """One row per measured part and row count: milliseconds."""
     return [
-        {"batch": costs.batch, "rows": rows, "part": part, "ms": 1e3 * s}
+        {"policy": policy, "batch": costs.batch, "rows": rows, "part": part, "ms": 1e3 * s}
         for part, by_rows in costs.seconds.items()
         for rows, s in sorted(by_rows.items())
     ]
 
 
 # two-sided 95 % Student t quantiles by degrees of freedom (n - 1 for n paired repetitions)
-def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, drafts) -> list[dict]:
+def rouge_l(tok, a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Mean ROUGE-L F-measure x 100 of the decoded texts of token rows a against rows b (None
+    where rouge-score is not installed, e.g. a GPU node without it: the column stays empty)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        return None
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scores = [
+        scorer.score(tok.decode(r.tolist()), tok.decode(h.tolist()))["rougeL"].fmeasure
+        for h, r in zip(a, b)
+    ]
+    return 100 * sum(scores) / len(scores)
+
+
+def run(model, tok, x, new: int, reps: int, batch: int, policies: dict, drafts) -> list[dict]:
     """Rows for one batch size: every decoder on the same prompts, `new` tokens each, timed in
     interleaved rounds (`interleaved`); speedup = median time of transformers greedy / median
     time of the decoder, with the 95 % interval of the paired per-round speedups."""
@@ -191,9 +214,8 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
 
     greedy = "transformers greedy generate"
     fns = {greedy: hf(), "eexit full depth": ours(EarlyExitDecoder(model, None, "full"))}
-    policy = calibrated_policy(calibrated) if calibrated is not None else None
-    if policy is not None:
-        fns[early_exit_name(calibrated)] = ours(EarlyExitDecoder(model, policy, "propagate"))
+    for name, policy in policies.items():
+        fns[name] = ours(EarlyExitDecoder(model, policy, "propagate"))
     specs = {}
     for k, length, vocab in drafts:
         specs[spec_name(k, length, vocab)] = dec = SelfSpeculativeDecoder(model, k, length, vocab)
@@ -219,8 +241,10 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
             "speedup_ci95_low": lo if name != greedy else 1.0,
             "speedup_ci95_high": hi if name != greedy else 1.0,
             "agreement_pct": 100 * (toks == ref).float().mean().item(),
+            "rouge_l_vs_greedy": rouge_l(tok, toks, ref),
         }
-        if policy is not None and name == early_exit_name(calibrated):
+        if name in policies:
+            policy = policies[name]
             _, layers, decisions = out
             # the measured cost model (eexit/evaluation/costs.py) on this device, dtype and
             # batch: its prediction for the exits and decisions this run took (the first token
@@ -229,7 +253,7 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
                 model, policy, batch=min(batch, len(x)), context=x.shape[1] + new // 2,
                 cache=cache_dir() / "costs",
             )  # fmt: skip
-            COSTS.append(costs)
+            COSTS.append((policy.registered_name, costs))
             L = model.num_layers
             scored = [l for l in model.exit_layers if l < L and policy.scored_at(l, L)]
             predicted = costs.predicted_speedup(layers[:, 1:], decisions[:, 1:], scored, batch)
@@ -253,7 +277,12 @@ def run(model, x, new: int, reps: int, batch: int, calibrated: dict | None, draf
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint with adapted exits")
-    ap.add_argument("--calibrated", help="folder of `eexit calibrate ... --out` (calibrated.json)")
+    ap.add_argument(
+        "--calibrated",
+        default="",
+        help="folders of `eexit calibrate ... --out` (calibrated.json), comma separated: one "
+        "early-exit decoder each",
+    )
     ap.add_argument(
         "--drafts",
         default="8:4,15:4",
@@ -279,15 +308,16 @@ def main() -> None:
         k, length, *vocab = (int(v) for v in d.split(":"))
         ids = frequent_tokens(tok, "wiki-gensim", vocab[0]) if vocab else None
         drafts.append((k, length, ids))
-    calibrated = read_calibrated(a.calibrated) if a.calibrated else None
+    calibrated = [read_calibrated(c) for c in a.calibrated.split(",") if c]
+    policies = {early_exit_name(c): calibrated_policy(model, a.model, c) for c in calibrated}
     rows = []
     for batch in (1, 8):
-        rows += run(model, x, a.new, a.reps, batch, calibrated, drafts)
+        rows += run(model, tok, x, a.new, a.reps, batch, policies, drafts)
         for r in rows[-6:]:
             print(r, flush=True)
     tasks = []
     if a.tasks:
-        decs = batch1_decoders(model, calibrated, drafts)
+        decs = batch1_decoders(model, policies, drafts)
         tasks = task_rows(model, tok, decs, a.tasks.split(","), a.task_examples)
         for r in rows:  # quality columns on the batch-1 rows
             for t in tasks:
@@ -296,7 +326,7 @@ def main() -> None:
     config = {
         **vars(a),
         "num_layers": model.num_layers,
-        "calibrated_policy": calibrated,
+        "calibrated_policies": calibrated,
         **rt.describe(),
     }
     notes = (
@@ -304,7 +334,8 @@ def main() -> None:
         f"tokens each (EOS ignored), {a.reps} interleaved rounds (every decoder once per round, "
         "the order rotated) after one warm-up; speedup = transformers greedy's median time / "
         "this decoder's at the same batch size, with the 95 % interval (Student t) of the "
-        "paired per-round speedups; agreement = tokens equal to transformers' greedy output. "
+        "paired per-round speedups; agreement = tokens equal to transformers' greedy output, "
+        "ROUGE-L = the decoded text's ROUGE-L F-measure against greedy's (x 100, rouge-score). "
         "Early exit: predicted = the measured cost model (costs.md) for the exits and "
         "decisions taken, against the measured speedup over eexit full depth.\n\n"
     )
@@ -318,6 +349,7 @@ def main() -> None:
         "speedup_ci95_low",
         "speedup_ci95_high",
         "agreement_pct",
+        "rouge_l_vs_greedy",
         "mean_exit_layer",
         "speedup_vs_full_depth",
         "predicted_speedup_vs_full_depth",
@@ -340,15 +372,16 @@ def main() -> None:
             a.out,
             "costs",
             "The measured cost model: one decoding step's parts (ms, medians)",
-            [r for c in COSTS for r in cost_rows(c)],
+            [r for policy, c in COSTS for r in cost_rows(policy, c)],
             provenance(config),
             notes=(
                 "Timed at the decoding shapes (one new token per row over a KV cache of prompt + "
                 "half the new tokens), warmed up, medians of 30 runs (eexit/evaluation/costs.py): "
-                "block, full LM head, shortlist head, one skipped layer's KV fill, the calibrated "
-                "policy's decision, a whole full-depth step, and overhead = step - L blocks - "
-                "head. The early-exit rows' predicted speedup adds these parts for the exits "
-                "and decisions the run took.\n\n"
+                "block, full LM head, shortlist head, the KV fill of the last layer alone and what "
+                "each further skipped layer adds (they are filled at once), each calibrated "
+                "policy's first and later decisions, a whole full-depth step, and overhead = "
+                "step - L blocks - head. The early-exit rows' predicted speedup adds these "
+                "parts for the exits and decisions the run took.\n\n"
             ),
         )
     if tasks:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark helpers
 
+from adapted_decoding import calibrated_policy, early_exit_name  # noqa: E402
 from adapted_decoding import run as decoding_rows  # noqa: E402
 
 from eexit import quiet  # noqa: E402
@@ -245,9 +246,12 @@ def ltt_threshold(model, tok, sizes: Sizes) -> dict:
 
 def benchmark(model, tok, sizes: Sizes, draft, calibrated: dict) -> list[dict]:
     x = prompts_from(tok, DATASET, "test", sizes.prompts, sizes.prompt_len)
+    policies = {early_exit_name(calibrated): calibrated_policy(model, None, calibrated)}
     rows = []
     for batch in sizes.batches:
-        rows += decoding_rows(model, x, sizes.new, sizes.reps, batch, calibrated, [(*draft, None)])
+        rows += decoding_rows(
+            model, tok, x, sizes.new, sizes.reps, batch, policies, [(*draft, None)]
+        )
     if not type(model.lm).__name__.startswith("Llama"):
         rows.append(
             {

@@ -99,7 +99,7 @@ MAKE_TARGETS = {
 # Sub-folders shown first within a group, in this order; the rest follow by name.
 FIRST_FOLDERS = {
     "demo": ["sweep", "calibration", "decoding"],
-    "headroom": ["weighted_ce", "layerskip", "calibration", "decoding"],
+    "headroom": ["weighted_ce", "layerskip", "calibration", "calibration-meta", "decoding"],
     "seed002": ["aux", "deep_supervision", "standard_3l", "standard_1l"],
     "monotonicity": ["trained-8l", "smollm2-135m", "t5-trained", "t5-en-fr"],
     "smollm2_tasks": [

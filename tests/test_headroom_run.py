@@ -51,9 +51,17 @@ def test_headroom_end_to_end_at_tiny_sizes(tmp_path):
     assert (out / "training.png").stat().st_size > 0
     calibrated = json.loads((out / "calibration" / "calibrated.json").read_text())
     assert calibrated["policy"] == "max-prob"
+    meta = json.loads((out / "calibration-meta" / "calibrated.json").read_text())
+    assert meta["policy"] == "meta"  # fitted on the kept checkpoint first
+    assert (ckpts / f"headroom-{kept}" / "exit_classifiers" / "meta.pt").is_file()
     decoding = json.loads((out / "decoding" / "decoding.json").read_text())
     early = [r for r in decoding if r["decoder"].startswith("eexit early exit")]
-    assert [r["batch"] for r in early] == [1, 8]
+    assert [r["batch"] for r in early] == [1, 1, 8, 8]  # each calibrated policy, each batch
+    assert {r["decoder"].split(",")[1].split("@")[0].strip() for r in early} == {
+        "max-prob",
+        "meta",
+    }
+    assert all(0 <= r["rouge_l_vs_greedy"] <= 100 for r in decoding)
     for r in early:
         ratio = r["predicted_speedup_vs_full_depth"] / r["speedup_vs_full_depth"]
         assert r["predicted_over_measured"] == pytest.approx(ratio)
@@ -61,6 +69,7 @@ def test_headroom_end_to_end_at_tiny_sizes(tmp_path):
         assert "staging" not in path.read_text(), path
     costs = json.loads((out / "decoding" / "costs.json").read_text())
     assert {c["part"] for c in costs} >= {"block", "head", "kv_fill", "decision", "overhead"}
+    assert {c["policy"] for c in costs} == {"max-prob", "meta"}
     # the checkpoints are reused: a second run trains nothing and refuses an existing --out
     again = run("--out", str(out), "--checkpoints", str(ckpts), "--max-tokens", "1024")
     assert again.returncode == 2 and "--overwrite" in again.stderr

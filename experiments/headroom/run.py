@@ -11,9 +11,10 @@
    frontier at 100 / 98 % agreement) and keeps the one with the larger ideal speedup at 98 %
    agreement; training curves of both (training.png, per-exit validation CE against the step).
 4. Calibrates the kept model's threshold by Learn-then-Test (`eexit calibrate`, token level,
-   epsilon 0.05, delta 0.1).
+   epsilon 0.05, delta 0.1) for two policies: max-prob over the shortlist, and CALM's linear
+   classifier (meta, fitted first).
 5. Decodes side by side (benchmarks/adapted_decoding.py): transformers greedy `generate`, eexit
-   full depth, eexit early exit at the calibrated threshold (with the measured cost model's
+   full depth, eexit early exit at each calibrated threshold (with the measured cost model's
    predicted speedup), self-speculative decoding and transformers `assistant_early_exit`, at
    batch 1 and 8.
 
@@ -41,7 +42,13 @@ from eexit.reporting import log, provenance, save_figure, write_results  # noqa:
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("weighted_ce", "layerskip")
-POLICY = ["--policy", "max-prob", "--param", "shortlist=32"]
+POLICY = ["--policy", "max-prob", "--param", "shortlist=32"]  # the sweeps' policy
+# the calibrated policies, each decoded: max-prob over a 32-token shortlist, and CALM's linear
+# classifier on the hidden state (fitted first: no LM head in its decisions)
+CALIBRATED = {
+    "calibration": POLICY,
+    "calibration-meta": ["--fit", "meta", "--policy", "meta"],
+}
 
 
 def eexit(*args: str) -> None:
@@ -228,11 +235,12 @@ def main() -> None:
         plot_training(ckpts, stage / "training.png")
 
         chosen = ckpts[best["variant"]]
-        calibration = stage / "calibration"
-        eexit("calibrate", "--model", str(chosen), *POLICY, "--epsilon", "0.05",
-              "--delta", "0.1", *cap, "--out", str(calibration), "--overwrite")  # fmt: skip
+        for folder, policy in CALIBRATED.items():
+            eexit("calibrate", "--model", str(chosen), *policy, "--epsilon", "0.05",
+                  "--delta", "0.1", *cap, "--out", str(stage / folder), "--overwrite")  # fmt: skip
         python("benchmarks/adapted_decoding.py", "--model", str(chosen),
-               "--calibrated", str(calibration), "--prompts", str(a.prompts),
+               "--calibrated", ",".join(str(stage / f) for f in CALIBRATED),
+               "--prompts", str(a.prompts),
                "--new", str(a.new), "--reps", str(a.reps), "--drafts", a.drafts,
                "--out", str(stage / "decoding"))  # fmt: skip
         name_the_destination(stage, Path(a.out))
