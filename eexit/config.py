@@ -107,6 +107,10 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches per pass
     log_every: int = 10  # steps between log lines in train_log.jsonl
     grad_accum_steps: int = 1  # micro-batches per step (same global batch, less memory)
+    # tokens of exit logits computed at a time in the loss, recomputed in the backward pass
+    # (memory follows the chunk, not exits x tokens x vocabulary); 0 = auto: whole while the
+    # exits' float32 logits fit 1 GiB, else 256 MiB chunks
+    logits_chunk_tokens: int = 0
     # LayerSkip layer dropout: a block is skipped per sequence with a rate rising with depth,
     # 0 at the first block and layer_dropout at the last (0 = off)
     layer_dropout: float = 0.0
@@ -352,6 +356,11 @@ def validate(cfg: RunConfig) -> None:
                 f"train.{name} must be >= {0 if name == 'warmup_steps' else 1}; got "
                 f"{getattr(t, name)}"
             )
+    if t.logits_chunk_tokens < 0:
+        raise EexitError(
+            "train.logits_chunk_tokens must be >= 0 (tokens of exit logits at a time; 0 = auto); "
+            f"got {t.logits_chunk_tokens}"
+        )
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise EexitError(
             f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.betas}"

@@ -54,6 +54,7 @@ class TrainingModule(nn.Module):
         self.exit_token_fraction = cfg.loss.exit_token_fraction
         self.loss_fn = make_loss(cfg.loss)
         self.total_steps = cfg.train.steps
+        self.logits_chunk_tokens = cfg.train.logits_chunk_tokens
         t = cfg.train  # LayerSkip's layer dropout: skip rates rising with depth
         self.skip_rates = layer_dropout_rates(
             model.num_layers, t.layer_dropout, t.layer_dropout_scale
@@ -66,7 +67,13 @@ class TrainingModule(nn.Module):
             else:
                 states = self.model(inputs)
         batch = LossBatch(
-            self.model, states, targets, self.exit_token_fraction, step, self.total_steps
+            self.model,
+            states,
+            targets,
+            self.exit_token_fraction,
+            step,
+            self.total_steps,
+            self.logits_chunk_tokens,
         )
         return self.loss_fn(batch)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from eexit.config import LossConfig, fill_dataclass
 from eexit.errors import EexitError
 from eexit.registry import Registry
+from eexit.training.chunked_ce import head_ce
 
 LOSSES: Registry[type[Loss]] = Registry("loss")
 register_loss = LOSSES.register
@@ -86,6 +87,9 @@ class LossBatch:
     exit_token_fraction: float = 1.0  # share of positions scored at intermediate exits
     step: int = 0  # optimizer step (0-based) of this batch: curricula depend on it
     total_steps: int = 1  # train.steps
+    # tokens of exit logits computed at a time (train.logits_chunk_tokens; 0 = auto: whole when
+    # the exits' float32 logits fit AUTO_LOGITS_BYTES, else chunks of AUTO_CHUNK_BYTES)
+    logits_chunk_tokens: int = 0
 
     @property
     def last(self) -> int:
@@ -103,19 +107,42 @@ class LossBatch:
         return compute_exit_ce(self, self.exits)
 
 
+AUTO_LOGITS_BYTES = 1 << 30  # auto: the exits' float32 logits up to 1 GiB are computed whole
+AUTO_CHUNK_BYTES = 1 << 28  # auto, beyond that: 256 MiB of logits per chunk
+
+
+def logits_chunk(b: LossBatch, exits: int, tokens: int) -> int:
+    """Tokens per chunk of exit logits for `exits` exits over `tokens` tokens (0 = whole)."""
+    if b.logits_chunk_tokens > 0:
+        return b.logits_chunk_tokens
+    V = b.model.vocab_size
+    if exits * tokens * V * 4 <= AUTO_LOGITS_BYTES:
+        return 0
+    return max(1, AUTO_CHUNK_BYTES // (4 * V))
+
+
 def compute_exit_ce(b: LossBatch, layers: list[int]) -> ExitCE:
+    """Per-position CE of each exit in `layers` (intermediate exits on a sample of positions
+    when exit_token_fraction < 1). Whole: one LM-head matmul for all shared-head exits; chunked
+    (`logits_chunk`): each exit's logits `chunk` tokens at a time, recomputed in the backward
+    pass (training/chunked_ce.py), so that memory follows the chunk, not exits x tokens x V."""
     model, targets, last = b.model, b.targets.reshape(-1), b.last
     n = targets.numel()
     out: dict[int, torch.Tensor] = {}
-    if last in layers:
-        logits = model.exit_logits(b.states[last - 1], last).reshape(n, -1)
-        out[last] = F.cross_entropy(logits.float(), targets, reduction="none")
     inter = [l for l in layers if l != last]
+    frac = b.exit_token_fraction
+    k = max(1, int(round(frac * n))) if inter and frac < 1.0 else n
+    chunk = logits_chunk(b, len(inter), k) if inter else logits_chunk(b, 1, n)
+    if last in layers:
+        h_last = b.states[last - 1].reshape(n, -1)
+        if chunk:
+            out[last] = head_ce(model, last, h_last, targets, logits_chunk(b, 1, n))
+        else:
+            logits = model.exit_logits(h_last, last)
+            out[last] = F.cross_entropy(logits.float(), targets, reduction="none")
     sample = None
     if inter:
-        frac = b.exit_token_fraction
         if frac < 1.0:
-            k = max(1, int(round(frac * n)))
             sample = torch.randperm(n, device=targets.device)[:k]
         pick = (
             (lambda h: h.reshape(n, -1)[sample])
@@ -123,6 +150,10 @@ def compute_exit_ce(b: LossBatch, layers: list[int]) -> ExitCE:
             else (lambda h: h.reshape(n, -1))
         )
         tgt = targets[sample] if sample is not None else targets
+        if chunk:  # each exit on its own, chunk by chunk
+            for l in inter:
+                out[l] = head_ce(model, l, pick(b.states[l - 1]), tgt, chunk)
+            return ExitCE(out, sample, last)
         shared = [l for l in inter if str(l) not in model.exit_heads]
         if shared:  # one LM-head matmul for all shared-head exits
             # each exit's adapter (lens) first, then the shared norm + head once
