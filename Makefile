@@ -217,6 +217,7 @@ bench: install-smollm2
 	$(BIN)/python benchmarks/speed.py --out results/bench
 	$(BIN)/python benchmarks/cli_startup.py --out results/bench
 	$(BIN)/python benchmarks/logits_memory.py --out results/bench
+	$(BIN)/python benchmarks/loss_memory.py --out results/bench
 	test -f checkpoints/demo/model.safetensors || $(MAKE) demo
 	$(BIN)/python benchmarks/generation.py --model checkpoints/demo --label demo-4L \
 	  --model "$(SMOLLM2)" --label SmolLM2-135M \

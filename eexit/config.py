@@ -111,6 +111,9 @@ class TrainConfig:
     # (memory follows the chunk, not exits x tokens x vocabulary); 0 = auto: whole while the
     # exits' float32 logits fit 1 GiB, else 256 MiB chunks
     logits_chunk_tokens: int = 0
+    # recompute each block in the backward pass instead of keeping its activations
+    # (transformers' gradient checkpointing; layer dropout included): less memory, more time
+    activation_checkpointing: bool = False
     # LayerSkip layer dropout: a block is skipped per sequence with a rate rising with depth,
     # 0 at the first block and layer_dropout at the last (0 = off)
     layer_dropout: float = 0.0

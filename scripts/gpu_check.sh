@@ -24,19 +24,27 @@ MODEL=""
 OUT=results/gpu
 INSTALL=1
 EXTRA=()
+# the value of option $1 in $2: bad input is one line and exit code 2, like every eexit command
+value() {
+  if [ -z "${2:-}" ] || [ "${2#--}" != "$2" ]; then
+    echo "gpu_check.sh: $1 needs a value (see --help)" >&2
+    exit 2
+  fi
+  printf '%s' "$2"
+}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --device) DEVICE=${2:?--device needs a value}; shift 2 ;;
+    --device) DEVICE=$(value "$1" "${2:-}") || exit 2; shift 2 ;;
     --device=*) DEVICE=${1#*=}; shift ;;
-    --model) MODEL=${2:?--model needs a value}; shift 2 ;;
+    --model) MODEL=$(value "$1" "${2:-}") || exit 2; shift 2 ;;
     --model=*) MODEL=${1#*=}; shift ;;
-    --out) OUT=${2:?--out needs a value}; shift 2 ;;
+    --out) OUT=$(value "$1" "${2:-}") || exit 2; shift 2 ;;
     --out=*) OUT=${1#*=}; shift ;;
     --tiny) EXTRA+=(--tiny); shift ;;
     --no-install) INSTALL=0; shift ;;
     -h | --help) usage; exit 0 ;;
     --*=* | --identity-only | --inject-mismatch) EXTRA+=("$1"); shift ;;
-    --*) EXTRA+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
+    --*) EXTRA+=("$1" "$(value "$1" "${2:-}")") || exit 2; shift 2 ;;
     *) echo "gpu_check.sh: unexpected argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -108,3 +108,14 @@ def test_an_unavailable_device_is_one_line_exit_2(tiny_checkpoint, tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--device cuda" in errors[0] and "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("args", [["--model"], ["--out", "--tiny"], ["--prompts"]])
+def test_an_option_without_its_value_is_one_line_exit_2(args, tmp_path):
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--no-install", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"gpu_check.sh: {args[0]} needs a value (see --help)"
+    assert not any(tmp_path.iterdir())

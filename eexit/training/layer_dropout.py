@@ -34,15 +34,18 @@ def layer_dropout_rates(num_layers: int, p_max: float, scale: str = "exp") -> li
     return [p_max * s for s in shape]
 
 
-@contextlib.contextmanager
-def layer_dropout(layers, rates: list[float]):
-    """While active, block i's output is replaced by its input for rows drawn with probability
-    rates[i] (torch's global RNG: fixed by the seed, restored on --resume). Registered before
-    any other forward hook of the blocks, so hooks that read block outputs see the skip."""
-    hooks = []
+def install_layer_dropout(layers, rates: list[float], active=lambda: True) -> list:
+    """Hooks replacing block i's output by its input for rows drawn with probability rates[i]
+    (torch's global RNG: fixed by the seed, restored on --resume), while `active()` is true.
+    Registered before any other forward hook of the blocks, so hooks that read block outputs see
+    the skip. They stay while the caller keeps them (returned handles), so that a block
+    recomputed in the backward pass (activation checkpointing, which restores the RNG state)
+    draws the same rows and skips them again."""
 
     def skip(rate):
         def hook(_module, args, kwargs, output):
+            if not active():
+                return None
             h_in = args[0] if args else kwargs["hidden_states"]
             drop = torch.rand(h_in.shape[0], device=h_in.device) < rate
             if not bool(drop.any()):
@@ -54,9 +57,17 @@ def layer_dropout(layers, rates: list[float]):
 
         return hook
 
-    for layer, rate in zip(layers, rates):
-        if rate > 0:
-            hooks.append(layer.register_forward_hook(skip(rate), with_kwargs=True, prepend=True))
+    return [
+        layer.register_forward_hook(skip(rate), with_kwargs=True, prepend=True)
+        for layer, rate in zip(layers, rates)
+        if rate > 0
+    ]
+
+
+@contextlib.contextmanager
+def layer_dropout(layers, rates: list[float]):
+    """`install_layer_dropout` for the duration of a block of code."""
+    hooks = install_layer_dropout(layers, rates)
     try:
         yield
     finally:

@@ -41,7 +41,7 @@ from eexit.training.checkpointing import (
     trim_log,
     use_hf_folder_for_weights,
 )
-from eexit.training.layer_dropout import layer_dropout, layer_dropout_rates
+from eexit.training.layer_dropout import install_layer_dropout, layer_dropout_rates
 from eexit.training.losses import LossBatch, make_loss
 
 
@@ -59,13 +59,27 @@ class TrainingModule(nn.Module):
         self.skip_rates = layer_dropout_rates(
             model.num_layers, t.layer_dropout, t.layer_dropout_scale
         )
+        # installed for good (active while the model trains, not in validation): a block
+        # recomputed in the backward pass (train.activation_checkpointing) must skip exactly
+        # as in the forward pass
+        self._skip_hooks = install_layer_dropout(
+            model.parts.layers, self.skip_rates, lambda: model.training
+        )
+        if t.activation_checkpointing:  # transformers' own, per block (non-reentrant)
+            if not getattr(model.lm, "supports_gradient_checkpointing", False):
+                raise EexitError(
+                    f"train.activation_checkpointing: {type(model.lm).__name__} does not support "
+                    "gradient checkpointing in transformers; set it to false"
+                )
+            model.lm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
 
     def forward(self, inputs, targets, step: int = 0):
-        with layer_dropout(self.model.parts.layers, self.skip_rates if self.training else []):
-            if isinstance(inputs, dict):  # task pairs: padded, prompt positions ignored
-                states, targets = pairs_mod.keep_labelled(self.model(**inputs), targets)
-            else:
-                states = self.model(inputs)
+        if isinstance(inputs, dict):  # task pairs: padded, prompt positions ignored
+            states, targets = pairs_mod.keep_labelled(self.model(**inputs), targets)
+        else:
+            states = self.model(inputs)
         batch = LossBatch(
             self.model,
             states,
