@@ -31,12 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 
 
 from eexit import quiet  # noqa: E402
-from eexit.data.corpora import cache_dir, frequent_tokens  # noqa: E402
+from eexit.data.corpora import cache_dir, corpus_split, eval_windows, frequent_tokens, load_corpus  # noqa: E402  # noqa: E402
 from eexit.data.task_data import task_split  # noqa: E402
 from eexit.data.tasks import get_task  # noqa: E402
-from eexit.evaluation.costs import measure_costs  # noqa: E402
+from eexit.evaluation.context import max_positions  # noqa: E402
+from eexit.evaluation.costs import (  # noqa: E402
+    choose_draft,
+    expected_tokens_per_cycle,
+    measure_costs,
+    measure_verify,
+    predict_self_spec,
+)
 from eexit.evaluation.entry import read_calibrated  # noqa: E402
 from eexit.evaluation.generation import prompts_from  # noqa: E402
+from eexit.evaluation.records import collect_exit_table  # noqa: E402
 from eexit.evaluation.tasks import TaskOptions, decode_all  # noqa: E402
 from eexit.evaluation.timing import interleaved, speedup_interval  # noqa: E402
 from eexit.evaluation.timing import transformers_greedy as hf_greedy  # noqa: E402
@@ -264,14 +272,80 @@ def run(model, tok, x, new: int, reps: int, batch: int, policies: dict, drafts) 
                 predicted_over_measured=predicted / (t_full / t),
             )
         if name in specs:
-            st = specs[name].stats
+            dec = specs[name]
+            st = dec.stats
             row.update(
                 acceptance_rate=st.acceptance_rate,
                 tokens_per_cycle=st.tokens_per_cycle,
-                **specs[name].time_shares,
+                speedup_vs_full_depth=t_full / t,
+                **dec.time_shares,
             )
+            if batch == 1 and dec.draft_vocab is None:  # the cost model of a cycle (batch 1)
+                base, verify = spec_costs(model, [dec.D], x.shape[1] + new // 2)
+                predicted = predict_self_spec(base, verify, dec.k, dec.D, st.tokens_per_cycle)
+                row.update(
+                    predicted_speedup_vs_full_depth=predicted,
+                    predicted_over_measured=predicted / (t_full / t),
+                )
         rows.append({**row, **where})
     return rows
+
+
+def spec_costs(model, lengths: list[int], context: int):
+    """The batch-1 cost model (no policy) and the verification parts at those draft lengths."""
+    cache = cache_dir() / "costs"
+    base = measure_costs(model, None, batch=1, context=context, cache=cache)
+    return base, measure_verify(model, lengths, context=context, cache=cache)
+
+
+def windows(tok, split: str, seq_len: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` teacher-forced windows from the start of the packaged text's split (inputs, next-token
+    targets): its documents in order, each followed by the end-of-text token, tokenized only as
+    far as the windows need."""
+    ids: list[int] = []
+    for doc in corpus_split(load_corpus(DATASET), split, DATASET):
+        ids += tok(doc, add_special_tokens=False)["input_ids"]
+        ids += [] if tok.eos_token_id is None else [tok.eos_token_id]
+        if len(ids) > n * seq_len:
+            break
+    return eval_windows(torch.tensor(ids), seq_len, n * seq_len)
+
+
+DATASET = "wiki-gensim"  # the packaged text the prompts and windows come from
+AUTO_LENGTHS = [2, 3, 4, 6, 8]  # draft lengths the cost model chooses from (--drafts auto)
+
+
+def draft_by_cost_model(model, tok, context: int, windows_n: int = 32) -> tuple[tuple, list]:
+    """The draft layer and length the measured cost model predicts fastest at batch 1: each
+    exit in the lower half's acceptance taken as its teacher-forced top-1 agreement with the
+    last layer on validation windows, each length's verification timed. Returns ((k, D),
+    candidate rows)."""
+    L = model.num_layers
+    x, y = windows(tok, "validation", min(128, max_positions(model) or 128), windows_n)
+    table = collect_exit_table(model, x, y, make_policy("static"), batch_size=8)
+    agree = {
+        layer: float((table.top1[i] == table.top1[-1]).float().mean())
+        for i, layer in enumerate(model.exit_layers)
+        if layer <= max(1, L // 2)
+    }
+    base, verify = spec_costs(model, AUTO_LENGTHS, context)
+    rows = [
+        {
+            "draft_layer": k,
+            "draft_length": D,
+            "teacher_forced_agreement": a,
+            "expected_tokens_per_cycle": expected_tokens_per_cycle(a, D),
+            "predicted_speedup_vs_full_depth": predict_self_spec(
+                base, verify, k, D, expected_tokens_per_cycle(a, D)
+            ),
+        }
+        for k, a in agree.items()
+        for D in AUTO_LENGTHS
+    ]
+    k, D, _ = choose_draft(base, verify, agree, AUTO_LENGTHS)
+    for r in rows:
+        r["chosen"] = (r["draft_layer"], r["draft_length"]) == (k, D)
+    return (k, D), rows
 
 
 def main() -> None:
@@ -286,7 +360,8 @@ def main() -> None:
     ap.add_argument(
         "--drafts",
         default="8:4,15:4",
-        help="draft layer:length[:K] (K: draft over the K most frequent train tokens)",
+        help="draft layer:length[:K] (K: draft over the K most frequent train tokens), or auto: "
+        "the layer and length the measured cost model predicts fastest",
     )
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -303,8 +378,12 @@ def main() -> None:
     rt = resolve_runtime(a.device, a.dtype)
     model, tok, _ = load_model(a.model, runtime=rt)
     x = prompts_from(tok, "wiki-gensim", "test", a.prompts, a.prompt_len)
-    drafts = []
+    drafts, draft_rows = [], []
     for d in a.drafts.split(","):  # layer:length[:K], K = a draft vocabulary of frequent tokens
+        if d == "auto":  # chosen by the measured cost model
+            (k, length), draft_rows = draft_by_cost_model(model, tok, a.prompt_len + a.new // 2)
+            drafts.append((k, length, None))
+            continue
         k, length, *vocab = (int(v) for v in d.split(":"))
         ids = frequent_tokens(tok, "wiki-gensim", vocab[0]) if vocab else None
         drafts.append((k, length, ids))
@@ -327,6 +406,9 @@ def main() -> None:
         **vars(a),
         "num_layers": model.num_layers,
         "calibrated_policies": calibrated,
+        "drafts_decoded": [
+            f"{k}:{length}" + (f":{len(v)}" if v is not None else "") for k, length, v in drafts
+        ],  # fmt: skip
         **rt.describe(),
     }
     notes = (
@@ -382,6 +464,23 @@ def main() -> None:
                 "policy's first and later decisions, a whole full-depth step, and overhead = "
                 "step - L blocks - head. The early-exit rows' predicted speedup adds these "
                 "parts for the exits and decisions the run took.\n\n"
+            ),
+        )
+    if draft_rows:
+        write_results(
+            a.out,
+            "drafts",
+            "Self-speculative drafts: the measured cost model's choice (batch 1)",
+            draft_rows,
+            provenance(config),
+            notes=(
+                "Each candidate draft layer (the lower half) and length: its teacher-forced top-1 "
+                "agreement with the last layer on 32 validation windows (128 tokens, at most the "
+                "model's positions) taken as "
+                "the per-draft acceptance, the tokens a cycle then emits, (1 - a^D) / (1 - a), "
+                "and the predicted speedup over full depth from the measured parts (costs.md; "
+                "a cycle = D draft steps of overhead + k blocks + head, then L - k blocks and "
+                "the heads over D tokens). The chosen one is decoded in decoding.md.\n\n"
             ),
         )
     if tasks:

@@ -41,13 +41,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark helpers
 
-from adapted_decoding import calibrated_policy, early_exit_name  # noqa: E402
+from adapted_decoding import calibrated_policy, early_exit_name, windows  # noqa: E402
 from adapted_decoding import run as decoding_rows  # noqa: E402
 
 from eexit import quiet  # noqa: E402
 from eexit.calibration.calibrate import token_risks  # noqa: E402
 from eexit.calibration.ltt import fixed_sequence_test  # noqa: E402
-from eexit.data.corpora import corpus_split, eval_windows, load_corpus  # noqa: E402
 from eexit.errors import EexitError  # noqa: E402
 from eexit.evaluation.generation import prompts_from  # noqa: E402
 from eexit.evaluation.records import collect_exit_table  # noqa: E402
@@ -84,19 +83,6 @@ class Sizes:
 def max_positions(model) -> int:
     cfg = model.lm.config
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 2048)
-
-
-def windows(tok, split: str, seq_len: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` teacher-forced windows from the start of the packaged text's split (inputs, next-token
-    targets): its documents in order, each followed by the end-of-text token, tokenized only as
-    far as the windows need."""
-    ids: list[int] = []
-    for doc in corpus_split(load_corpus(DATASET), split, DATASET):
-        ids += tok(doc, add_special_tokens=False)["input_ids"]
-        ids += [] if tok.eos_token_id is None else [tok.eos_token_id]
-        if len(ids) > n * seq_len:
-            break
-    return eval_windows(torch.tensor(ids), seq_len, n * seq_len)
 
 
 @contextlib.contextmanager

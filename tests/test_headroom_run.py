@@ -32,7 +32,7 @@ def test_headroom_end_to_end_at_tiny_sizes(tmp_path):
     sets = [x for s in TINY for x in ("--set", s)]
     proc = run(
         "--out", str(out), "--checkpoints", str(ckpts), *sets, "--max-tokens", "1024",
-        "--prompts", "2", "--new", "6", "--reps", "1", "--drafts", "1:2",
+        "--prompts", "2", "--new", "6", "--reps", "1", "--drafts", "auto,1:2",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "comparison.json").read_text())
@@ -67,6 +67,14 @@ def test_headroom_end_to_end_at_tiny_sizes(tmp_path):
         assert r["predicted_over_measured"] == pytest.approx(ratio)
     for path in out.rglob("*.json"):  # provenance names --out, not the staging folder
         assert "staging" not in path.read_text(), path
+    drafts = json.loads((out / "decoding" / "drafts.json").read_text())
+    assert sum(r["chosen"] for r in drafts) == 1  # the cost model's choice, decoded
+    chosen = next(r for r in drafts if r["chosen"])
+    assert chosen["predicted_speedup_vs_full_depth"] == max(
+        r["predicted_speedup_vs_full_depth"] for r in drafts
+    )
+    name = f"draft layer {chosen['draft_layer']}, {chosen['draft_length']} drafts"
+    assert any(name in r["decoder"] for r in decoding)
     costs = json.loads((out / "decoding" / "costs.json").read_text())
     assert {c["part"] for c in costs} >= {"block", "head", "kv_fill", "decision", "overhead"}
     assert {c["policy"] for c in costs} == {"max-prob", "meta"}

@@ -343,3 +343,103 @@ def table_costs(model, policy, context: int) -> DecodeCosts | None:
         return None
     decides = policy if policy is not None and not policy.needs_future else None
     return measure_costs(model, decides, context=context, cache=cache_dir() / "costs")
+
+
+# -- self-speculative decoding ----------------------------------------------------------------
+
+
+@torch.no_grad()
+def measure_verify(
+    model, lengths: list[int], context: int = 64, repeats: int = 30, cache: Path | None = None
+) -> dict[int, dict[str, float]]:
+    """Seconds of a verification's parts at batch 1 for each draft length D: one block over D
+    new tokens (`block`) and the final norm + LM head over D positions (`head`), timed like
+    `measure_costs` and cached the same way (content key, plus the lengths)."""
+    from eexit.files import atomic_json
+
+    spec = {"verify": sorted(set(lengths)), "base": cache_key(model, 1, context, 0, None)}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    path = Path(cache) / f"{key}.json" if cache is not None else None
+    if path is not None and path.is_file():
+        try:
+            return {int(d): v for d, v in json.loads(path.read_text()).items()}
+        except (ValueError, TypeError):
+            pass  # a damaged cache entry is measured again
+    out = {D: _verify_parts(model, D, context, repeats) for D in sorted(set(lengths))}
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_json(path, {str(d): v for d, v in out.items()})
+        except OSError:
+            pass  # the cache only saves time
+    return out
+
+
+def _verify_parts(model, D: int, context: int, repeats: int) -> dict[str, float]:
+    from eexit.models.decoding import EarlyExitDecoder
+
+    dev, L = model.device, model.num_layers
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.vocab_size, (1, context), generator=gen).to(dev)
+    dtype = model.parts.lm_head.weight.dtype
+    dec = EarlyExitDecoder(model, None, "full")
+    _, _, _, _, pos, _ = dec._prefill(prompt, None, D + 1, None, 0, None, None, spare_slots=0)
+    pos[:, context : context + D] = pos[:, context - 1 : context] + torch.arange(
+        1, D + 1, device=pos.device
+    )
+    slots = torch.arange(context, context + D, device=dev)[None]
+    p = pos[:, context : context + D]
+    h = torch.randn(1, D, model.hidden_size, generator=gen).to(dev, dtype)
+    rows, mid = torch.zeros(1, dtype=torch.long, device=dev), max(0, L // 2 - 1)
+    return {
+        "block": _median(lambda: dec._layer(mid, h, rows, slots, p), dev, repeats),
+        "head": _median(lambda: model.exit_logits(h[0], L), dev, repeats),
+    }
+
+
+def predict_self_spec(
+    costs: DecodeCosts,
+    verify: dict[int, dict[str, float]],
+    draft_layer: int,
+    length: int,
+    tokens_per_cycle: float,
+    draft_head: float | None = None,
+) -> float:
+    """Predicted speedup over full-depth decoding (batch 1) of self-speculative decoding that
+    drafts `length` tokens with the first `draft_layer` layers and emits `tokens_per_cycle`
+    tokens per cycle: a cycle is `length` draft steps (the per-token overhead, k blocks and the
+    draft head each) and one verification (L - k blocks over `length` tokens and their heads).
+    `draft_head`: seconds of the draft head (default: the full head)."""
+    L, k, D = costs.num_layers, draft_layer, length
+    head = costs.at("head", 1) if draft_head is None else draft_head
+    draft = D * (costs.at("overhead", 1) + k * costs.at("block", 1) + head)
+    check = (L - k) * verify[D]["block"] + verify[D]["head"]
+    return tokens_per_cycle * costs.at("step_full", 1) / (draft + check)
+
+
+def expected_tokens_per_cycle(acceptance: float, length: int) -> float:
+    """Tokens a cycle emits when each draft is accepted with probability `acceptance`, given
+    the ones before it were: the accepted prefix plus the verifier's token, `length` when every
+    draft is kept: (1 - a^D) / (1 - a)."""
+    a = min(max(acceptance, 0.0), 1.0)
+    return float(length) if a >= 1.0 else (1 - a**length) / (1 - a)
+
+
+def choose_draft(
+    costs: DecodeCosts,
+    verify: dict[int, dict[str, float]],
+    acceptance: dict[int, float],
+    lengths: list[int],
+) -> tuple[int, int, float]:
+    """The (draft layer, length) the cost model predicts fastest, with its predicted speedup,
+    from each candidate layer's acceptance (e.g. its teacher-forced top-1 agreement with the
+    last layer) and the measured parts."""
+    best = None
+    for k, a in acceptance.items():
+        for D in lengths:
+            s = predict_self_spec(costs, verify, k, D, expected_tokens_per_cycle(a, D))
+            if best is None or s > best[2]:
+                best = (k, D, s)
+    if best is None:
+        raise EexitError("no draft layer or length to choose from")
+    return best

@@ -46,6 +46,7 @@ class SpeculativeStats:
     draft_seconds: float = 0.0  # wall-clock time in the draft passes (layers 1..k + exit head)
     verify_seconds: float = 0.0  # in the verification passes (layers k+1..L + head)
     total_seconds: float = 0.0  # in generate, prefill and bookkeeping included
+    emitted: int = 0  # tokens the cycles emitted (a cycle that keeps every draft adds no other)
 
     @property
     def acceptance_rate(self) -> float:
@@ -53,8 +54,10 @@ class SpeculativeStats:
 
     @property
     def tokens_per_cycle(self) -> float:
-        """Mean tokens emitted per verification (accepted drafts + the full model's token)."""
-        return (self.accepted + self.cycles) / max(1, self.cycles)
+        """Mean tokens emitted per verification: the accepted drafts, plus the full model's
+        token where a draft was rejected (the verification does not reach past the last draft),
+        as far as the row still had room."""
+        return self.emitted / max(1, self.cycles)
 
 
 class SelfSpeculativeDecoder(EarlyExitDecoder):
@@ -186,6 +189,7 @@ class SelfSpeculativeDecoder(EarlyExitDecoder):
                         toks, layers = toks[: int(hit[0]) + 1], layers[: int(hit[0]) + 1]
                         finished[r] = True
                 start = int(n_out[r])
+                self.stats.emitted += len(toks)
                 out[r, start : start + len(toks)] = toks
                 exit_layer[r, start : start + len(toks)] = torch.tensor(layers, device=dev)
                 n_out[r] += len(toks)

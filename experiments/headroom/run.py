@@ -183,7 +183,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8, help="decoding prompts")
     ap.add_argument("--new", type=int, default=64, help="tokens decoded per prompt")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per decoder")
-    ap.add_argument("--drafts", default="3:4,4:6", help="self-spec drafts layer:length,...")
+    ap.add_argument(
+        "--drafts",
+        default="auto,2:4",
+        help="self-spec drafts layer:length,... (auto: chosen by the measured cost model)",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a = ap.parse_args()
 

@@ -145,3 +145,35 @@ def test_frontier_exits_are_the_frontiers_mean_layer_token_by_token():
         moved = int((exits != oracle).sum())
         assert moved <= round((1 - agreement / 100) * 200)  # only the allowed disagreements
     assert torch.equal(frontier_exits(oracle, 2, 100.0), oracle)
+
+
+def test_self_spec_prediction_is_its_cycles_parts_and_the_draft_choice_its_maximum(tmp_path):
+    from eexit.evaluation.costs import (
+        choose_draft,
+        expected_tokens_per_cycle,
+        measure_verify,
+        predict_self_spec,
+    )
+
+    assert expected_tokens_per_cycle(0.0, 4) == 1.0  # every first draft rejected
+    assert expected_tokens_per_cycle(1.0, 4) == 4.0  # every draft kept, nothing more
+    assert expected_tokens_per_cycle(0.5, 2) == pytest.approx(1.5)  # 1 w.p. .5, 2 w.p. .5
+    c = costs_of(SECONDS, batch=1)
+    c.seconds = {k: {1: v[1]} for k, v in SECONDS.items()}
+    verify = {2: {"block": 1.5, "head": 2.5}, 4: {"block": 2.0, "head": 3.0}}
+    # draft layer 1 of 4, 2 drafts: 2 x (overhead 1 + 1 block + head 2), then 3 blocks over the
+    # 2 tokens and their heads; 1.5 tokens per cycle against 7.0 per full step
+    cycle = 2 * (1.0 + 1.0 + 2.0) + 3 * 1.5 + 2.5
+    assert predict_self_spec(c, verify, 1, 2, 1.5) == pytest.approx(1.5 * 7.0 / cycle)
+    acceptance = {1: 0.5, 2: 0.9}
+    k, D, best = choose_draft(c, verify, acceptance, [2, 4])
+    every = {
+        (k2, D2): predict_self_spec(c, verify, k2, D2, expected_tokens_per_cycle(a, D2))
+        for k2, a in acceptance.items()
+        for D2 in (2, 4)
+    }
+    assert (k, D) == max(every, key=every.get) and best == pytest.approx(max(every.values()))
+    model = tiny(arch="llama", layers=3)
+    parts = measure_verify(model, [2, 3], context=8, repeats=2, cache=tmp_path)
+    assert set(parts) == {2, 3} and all(v["block"] > 0 and v["head"] > 0 for v in parts.values())
+    assert measure_verify(model, [2, 3], context=8, repeats=2, cache=tmp_path) == parts  # cached

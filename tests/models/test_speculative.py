@@ -136,6 +136,20 @@ def test_rows_accept_different_numbers_of_drafts(gpt2):
     assert len({tuple(x.tolist()) for x in layers}) > 1  # rows accepted differently
 
 
+@pytest.mark.parametrize("draft_length", [1, 3])
+def test_tokens_per_cycle_counts_the_tokens_emitted(gpt2, draft_length):
+    """A cycle emits its accepted drafts plus the full model's token where one was rejected: a
+    cycle that keeps every draft adds none (the verification does not reach past the last
+    draft). Every token after the first comes from a cycle."""
+    model, ids, mask, pad = gpt2
+    dec = SelfSpeculativeDecoder(model, 2, draft_length)
+    dec.generate(ids, mask, 16, pad_token_id=pad)
+    st = dec.stats
+    assert st.emitted == 3 * (16 - 1)
+    assert st.tokens_per_cycle == pytest.approx(st.emitted / st.cycles)
+    assert 1 <= st.tokens_per_cycle <= draft_length
+
+
 def test_stops_at_eos_and_checks_its_options(gpt2):
     model, ids, mask, pad = gpt2
     ref = SelfSpeculativeDecoder(model, 1, 3).generate(ids[:1], mask[:1], 12, pad_token_id=pad)
