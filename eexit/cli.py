@@ -369,6 +369,7 @@ def analyze_monotonicity(
 
 @app.command()
 def calibrate(
+    ctx: typer.Context,
     model: Optional[str] = _MODEL,
     fit: Optional[str] = typer.Option(
         None, help="Fit exit classifiers first: comma list of meta, lstm, mlp3, predictor."
@@ -437,6 +438,24 @@ def calibrate(
     dtype: str = _DTYPE,
 ):
     """Fit learned exit classifiers and/or pick a threshold with a Learn-then-Test guarantee."""
+    from eexit.names import SEQUENCE_RISKS, TOKEN_RISKS
+
+    if fit and not policy:
+        refuse_ignored(
+            ctx, "calibrate", "--fit and no --policy", "only the classifiers are fitted; add "
+            "--policy to calibrate a threshold too",
+        )  # fmt: skip
+    elif risk in SEQUENCE_RISKS:
+        if not fit:
+            refuse_ignored(
+                ctx, "calibrate", "a sequence-level risk and no --fit",
+                "the units are --prompts decoded prompts",
+            )  # fmt: skip
+    elif risk in TOKEN_RISKS:  # (an unknown risk is refused below, naming the valid ones)
+        refuse_ignored(
+            ctx, "calibrate", "a token-level risk", "token risks are read teacher-forced from "
+            "windows of the split; the sequence-* risks decode prompts",
+        )  # fmt: skip
     quiet_libraries()
     model = model_or_newest(model)
     from eexit.calibration.calibrate import (

@@ -58,6 +58,15 @@ _DTYPE = typer.Option(
 
 # Options that a mode of a command does not use: given there, they are refused in one line
 # naming the mode instead of being silently ignored (tests/test_cli.py walks this table).
+# what only calibrate's sequence-level risks (decoded prompts) read
+SEQUENCE_OPTIONS = {
+    "prompts": "--prompts",
+    "test_prompts": "--test-prompts",
+    "prompt_len": "--prompt-len",
+    "max_new_tokens": "--max-new-tokens",
+    "kv": "--kv",
+    "repeats": "--repeats",
+}
 IGNORED_BY_MODE = {
     ("evaluate", "--mode self-spec"): {
         "policy": "--policy",
@@ -68,6 +77,21 @@ IGNORED_BY_MODE = {
         "calibrated": "--calibrated",
     },
     ("sweep", "a threshold-free policy"): {"thresholds": "--thresholds"},
+    # calibrate: the options of a Learn-then-Test run, and those of its two kinds of risk
+    ("calibrate", "--fit and no --policy"): {
+        "epsilon": "--epsilon",
+        "delta": "--delta",
+        "risk": "--risk",
+        "grid": "--grid",
+        "method": "--method",
+        "zeta": "--zeta",
+        "free_grid": "--free-grid",
+        "free_fit": "--free-fit",
+        "test_split": "--test-split",
+        **SEQUENCE_OPTIONS,
+    },
+    ("calibrate", "a token-level risk"): SEQUENCE_OPTIONS,
+    ("calibrate", "a sequence-level risk and no --fit"): {"max_tokens": "--max-tokens"},
 }
 
 

@@ -15,6 +15,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 
+# calibrate's risks measured on decoded prompts (eexit/calibration/sequence.py); the others are
+# token risks read teacher-forced
+SEQUENCE_RISKS = ("sequence-mismatch", "sequence-rouge")
+TOKEN_RISKS = ("consistency", "loss")
+
 # what `--dataset` accepts beyond the registered names (eexit.data.names lists the same)
 DATASET_PATTERNS = [
     "hf:<hub name>[:<config>]",

@@ -49,6 +49,7 @@ from eexit.evaluation.records import (
 )
 from eexit.files import FolderLock, atomic_json, check_output_path, output_folder
 from eexit.models.identity import model_identity
+from eexit.names import TOKEN_RISKS
 from eexit.policies import POLICIES
 from eexit.policies.learned import (
     CLASSIFIER_DIR,
@@ -68,9 +69,8 @@ from eexit.policies.predictor import (
 from eexit.reporting import markdown_table, portable, provenance, write_results
 from eexit.runtime import LOCAL, Runtime, logits_chunk_tokens
 
-RISKS = {
-    "consistency": "binomial",
-    "loss": "hoeffding-bentkus",
+RISKS = {  # each risk's p-value (the names: eexit/names.py, readable without torch)
+    **dict(zip(TOKEN_RISKS, ("binomial", "hoeffding-bentkus"))),
     **dict.fromkeys(SEQUENCE_RISKS, "hoeffding-bentkus"),
 }
 THRESHOLD_METHODS = ("ltt", "free")  # Learn-then-Test, or FREE's Beta-mixture threshold

@@ -36,9 +36,9 @@ import torch
 
 from eexit.calibration.ltt import CalibrationResult, fixed_sequence_test
 from eexit.errors import EexitError
+from eexit.names import SEQUENCE_RISKS
 from eexit.reporting import log
 
-SEQUENCE_RISKS = ("sequence-mismatch", "sequence-rouge")
 # upper bounds on work-sized options: beyond them a run would not end in any useful time
 MAX_REPEATS = 10_000
 MAX_PROMPTS = 100_000
