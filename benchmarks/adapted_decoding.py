@@ -315,16 +315,20 @@ DATASET = "wiki-gensim"  # the packaged text the prompts and windows come from
 AUTO_LENGTHS = [2, 3, 4, 6, 8]  # draft lengths the cost model chooses from (--drafts auto)
 
 
-def draft_by_cost_model(model, tok, context: int, windows_n: int = 32) -> tuple[tuple, list]:
-    """The draft layer and length the measured cost model predicts fastest at batch 1: each
-    exit in the lower half's acceptance taken as its teacher-forced top-1 agreement with the
-    last layer on validation windows, each length's verification timed. Returns ((k, D),
-    candidate rows)."""
+def draft_by_cost_model(model, tok, context: int, prompts: int = 8) -> tuple[tuple, list]:
+    """The draft layer and length the measured cost model predicts fastest at batch 1. Each
+    exit in the lower half's acceptance is its top-1 agreement with the last layer along the
+    model's own greedy continuations (what self-speculation verifies: on held-out text the
+    agreement is lower) of validation prompts; each length's verification is timed. Returns
+    ((k, D), candidate rows)."""
     L = model.num_layers
-    x, y = windows(tok, "validation", min(128, max_positions(model) or 128), windows_n)
-    table = collect_exit_table(model, x, y, make_policy("static"), batch_size=8)
+    x = prompts_from(tok, DATASET, "validation", prompts, 32).to(model.device)
+    new = min(64, (max_positions(model) or 96) - x.shape[1])
+    seqs = EarlyExitDecoder(model, None, "full").generate(x, None, new, pad_token_id=0).sequences
+    table = collect_exit_table(model, seqs[:, :-1], seqs[:, 1:], make_policy("static"), 8)
+    own = table.positions >= x.shape[1] - 1  # positions that predict a generated token
     agree = {
-        layer: float((table.top1[i] == table.top1[-1]).float().mean())
+        layer: float((table.top1[i][own] == table.top1[-1][own]).float().mean())
         for i, layer in enumerate(model.exit_layers)
         if layer <= max(1, L // 2)
     }
@@ -333,7 +337,7 @@ def draft_by_cost_model(model, tok, context: int, windows_n: int = 32) -> tuple[
         {
             "draft_layer": k,
             "draft_length": D,
-            "teacher_forced_agreement": a,
+            "agreement_on_own_greedy": a,
             "expected_tokens_per_cycle": expected_tokens_per_cycle(a, D),
             "predicted_speedup_vs_full_depth": predict_self_spec(
                 base, verify, k, D, expected_tokens_per_cycle(a, D)
@@ -474,10 +478,10 @@ def main() -> None:
             draft_rows,
             provenance(config),
             notes=(
-                "Each candidate draft layer (the lower half) and length: its teacher-forced top-1 "
-                "agreement with the last layer on 32 validation windows (128 tokens, at most the "
-                "model's positions) taken as "
-                "the per-draft acceptance, the tokens a cycle then emits, (1 - a^D) / (1 - a), "
+                "Each candidate draft layer (the lower half) and length: its top-1 agreement with "
+                "the last layer along the model's own greedy continuations of 8 validation "
+                "prompts (64 tokens each) taken as the per-draft acceptance, the tokens a cycle "
+                "then emits, (1 - a^D) / (1 - a), "
                 "and the predicted speedup over full depth from the measured parts (costs.md; "
                 "a cycle = D draft steps of overhead + k blocks + head, then L - k blocks and "
                 "the heads over D tokens). The chosen one is decoded in decoding.md.\n\n"

@@ -30,6 +30,8 @@ from eexit.cli_options import (
     _POLICY,
     _SEQ,
     _SPLIT,
+    TASK_ONLY,
+    given_options,
     model_or_newest,
     quiet_libraries,
     refuse_ignored,
@@ -214,7 +216,11 @@ def evaluate(
     if calibrated:
         apply_calibrated(r, calibrated)
     task = TaskOptions(
-        examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv, batch_size=batch_size
+        examples=examples,
+        max_new_tokens=max_new_tokens,
+        kv_mode=kv,
+        batch_size=batch_size,
+        given=given_options(ctx, TASK_ONLY),
     )
     res = run(r, out=out, overwrite=overwrite, generation=gen, task=task)
     if not res.main:  # several processes: the main one prints
@@ -289,7 +295,11 @@ def sweep_threshold(
         dtype,
     )
     task = TaskOptions(
-        examples=examples, max_new_tokens=max_new_tokens, kv_mode=kv, batch_size=batch_size
+        examples=examples,
+        max_new_tokens=max_new_tokens,
+        kv_mode=kv,
+        batch_size=batch_size,
+        given=given_options(ctx, TASK_ONLY),
     )
     res = run(r, out=out, overwrite=overwrite, sweep=True, task=task)
     if not res.main:

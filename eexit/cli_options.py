@@ -95,12 +95,24 @@ IGNORED_BY_MODE = {
 }
 
 
+# what only a task dataset's decoding reads (on an LM dataset evaluate / sweep refuse them once
+# the dataset is known; --max-new-tokens also serves --generate)
+TASK_ONLY = {"examples": "--examples", "max_new_tokens": "--max-new-tokens"}
+
+
+def given_options(ctx: typer.Context, options: dict[str, str]) -> tuple[str, ...]:
+    """The flags of `options` (parameter name -> flag) the user typed."""
+    return tuple(
+        flag
+        for name, flag in options.items()
+        if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+    )
+
+
 def refuse_ignored(ctx: typer.Context, command: str, mode: str, why: str) -> None:
     """Refuse each option of IGNORED_BY_MODE[(command, mode)] the user gave."""
-    for name, flag in IGNORED_BY_MODE[(command, mode)].items():
-        source = ctx.get_parameter_source(name)  # (Typer's own click: compared by name)
-        if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
-            raise EexitError(f"{flag} has no effect with {mode} ({why}); leave it out")
+    for flag in given_options(ctx, IGNORED_BY_MODE[(command, mode)]):
+        raise EexitError(f"{flag} has no effect with {mode} ({why}); leave it out")
 
 
 def model_or_newest(model: str | None) -> str:

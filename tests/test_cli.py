@@ -227,13 +227,34 @@ def test_every_option_a_mode_ignores_is_refused_in_one_line(tiny_checkpoint, tmp
         "--param": ["--param", "decay_tau=2"],
         "--calibrated": ["--calibrated", str(tmp_path)],
         "--thresholds": ["--thresholds", "0.2,0.4"],
+        "--epsilon": ["--epsilon", "0.1"],
+        "--delta": ["--delta", "0.2"],
+        "--risk": ["--risk", "loss"],
+        "--grid": ["--grid", "0:1:0.1"],
+        "--method": ["--method", "free"],
+        "--zeta": ["--zeta", "0.5"],
+        "--free-grid": ["--free-grid", "0.3,0.6"],
+        "--free-fit": ["--free-fit", "em"],
+        "--test-split": ["--test-split", "validation"],
+        "--prompts": ["--prompts", "4"],
+        "--test-prompts": ["--test-prompts", "4"],
+        "--prompt-len": ["--prompt-len", "8"],
+        "--max-new-tokens": ["--max-new-tokens", "8"],
+        "--repeats": ["--repeats", "2"],
+        "--max-tokens": ["--max-tokens", "512"],
     }
+    calibrate = ["calibrate", "--model", str(tiny_checkpoint)]
     base = {
         ("evaluate", "--mode self-spec"): [
             "evaluate", "--model", str(tiny_checkpoint), "--generate", "--mode", "self-spec",
         ],
         ("sweep", "a threshold-free policy"): [
             "sweep", "--model", str(tiny_checkpoint), "--policy", "oracle",
+        ],
+        ("calibrate", "--fit and no --policy"): [*calibrate, "--fit", "meta"],  # refused first
+        ("calibrate", "a token-level risk"): [*calibrate, "--policy", "max-prob"],
+        ("calibrate", "a sequence-level risk and no --fit"): [
+            *calibrate, "--policy", "max-prob", "--risk", "sequence-mismatch",
         ],
     }  # fmt: skip
     assert set(base) == set(IGNORED_BY_MODE)
@@ -244,3 +265,41 @@ def test_every_option_a_mode_ignores_is_refused_in_one_line(tiny_checkpoint, tmp
             assert code == 2 and len(lines) == 1, err
             assert lines[0].startswith(f"error: {flag} has no effect with {key[1]}"), lines[0]
             assert not (tmp_path / "x").exists()
+
+
+def test_calibrate_keeps_the_options_its_mode_reads(tiny_checkpoint, tmp_path):
+    """The refusals above do not reach what each mode uses: the sequence options under a
+    sequence risk, --max-tokens when classifiers are fitted."""
+    code, _, err = run_cli(
+        "calibrate", "--model", str(tiny_checkpoint), "--policy", "max-prob", "--risk",
+        "sequence-mismatch", "--prompts", "3", "--test-prompts", "3", "--prompt-len", "4",
+        "--max-new-tokens", "4", "--epsilon", "0.5", "--delta", "0.5", "--out", str(tmp_path / "s"),
+    )  # fmt: skip
+    assert code == 0, err
+    import shutil
+
+    own = shutil.copytree(tiny_checkpoint, tmp_path / "ck")  # the fit writes beside the model
+    code, _, err = run_cli(
+        "calibrate", "--model", str(own), "--fit", "meta", "--max-tokens", "512",
+        "--out", str(tmp_path / "f"),
+    )  # fmt: skip
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "args, flags",
+    [
+        (["evaluate", "--examples", "3"], "--examples"),
+        (["evaluate", "--max-new-tokens", "4"], "--max-new-tokens"),
+        (["sweep", "--thresholds", "0.5", "--examples", "3", "--max-new-tokens", "4"],
+         "--examples, --max-new-tokens"),
+        (["evaluate", "--generate", "--examples", "3"], "--examples"),
+    ],
+)  # fmt: skip
+def test_task_only_options_on_an_lm_dataset_are_refused(tiny_checkpoint, tmp_path, args, flags):
+    code, _, err = run_cli(*args, "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"))
+    lines = message_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {flags}: for task datasets only"), lines[0]
+    assert "language-modelling dataset" in lines[0]
+    assert not (tmp_path / "x").exists()

@@ -51,6 +51,15 @@ def evaluate(
     if out:
         check_output_path(Path(out), overwrite)  # before any work
     ctx = open_context(request)
+    if not ctx.is_task:  # task-only options on an LM dataset (--generate reads the token count)
+        unused = [f for f in task.given if generation is None or f == "--examples"]
+        if unused:
+            raise EexitError(
+                f"{', '.join(unused)}: for task datasets only (decoded examples); "
+                f"{ctx.dataset!r} is a language-modelling dataset; leave "
+                + ("it" if len(unused) == 1 else "them")
+                + " out"
+            )
     main = ctx.runtime.is_main  # several processes: each computes its shard, the main one writes
     with output_folder(out, overwrite) if out and main else nullcontext(None) as folder:
         result = EvalResult(kind="lm", rows=[], dataset=ctx.dataset, main=main)

@@ -35,6 +35,7 @@ class TaskOptions:
     max_source_len: int | None = None  # default: the checkpoint's data.max_source_len, else 192
     kv_mode: str = "propagate"  # KV of skipped layers: full | propagate | recompute
     batch_size: int = 1  # examples decoded together (tokens/s is per example at batch 1)
+    given: tuple[str, ...] = ()  # the task-only flags the user typed (refused on an LM dataset)
 
     def check(self) -> None:
         check_kv_mode(self.kv_mode)
