@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 
 import torch
 
 from eexit import quiet
+from eexit.evaluation.timing import in_fresh_process, peak_memory_mib
 from eexit.reporting import provenance, write_results
 from eexit.runtime import Runtime, logits_chunk_tokens, now, resolve_runtime
-
-
-def peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def measure(vocab: int, batch: int, seq_len: int, chunk: int | None, rt: Runtime) -> dict:
@@ -47,7 +40,7 @@ def measure(vocab: int, batch: int, seq_len: int, chunk: int | None, rt: Runtime
     policy = make_policy("max-prob", 0.9)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    before = peak_mib(rt.device)
+    before = peak_memory_mib(rt.device)
     used = chunk or logits_chunk_tokens(vocab, rt.device)
     t0 = now(rt.device)
     table = collect_exit_table(model, x, y, policy, batch, chunk_tokens=used)
@@ -62,7 +55,7 @@ def measure(vocab: int, batch: int, seq_len: int, chunk: int | None, rt: Runtime
         "chunk": "auto" if chunk is None else "set",
         "full_logits_mib": batch * seq_len * vocab * 4 / 2**20,
         "chunk_logits_mib": used * vocab * 4 / 2**20,
-        "peak_above_model_mib": peak_mib(rt.device) - before,
+        "peak_above_model_mib": peak_memory_mib(rt.device) - before,
         "seconds": seconds,
     }
 
@@ -87,11 +80,9 @@ def main() -> None:
     rows = []
     for chunk in a.chunks.split(","):
         for batch in (int(b) for b in a.batches.split(",")):
-            one = json.dumps([batch, None if chunk == "auto" else int(chunk)])
-            args = ["--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--one", one]
-            cmd = [sys.executable, __file__, *args, "--device", a.device, "--dtype", a.dtype]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            args = ["--vocab", str(a.vocab), "--seq-len", str(a.seq_len)]
+            args += ["--device", a.device, "--dtype", a.dtype]
+            row = in_fresh_process(__file__, args, [batch, None if chunk == "auto" else int(chunk)])
             rows.append({**row, "device": rt.describe()["device_name"], "dtype": rt.dtype_name})
             print(rows[-1], file=sys.stderr)
     notes = (

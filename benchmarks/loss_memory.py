@@ -17,22 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 
 import torch
 
 from eexit import quiet
+from eexit.evaluation.timing import in_fresh_process, peak_memory_mib
 from eexit.reporting import provenance, write_results
 from eexit.runtime import Runtime, now, resolve_runtime
-
-
-def peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def measure(layers: int, loss: str, chunk: int, vocab: int, seq_len: int, rt: Runtime) -> dict:
@@ -59,7 +52,7 @@ def measure(layers: int, loss: str, chunk: int, vocab: int, seq_len: int, rt: Ru
         }
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    before = peak_mib(rt.device)
+    before = peak_memory_mib(rt.device)
     times, values = [], []
     for _ in range(2):
         t0 = now(rt.device)
@@ -78,7 +71,7 @@ def measure(layers: int, loss: str, chunk: int, vocab: int, seq_len: int, rt: Ru
         "vocab": vocab,
         "tokens": seq_len,
         "whole_logits_mib": (layers if loss != "final" else 1) * seq_len * vocab * 4 / 2**20,
-        "peak_above_model_mib": peak_mib(rt.device) - before,
+        "peak_above_model_mib": peak_memory_mib(rt.device) - before,
         "step_seconds": statistics.median(times),
         "first_loss": values[0],
     }
@@ -109,11 +102,9 @@ def main() -> None:
         if whole_gib <= a.whole_limit_gib:
             runs.insert(1, ("weighted-ce", 0))
         for loss, chunk in runs:
-            one = json.dumps([layers, loss, chunk])
-            args = ["--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--one", one]
-            cmd = [sys.executable, __file__, *args, "--device", a.device, "--dtype", a.dtype]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            args = ["--vocab", str(a.vocab), "--seq-len", str(a.seq_len)]
+            args += ["--device", a.device, "--dtype", a.dtype]
+            row = in_fresh_process(__file__, args, [layers, loss, chunk])
             rows.append({**row, "device": rt.describe()["device_name"], "dtype": rt.dtype_name})
             print(rows[-1], file=sys.stderr)
         final = next(r for r in rows if r["exits"] == layers and r["loss"] == "final")

@@ -61,3 +61,24 @@ def speedup_interval(ref: list[float], times: list[float]) -> tuple:
     mean, sd = statistics.fmean(ratios), statistics.stdev(ratios)
     half = T975.get(len(ratios) - 1, 1.96) * sd / len(ratios) ** 0.5
     return mean - half, mean + half
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The process's peak memory so far: allocated memory on a GPU, peak RSS on the CPU."""
+    import resource
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def in_fresh_process(script: str, args: list[str], one: list) -> dict:
+    """Run `script` with `args` and `--one <json of one>` in a new Python process (peak memory
+    is per process) and return the JSON dict it prints last."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, script, *args, "--one", json.dumps(one)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
