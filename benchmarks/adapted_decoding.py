@@ -49,6 +49,7 @@ from eexit.evaluation.tasks import TaskOptions, decode_all  # noqa: E402
 from eexit.evaluation.timing import interleaved, speedup_interval  # noqa: E402
 from eexit.evaluation.timing import transformers_greedy as hf_greedy  # noqa: E402
 from eexit.models.decoding import EarlyExitDecoder, GenerationResult  # noqa: E402
+from eexit.models.identity import check_identity  # noqa: E402
 from eexit.models.loading import load_model  # noqa: E402
 from eexit.models.speculative import SelfSpeculativeDecoder  # noqa: E402
 from eexit.policies import make_policy  # noqa: E402
@@ -158,6 +159,10 @@ def calibrated_policy(model, model_dir: str, calibrated: dict):
             f"error: the calibration at {calibrated['model']} used exits {exits}, this run "
             f"decodes with {model.exit_layers}"
         )
+    check_identity(
+        calibrated.get("model_identity"), model, "the calibrated threshold", "calibrated",
+        "calibrate it again on this model",
+    )  # fmt: skip
     policy = make_policy(
         calibrated["policy"],
         calibrated["threshold"],

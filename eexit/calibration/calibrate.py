@@ -364,7 +364,9 @@ def summary_line(summary: dict) -> str:
     return line
 
 
-def write_calibration(out: str, summary: dict, tested: list[dict], fit_rows: list[dict]) -> None:
+def write_calibration(
+    out: str, summary: dict, tested: list[dict], fit_rows: list[dict], identity: dict | None = None
+) -> None:
     summary = dict(summary)  # the caller keeps its summary whole
     resolved = summary.pop("resolved", {})
     rows = summary.pop("compared", None) or [summary]  # the kept threshold first
@@ -415,6 +417,9 @@ def write_calibration(out: str, summary: dict, tested: list[dict], fit_rows: lis
         keep = {k: summary[k] for k in keys}
         keep["source"] = "FREE" if summary["threshold_by"] == "free" else "LTT"
         keep.update({k: resolved.get(k) for k in ("model", "exit_layers", "seq_len", "dataset")})
+        # what the threshold was calibrated on (weights hash included): another model, or the
+        # same folder retrained, is refused where the calibration is applied
+        keep["model_identity"] = identity
         atomic_json(Path(out) / CALIBRATED_FILE, portable(keep))  # the model as in provenance
 
 
@@ -463,7 +468,7 @@ def run_calibration(request: EvalRequest, run: CalibrationRun, out: str, overwri
         windows = slice(1, None, 2) if run.fit else slice(None)
         summary, tested = calibrate(ctx, run.ltt, windows)
         if main:
-            write_calibration(str(folder), summary, tested, fit_rows)
+            write_calibration(str(folder), summary, tested, fit_rows, model_identity(ctx.model))
     ctx.runtime.barrier()
     return {"fit": fit_rows, "summary": summary, "main": main}
 

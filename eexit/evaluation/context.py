@@ -17,6 +17,7 @@ from eexit.data.task_data import TASK_DATA, task_split
 from eexit.data.tasks import get_task
 from eexit.errors import EexitError
 from eexit.models.checkpoint import CheckpointInfo
+from eexit.models.identity import check_identity
 from eexit.models.loading import load_model
 from eexit.policies import ExitPolicy, make_policy
 from eexit.reporting import portable
@@ -40,10 +41,14 @@ class EvalRequest:
     exit_layers: str | None = None  # override the checkpoint's exits ("all" or "1,3")
     device: str = "auto"  # auto (cuda, then mps, else cpu), cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto (bf16 on a GPU that has it, float32 on the CPU), float32, ...
+    # set by `--calibrated DIR`: (DIR, the model identity its threshold was calibrated on)
+    calibrated_on: tuple[str, dict] | None = None
 
     def describe(self) -> dict:
-        """The request as provenance (JSON-ready)."""
-        return {k: v for k, v in self.__dict__.items()}
+        """The request as provenance (JSON-ready; a calibration by its folder)."""
+        out = {k: v for k, v in self.__dict__.items() if k != "calibrated_on"}
+        out["calibrated"] = self.calibrated_on[0] if self.calibrated_on else None
+        return out
 
 
 @dataclass(kw_only=True)
@@ -103,6 +108,14 @@ def open_context(
         model, tokenizer, checkpoint = load_model(r.model, r.exit_layers, runtime)
     else:
         checkpoint = CheckpointInfo.read(r.model)
+    if r.calibrated_on is not None:  # a threshold calibrated on other weights is refused
+        check_identity(
+            r.calibrated_on[1],
+            model,
+            f"the threshold at {r.calibrated_on[0]}",
+            "calibrated",
+            "calibrate it again on this model (eexit calibrate --policy ...)",
+        )
     dataset = r.dataset or checkpoint.trained_dataset or DEFAULT_DATASET
     if r.min_exit_layer > model.num_layers:
         raise EexitError(

@@ -106,4 +106,6 @@ def apply_calibrated(request: EvalRequest, folder: str) -> EvalRequest:
     request.min_exit_layer, request.policy_params = c["min_exit_layer"], c["policy_params"]
     if not request.exit_layers and c.get("exit_layers"):
         request.exit_layers = ",".join(str(x) for x in c["exit_layers"])
+    if c.get("model_identity"):  # checked once the model is loaded (open_context)
+        request.calibrated_on = (folder, c["model_identity"])
     return request

@@ -43,7 +43,13 @@ def describe(identity: dict) -> str:
     )
 
 
-def check_identity(recorded: dict | None, model, what: str) -> None:
+def check_identity(
+    recorded: dict | None,
+    model,
+    what: str,
+    made: str = "fitted",
+    redo: str = "fit it again on this model (eexit calibrate --fit ...)",
+) -> None:
     """Refuse `what` (a fitted file) when the identity it recorded is not `model`'s. Files from
     before identities were recorded (None) are checked by their sizes where they have them."""
     if not recorded:
@@ -54,6 +60,6 @@ def check_identity(recorded: dict | None, model, what: str) -> None:
     exits_ok = set(here["exit_layers"]) <= set(recorded.get("exit_layers", here["exit_layers"]))
     if not exits_ok or any(recorded.get(k) != here[k] for k in keys if k in recorded):
         raise EexitError(
-            f"{what} was fitted on another model ({describe(recorded)}), not this one "
-            f"({describe(here)}); fit it again on this model (eexit calibrate --fit ...)"
+            f"{what} was {made} on another model ({describe(recorded)}), not this one "
+            f"({describe(here)}); {redo}"
         )

@@ -8,7 +8,7 @@ from eexit.errors import EexitError
 from eexit.evaluation.records import ExitTable
 from eexit.policies.base import ExitView, make_policy
 from eexit.policies.learned import CLASSIFIERS, LSTMPolicy, exit_labels, fit_classifier
-from tests.conftest import run_cli
+from tests.conftest import message_lines, run_cli
 
 
 def test_exit_labels_consistent_and_stable():
@@ -186,3 +186,35 @@ def test_calibrate_bad_input(tiny_checkpoint, tmp_path):
     assert not (
         tiny_checkpoint / "exit_classifiers" / "meta.pt"
     ).exists()  # nothing was fitted before the error
+
+
+def test_a_calibration_is_refused_on_retrained_weights(tiny_checkpoint, tmp_path):
+    """calibrated.json records the identity of the model it was calibrated on (weights hash
+    included): the same folder with other weights is refused where the threshold is applied,
+    naming both; on its own model it applies."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "m")
+    cal = tmp_path / "cal"
+    code, _, err = run_cli(
+        "calibrate", "--model", str(model), "--policy", "max-prob", "--epsilon", "0.3",
+        "--delta", "0.3", "--max-tokens", "2048", "--out", str(cal),
+    )  # fmt: skip
+    assert code == 0, err
+    recorded = json.loads((cal / "calibrated.json").read_text())["model_identity"]
+    assert recorded["num_layers"] == 3 and len(recorded["weights_sha256"]) == 64
+    ev = ["evaluate", "--model", str(model), "--calibrated", str(cal), "--max-tokens", "256"]
+    code, _, err = run_cli(*ev)
+    assert code == 0, err
+    weights = model / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k, v in state.items() if v.dtype.is_floating_point)
+    state[name] = state[name] + 0.01  # "retrained" in place
+    save_file(state, str(weights), metadata={"format": "pt"})
+    code, _, err = run_cli(*ev)
+    lines = message_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert "the threshold at" in lines[0] and "calibrated on another model" in lines[0]
+    assert "calibrate it again" in lines[0]
