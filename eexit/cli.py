@@ -85,6 +85,12 @@ def train(
     stop_after: Optional[int] = typer.Option(
         None, help="Stop after this many steps, as if killed (resume later)."
     ),
+    device: str = _DEVICE,
+    dtype: str = typer.Option(
+        "auto",
+        help="Mixed precision of training (weights stay float32): float32, bfloat16, float16 "
+        "(GPU only); auto = accelerate's own setting (accelerate launch --mixed_precision).",
+    ),
 ):
     """Train an early-exit LM (multi-process with `accelerate launch` or `torchrun`)."""
     quiet_libraries()
@@ -100,7 +106,14 @@ def train(
     if out:
         overrides.append(f"out_dir={out}")
     cfg = load_config(config, overrides)
-    result = run_training(cfg, resume=resume, overwrite=overwrite, stop_after=stop_after)
+    result = run_training(
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        stop_after=stop_after,
+        device=device,
+        dtype=dtype,
+    )
     if not result["main_process"]:
         return
     keep = ("step", "processes")

@@ -190,6 +190,38 @@ def parse_dtype(spec: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def training_placement(device: str = "auto", dtype: str = "auto") -> dict:
+    """`eexit train --device --dtype` as accelerate's settings, checked like every command's:
+    {"cpu": run on the CPU, "mixed_precision": accelerate's (None = its own default, i.e. what
+    `accelerate launch --mixed_precision` or its config set), "cuda_index": a GPU to use}.
+    Weights stay float32; --dtype chooses the autocast precision (mixed precision)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    wanted = (device or "auto").strip().lower()
+    if world > 1 and wanted not in ("auto", "cpu", "cuda"):
+        raise EexitError(
+            f"--device {device}: with {world} processes each process takes its own device; "
+            "use --device auto, cuda or cpu"
+        )
+    dev = torch.device("cpu") if wanted == "cpu" else parse_device(wanted)
+    if dev.type == "mps":
+        raise EexitError("--device mps: training runs on cuda or cpu; use one of them")
+    out = {"cpu": dev.type == "cpu", "mixed_precision": None, "cuda_index": None}
+    if dev.type == "cuda" and dev.index is not None:
+        out["cuda_index"] = dev.index
+    if (dtype or "auto").strip().lower() != "auto":
+        chosen = parse_dtype(dtype, dev)
+        if chosen == torch.float16 and dev.type == "cpu":
+            raise EexitError(
+                "--dtype float16 trains on a GPU only (loss scaling); on the CPU use bfloat16 or "
+                "float32"
+            )
+        out["mixed_precision"] = MIXED_PRECISION[chosen]
+    return out
+
+
 def runtime_of(model) -> Runtime:
     """One process on the model's own device and dtype (a model built or placed in code)."""
     p = next(model.parameters())

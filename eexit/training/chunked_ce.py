@@ -38,6 +38,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
             ce[a : a + chunk] = torch.where(keep, lse[a : a + chunk] - picked, 0.0)
         ctx.save_for_backward(x, weight, bias, targets, lse)
         ctx.chunk = chunk
+        # mixed precision: the backward pass recomputes the logits under the same autocast
+        dev = x.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         return ce
 
     @staticmethod
@@ -46,27 +49,17 @@ class _ChunkedLinearCE(torch.autograd.Function):
         chunk = ctx.chunk
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
         grad_b = (
             torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
             if bias is not None and need_b
             else None
         )
-        for a in range(0, x.shape[0], chunk):
-            xc, t = x[a : a + chunk], targets[a : a + chunk]
-            logits = F.linear(xc, weight, bias).float()
-            g = torch.exp(logits - lse[a : a + chunk, None])  # softmax
-            keep = t != IGNORE_INDEX
-            rows = torch.arange(len(t), device=t.device)
-            g[rows, t.clamp_min(0)] -= 1.0
-            g = g * (grad_ce[a : a + chunk] * keep)[:, None]  # ignored targets: no gradient
-            g = g.to(x.dtype)
-            if need_x:
-                grad_x[a : a + chunk] = g @ weight
-            if need_w:
-                grad_w += (g.t() @ xc).float()
-            if grad_b is not None:
-                grad_b += g.float().sum(0)
+        dev, enabled, amp_dtype = ctx.autocast
+        with torch.autocast(dev, dtype=amp_dtype, enabled=enabled):
+            _backward_chunks(x, weight, bias, targets, lse, grad_ce, chunk, grad_x, grad_w, grad_b)
         return (
             grad_x,
             grad_w.to(weight.dtype) if need_w else None,
@@ -74,6 +67,24 @@ class _ChunkedLinearCE(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _backward_chunks(x, weight, bias, targets, lse, grad_ce, chunk, grad_x, grad_w, grad_b):
+    """Each chunk's logits recomputed and turned into the gradient (softmax - one-hot, scaled by
+    the incoming gradient), accumulated into grad_x / grad_w / grad_b (None: not needed)."""
+    for a in range(0, x.shape[0], chunk):
+        xc, t = x[a : a + chunk], targets[a : a + chunk]
+        logits = F.linear(xc, weight, bias).float()
+        g = torch.exp(logits - lse[a : a + chunk, None])  # softmax
+        keep = t != IGNORE_INDEX
+        g[torch.arange(len(t), device=t.device), t.clamp_min(0)] -= 1.0
+        g = (g * (grad_ce[a : a + chunk] * keep)[:, None]).to(x.dtype)  # ignored: no gradient
+        if grad_x is not None:
+            grad_x[a : a + chunk] = g @ weight
+        if grad_w is not None:
+            grad_w += (g.t() @ xc).float()
+        if grad_b is not None:
+            grad_b += g.float().sum(0)
 
 
 def linear_ce(

@@ -28,7 +28,7 @@ from eexit.models.families import FAMILIES
 from eexit.models.loading import build_lm, load_model
 from eexit.models.lora import add_lora, has_lora
 from eexit.reporting import command_line, log, progress_bar
-from eexit.runtime import check_launch
+from eexit.runtime import check_launch, training_placement
 from eexit.training.checkpointing import (
     ACCELERATE_STATE,
     RunFolder,
@@ -245,11 +245,14 @@ def run_training(
     overwrite: bool = False,
     stop_after: int | None = None,
     show_progress: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict:
     """Train under a lock on the output folder; --overwrite replaces the old run only once the
     new one has a checkpoint; Ctrl-C says where the run stopped and how to resume."""
     if stop_after is not None and stop_after < 1:
         raise EexitError(f"--stop-after must be >= 1; got {stop_after}")
+    placement = training_placement(device, dtype)  # refused before any work, like every command
     check_output_dir(cfg, resume, overwrite)
     out = cfg.output_dir
     main = int(os.environ.get("RANK", "0")) == 0
@@ -264,7 +267,7 @@ def run_training(
             check_resumable(checkpoints(out)[-1], cfg)
         failed = True
         try:
-            result = _train(cfg, folder, resume, stop_after, show_progress)
+            result = _train(cfg, folder, resume, stop_after, show_progress, placement)
             failed = False
             return result
         except KeyboardInterrupt:
@@ -280,7 +283,9 @@ def run_training(
                 folder.abandon(failed)  # no-op once the new run has a checkpoint
 
 
-def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress) -> dict:
+def _train(
+    cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress, placement: dict
+) -> dict:
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
@@ -289,14 +294,23 @@ def _train(cfg: RunConfig, folder: RunFolder, resume, stop_after, show_progress)
     make_loss(
         cfg.loss
     )  # unknown loss ("did you mean") or bad loss.params: an error before any work
-    # torchrun / accelerate launch without GPUs: accelerate takes the multi-process run only with
-    # cpu=True
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # where it runs: `runtime.training_placement` (--device / --dtype); accelerate takes a
+    # multi-process run without GPUs only with cpu=True
     from accelerate.utils import DistributedDataParallelKwargs
 
+    if placement["cuda_index"] is not None:
+        torch.cuda.set_device(placement["cuda_index"])
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process: this run's own settings,
+        from accelerate.state import AcceleratorState  # not an earlier run's in this process
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+    precision = (
+        {"mixed_precision": placement["mixed_precision"]} if placement["mixed_precision"] else {}
+    )
     # exits / heads a loss does not use get no gradient: let DDP tolerate that
     acc = Accelerator(
-        cpu=multi_cpu,
+        cpu=placement["cpu"],
+        **precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         log_with=cfg.train.report_to or None,
         project_dir=str(folder.out / "logs"),

@@ -108,3 +108,24 @@ def test_a_negative_chunk_is_refused_in_one_line():
     cfg.train.logits_chunk_tokens = -1
     with pytest.raises(EexitError, match="logits_chunk_tokens must be >= 0"):
         validate(cfg)
+
+
+def test_under_mixed_precision_the_backward_pass_recomputes_in_the_same_precision():
+    """bf16 autocast (`train --dtype bfloat16`): the chunked loss and its gradients follow the
+    whole one within bf16 tolerance, and the backward pass runs (it re-enters the autocast)."""
+    model = tiny("llama", layers=3)
+    results = []
+    for chunk in (0, 5):
+        model.zero_grad()
+        torch.manual_seed(0)
+        x, y = torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            batch = LossBatch(model, model(x), y, logits_chunk_tokens=chunk)
+            loss, _ = make_loss(LossConfig(name="weighted-ce"))(batch)
+        loss.backward()
+        g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), g))
+    (whole, gw), (chunked, gc) = results
+    assert chunked == pytest.approx(whole, rel=2e-2)
+    for n in gw:
+        assert torch.allclose(gc[n], gw[n], rtol=5e-2, atol=5e-3), n

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import message_lines, run_cli, tiny_overrides
@@ -287,3 +288,23 @@ def test_a_diverging_overwrite_leaves_the_old_run_as_it_was(tmp_path, tiny_check
     after = {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no staging left
+
+
+def test_train_places_itself_by_device_and_dtype(tmp_path):
+    """`eexit train --device --dtype`: bfloat16 mixed precision on the CPU trains and is recorded;
+    a device or precision the machine cannot honour is one line, exit 2, nothing written."""
+    code, _, err = run_cli(
+        "train", *tiny_overrides(), "--device", "cpu", "--dtype", "bfloat16",
+        "--out", str(tmp_path / "bf16"),
+    )  # fmt: skip
+    assert code == 0, err
+    meta = json.loads((tmp_path / "bf16" / "eexit.json").read_text())
+    assert meta["mixed_precision"] == "bf16"
+    bad = [(["--dtype", "float16"], "--dtype float16 trains on a GPU only")]
+    if not torch.cuda.is_available():
+        bad.append((["--device", "cuda"], "--device cuda"))
+    for args, msg in bad:
+        code, _, err = run_cli("train", *tiny_overrides(), *args, "--out", str(tmp_path / "x"))
+        lines = message_lines(err)
+        assert code == 2 and len(lines) == 1 and msg in lines[0], err
+        assert not (tmp_path / "x").exists()
