@@ -51,6 +51,7 @@ from eexit.errors import EexitError  # noqa: E402
 from eexit.evaluation.generation import prompts_from  # noqa: E402
 from eexit.evaluation.records import collect_exit_table  # noqa: E402
 from eexit.evaluation.timing import transformers_greedy as hf_greedy  # noqa: E402
+from eexit.files import check_output_path, output_folder  # noqa: E402
 from eexit.models.decoding import EarlyExitDecoder  # noqa: E402
 from eexit.models.loading import load_model  # noqa: E402
 from eexit.models.speculative import SelfSpeculativeDecoder  # noqa: E402
@@ -262,6 +263,7 @@ def parse_args(argv=None):
     )
     ap.add_argument("--draft", default="", help="self-spec draft layer:length (default L/2:4)")
     ap.add_argument("--out", default="results/gpu")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ap.add_argument("--tiny", action="store_true", help="few prompts and tokens (a dry run)")
     ap.add_argument(
         "--inject-mismatch",
@@ -284,6 +286,15 @@ def main(argv=None) -> int:
     dtypes = [d.strip() for d in a.identity_dtypes.split(",") if d.strip()]
     bench_rt = resolve_runtime(a.device, a.dtype)  # validates --device / --dtype before loading
     runtimes = [resolve_runtime(a.device, d) for d in dtypes]
+    check_output_path(Path(a.out), a.overwrite)  # an existing or unwritable --out: before work
+    # the folder is written as a unit, like every eexit command's: staged under a lock, swapped
+    # in whole (a run that fails keeps what was there)
+    with output_folder(a.out, a.overwrite) as folder:
+        return run_check(a, sizes, dtypes, bench_rt, runtimes, folder, t_start)
+
+
+def run_check(a, sizes, dtypes, bench_rt, runtimes, out, t_start) -> int:
+    """The identity checks, then (unless --identity-only) the benchmark, tables into `out`."""
     kept, rows = None, []
     for rt in runtimes:
         print(f"identity checks: {rt.dtype_name} on {device_name(rt.device)} ...", flush=True)
@@ -309,7 +320,7 @@ def main(argv=None) -> int:
     cols = ["check", "device", "dtype", "batch", "tokens", "equal_tokens_pct", "rows_equal"]
     cols += ["max_gap", "tolerance", "eexit_ppl", "transformers_ppl", "log_ppl_diff", "verdict"]
     write_results(
-        a.out,
+        out,
         "identity",
         f"Identity checks on {device_name(bench_rt.device)} ({', '.join(dtypes)})",
         rows,
@@ -356,7 +367,7 @@ def main(argv=None) -> int:
     cols = ["batch", "decoder", "device", "dtype", "tokens_per_s", "speedup", "agreement_pct"]
     cols += ["mean_exit_layer", "acceptance_rate", "tokens_per_cycle", "note"]
     write_results(
-        a.out,
+        out,
         "decoding",
         f"Decoding {Path(a.model).name} side by side on {device_name(bench_rt.device)} "
         f"({bench_rt.dtype_name})",
@@ -388,3 +399,10 @@ if __name__ == "__main__":
     except EexitError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:  # a write that failed (disk full, read-only): one line, no traceback
+        from eexit.files import WRITE_ERRNOS, write_error
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_error(e)}", file=sys.stderr)
+        sys.exit(2)

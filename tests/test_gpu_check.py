@@ -119,3 +119,24 @@ def test_an_option_without_its_value_is_one_line_exit_2(args, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"gpu_check.sh: {args[0]} needs a value (see --help)"
     assert not any(tmp_path.iterdir())
+
+
+def test_an_existing_out_is_kept_unless_overwrite_and_then_replaced_whole(
+    tiny_checkpoint, tmp_path
+):
+    """The GPU check writes its folder like every eexit command: refused before any work when it
+    exists (nothing touched), replaced as a unit with --overwrite (staged under a lock)."""
+    out = tmp_path / "gpu"
+    out.mkdir()
+    (out / "old.md").write_text("an earlier run")
+    proc, records = gpu_check(tiny_checkpoint, out, "--identity-only")
+    assert proc.returncode == 2 and not records  # no identity check ran
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--overwrite" in errors[0] and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["old.md"]
+    proc, records = gpu_check(
+        tiny_checkpoint, out, "--identity-only", "--identity-dtypes", "float32", "--overwrite"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert records and (out / "identity.json").is_file() and not (out / "old.md").exists()
+    assert (out / "complete.json").is_file()  # written as a unit
