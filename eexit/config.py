@@ -188,6 +188,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise EexitError(f"config key {key!r} must be a string, got {value!r}")
         return str(value)
     if origin is list or tp is list:
+        if isinstance(value, str) and args == (str,):  # a list of names given as one string,
+            value = [v.strip() for v in value.split(",") if v.strip()]  # "a" or "a,b" (HF's form)
         if not isinstance(value, list):
             raise EexitError(f"config key {key!r} must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value

@@ -448,6 +448,8 @@ def _train(
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 val = validation_losses(acc.unwrap_model(wrapped).model, val_tokens, cfg)
                 last_logs.update(val)
+                if cfg.train.report_to:  # val_ce@k / val_ppl@k reach the tracker too
+                    acc.log(val, step=done)
                 if acc.is_main_process:
                     append_log(folder.path, {"step": done, **val})
                     if not progress:

@@ -263,6 +263,18 @@ def test_trackers_must_be_installed(tmp_path):
         "train", *tiny_overrides("train.report_to=[tensorbored]"), "--out", str(tmp_path / "t")
     )
     assert code == 2 and "unknown tracker 'tensorbored'" in err
+    # transformers Trainer's form, one name as a string, is the same list
+    code, _, err = run_cli(
+        "train", *tiny_overrides("train.report_to=tensorbored"), "--out", str(tmp_path / "t")
+    )
+    assert code == 2 and "unknown tracker 'tensorbored'" in err
+
+
+def test_a_list_of_names_may_be_one_string():
+    from eexit.config import RunConfig, fill_dataclass
+
+    cfg = fill_dataclass(RunConfig(), {"train": {"report_to": "tensorboard, wandb"}})
+    assert cfg.train.report_to == ["tensorboard", "wandb"]
 
 
 def test_a_diverging_overwrite_leaves_the_old_run_as_it_was(tmp_path, tiny_checkpoint):
