@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from eexit.evaluation.context import EvalContext, lm_windows
 from eexit.evaluation.costs import table_costs
 from eexit.evaluation.frontier import frontier_rows
 from eexit.evaluation.records import ExitTable, collect_exit_table, exit_metrics, per_exit_ppl
-from eexit.reporting import plot_tradeoff, provenance, write_results
+from eexit.reporting import log, plot_tradeoff, provenance, write_results
 from eexit.runtime import now
 
 HEADROOM = [
@@ -41,6 +43,27 @@ def table_columns(exit_layers: list[int]) -> tuple[list[str], dict[str, str]]:
         **{f"exit@{layer}_pct": f"Exit@{layer}%" for layer in exit_layers},
     }
     return cols, headers
+
+
+def flat_sweep_note(table: ExitTable, policy, rows: list[dict]) -> str:
+    """One line when every threshold of a sweep took the same exits (the thresholds lie outside
+    the policy's scores on this data), with the range its scores do span; "" otherwise."""
+    if len(rows) < 2 or policy.threshold_free:
+        return ""
+    if len({round(r["compute_pct"], 9) for r in rows}) > 1:
+        return ""
+    L = table.num_layers
+    decided = [k for k, layer in enumerate(table.exit_layers) if policy.min_exit_layer <= layer < L]
+    if not decided:
+        return ""
+    scores = table.score[decided].flatten().float()
+    lo, hi = (float(v) for v in torch.quantile(scores, torch.tensor([0.1, 0.9])))
+    step = max((hi - lo) / 10, 1e-4)
+    return (
+        f"Every threshold of this sweep took the same exits (compute {rows[0]['compute_pct']:.1f} "
+        f"%): {policy.registered_name}'s scores here lie mostly in [{lo:.3g}, {hi:.3g}] (10th to "
+        f"90th percentile where it decides); try --thresholds {lo:.3g}:{hi:.3g}:{step:.2g}.\n\n"
+    )
 
 
 def per_exit_notes(table: ExitTable) -> str:
@@ -97,6 +120,9 @@ def run_lm(ctx: EvalContext, out: str | None, sweep: bool) -> list[dict]:
     # predicted_speedup columns
     table.costs = table_costs(ctx.model, ctx.policy, max(1, x.shape[-1] // 2))
     rows = [{**exit_metrics(table, ctx.policy.at(t)), **ctx.identity()} for t in r.thresholds]
+    flat = flat_sweep_note(table, ctx.policy, rows) if sweep else ""
+    if flat and ctx.runtime.is_main:
+        log(flat.strip())
     if not sweep:
         rows[0]["eval_tokens_per_s"] = table.tokens / seconds
     if not out:
@@ -106,7 +132,14 @@ def run_lm(ctx: EvalContext, out: str | None, sweep: bool) -> list[dict]:
     if sweep:
         title = f"Threshold sweep: {r.policy} on {where} ({Path(r.model).name})"
         write_results(
-            out, "sweep", title, rows, provenance(resolved), cols, headers, per_exit_notes(table)
+            out,
+            "sweep",
+            title,
+            rows,
+            provenance(resolved),
+            cols,
+            headers,
+            flat + per_exit_notes(table),
         )
         L = table.num_layers
         statics = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -120,3 +121,27 @@ def test_location_accuracy_is_counted_token_by_token(tiny_checkpoint):
     oracle, _ = oracle_indices(table.top1, table.exit_layers)
     hits = sum(int(a) == int(b) for a, b in zip(idx, oracle)) / table.tokens
     assert row["oracle_hit_pct"] == pytest.approx(100 * hits)
+
+
+def test_a_sweep_whose_thresholds_change_nothing_says_so(tiny_checkpoint, tmp_path):
+    """Every threshold above the policy's scores: identical rows, and one line (on stderr and
+    under the table) giving the range the scores do span; a sweep whose rows differ says
+    nothing of the kind."""
+    out = tmp_path / "flat"
+    code, _, err = run_cli(
+        "sweep", "-m", str(tiny_checkpoint), "--policy", "max-prob", "--thresholds", "0.98,0.99",
+        "--max-tokens", "1024", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads((out / "sweep.json").read_text())
+    assert rows[0]["compute_pct"] == rows[1]["compute_pct"]
+    assert "Every threshold of this sweep took the same exits" in err
+    m = re.search(r"try --thresholds ([0-9.e-]+):([0-9.e-]+):", err)
+    assert m and float(m.group(1)) <= float(m.group(2)) < 0.98
+    assert "Every threshold of this sweep" in (out / "sweep.md").read_text()
+    code, _, err = run_cli(
+        "sweep", "-m", str(tiny_checkpoint), "--policy", "max-prob", "--thresholds",
+        f"0,{m.group(2)}", "--max-tokens", "1024", "--out", str(tmp_path / "moving"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Every threshold" not in err
