@@ -182,7 +182,7 @@ smollm2-adapted: install-smollm2
 	  --out results/smollm2_adapted/calibration --overwrite
 	$(BIN)/python benchmarks/adapted_decoding.py --model checkpoints/smollm2-lens \
 	  --calibrated results/smollm2_adapted/calibration --prompts 4 --new 24 --reps 1 \
-	  --drafts 8:4,15:4 --out results/smollm2_adapted/decoding
+	  --drafts 8:4,15:4 --out results/smollm2_adapted/decoding --overwrite
 	for sl in 0 32; do $(EEXIT) evaluate --model checkpoints/smollm2-lens --generate --kv propagate \
 	  --policy max-prob --threshold 0.99 --min-exit-layer 10 --param shortlist=$$sl --prompts 4 \
 	  --prompt-len 32 --max-new-tokens 24 --batch-size 1 \
@@ -208,7 +208,7 @@ smollm2-layerskip: install-smollm2
 	$(BIN)/python benchmarks/adapted_decoding.py --model checkpoints/smollm2-layerskip \
 	  --calibrated results/smollm2_layerskip/calibration --prompts 4 --new 24 --reps 1 \
 	  --drafts 8:4,8:4:2048,12:4:2048 --tasks aclsum,wiki-cloze-qa --task-examples 6 \
-	  --out results/smollm2_layerskip/decoding
+	  --out results/smollm2_layerskip/decoding --overwrite
 
 # Speed ratios measured side by side (results/bench/). The generation part uses the demo model
 # (make demo first) and the SmolLM2-135M GGUF (also: its decoding tokens/s in float32 vs bfloat16,

@@ -22,39 +22,43 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark helpers
-
-
-from eexit import quiet  # noqa: E402
-from eexit.data.corpora import cache_dir, corpus_split, eval_windows, frequent_tokens, load_corpus  # noqa: E402  # noqa: E402
-from eexit.data.task_data import task_split  # noqa: E402
-from eexit.data.tasks import get_task  # noqa: E402
-from eexit.evaluation.context import max_positions  # noqa: E402
-from eexit.evaluation.costs import (  # noqa: E402
+from eexit import quiet
+from eexit.data.corpora import (
+    corpus_split,
+    eval_windows,
+    frequent_tokens,
+    load_corpus,
+)
+from eexit.data.task_data import task_split
+from eexit.data.tasks import get_task
+from eexit.errors import EexitError
+from eexit.evaluation.context import max_positions
+from eexit.evaluation.costs import (
     choose_draft,
+    costs_cache,
     expected_tokens_per_cycle,
     measure_costs,
     measure_verify,
     predict_self_spec,
 )
-from eexit.evaluation.entry import read_calibrated  # noqa: E402
-from eexit.evaluation.generation import prompts_from  # noqa: E402
-from eexit.evaluation.records import collect_exit_table  # noqa: E402
-from eexit.evaluation.tasks import TaskOptions, decode_all  # noqa: E402
-from eexit.evaluation.timing import interleaved, speedup_interval  # noqa: E402
-from eexit.evaluation.timing import transformers_greedy as hf_greedy  # noqa: E402
-from eexit.models.decoding import EarlyExitDecoder, GenerationResult  # noqa: E402
-from eexit.models.identity import check_identity  # noqa: E402
-from eexit.models.loading import load_model  # noqa: E402
-from eexit.models.speculative import SelfSpeculativeDecoder  # noqa: E402
-from eexit.policies import make_policy  # noqa: E402
-from eexit.reporting import provenance, write_results  # noqa: E402
-from eexit.runtime import device_name, now, resolve_runtime  # noqa: E402
+from eexit.evaluation.entry import read_calibrated
+from eexit.evaluation.generation import prompts_from
+from eexit.evaluation.records import collect_exit_table
+from eexit.evaluation.tasks import TaskOptions, decode_all
+from eexit.evaluation.timing import interleaved, speedup_interval
+from eexit.evaluation.timing import transformers_greedy as hf_greedy
+from eexit.files import check_output_path, output_folder, run_script
+from eexit.models.decoding import EarlyExitDecoder, GenerationResult
+from eexit.models.identity import check_identity
+from eexit.models.loading import load_model
+from eexit.models.speculative import SelfSpeculativeDecoder
+from eexit.policies import make_policy
+from eexit.reporting import provenance, write_results
+from eexit.runtime import device_name, now, resolve_runtime
 
 
 def placement(model) -> dict:
@@ -155,9 +159,9 @@ def calibrated_policy(model, model_dir: str, calibrated: dict):
     """The calibrated policy, bound to the model (a fitted classifier is loaded from it)."""
     exits = calibrated.get("exit_layers")
     if exits is not None and list(exits) != list(model.exit_layers):
-        raise SystemExit(
-            f"error: the calibration at {calibrated['model']} used exits {exits}, this run "
-            f"decodes with {model.exit_layers}"
+        raise EexitError(
+            f"the calibration at {calibrated['model']} used exits {exits}, this run decodes "
+            f"with {model.exit_layers}"
         )
     check_identity(
         calibrated.get("model_identity"), model, "the calibrated threshold", "calibrated",
@@ -264,7 +268,7 @@ def run(model, tok, x, new: int, reps: int, batch: int, policies: dict, drafts) 
             # is the prefill's), against the measured speedup over eexit full depth
             costs = measure_costs(
                 model, policy, batch=min(batch, len(x)), context=x.shape[1] + new // 2,
-                cache=cache_dir() / "costs",
+                cache=costs_cache(),
             )  # fmt: skip
             COSTS.append((policy.registered_name, costs))
             L = model.num_layers
@@ -298,7 +302,7 @@ def run(model, tok, x, new: int, reps: int, batch: int, policies: dict, drafts) 
 
 def spec_costs(model, lengths: list[int], context: int):
     """The batch-1 cost model (no policy) and the verification parts at those draft lengths."""
-    cache = cache_dir() / "costs"
+    cache = costs_cache()
     base = measure_costs(model, None, batch=1, context=context, cache=cache)
     return base, measure_verify(model, lengths, context=context, cache=cache)
 
@@ -381,7 +385,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a = ap.parse_args()
+    check_output_path(Path(a.out), a.overwrite)  # before any work
     quiet()
     torch.set_grad_enabled(False)
     rt = resolve_runtime(a.device, a.dtype)
@@ -393,7 +399,12 @@ def main() -> None:
             (k, length), draft_rows = draft_by_cost_model(model, tok, a.prompt_len + a.new // 2)
             drafts.append((k, length, None))
             continue
-        k, length, *vocab = (int(v) for v in d.split(":"))
+        try:
+            k, length, *vocab = (int(v) for v in d.split(":"))
+        except ValueError:
+            raise EexitError(
+                f"--drafts {d!r}: use layer:length[:K] (e.g. 2:4 or 2:4:2048) or auto"
+            ) from None
         ids = frequent_tokens(tok, "wiki-gensim", vocab[0]) if vocab else None
         drafts.append((k, length, ids))
     calibrated = [read_calibrated(c) for c in a.calibrated.split(",") if c]
@@ -449,8 +460,15 @@ def main() -> None:
         "tokens_per_cycle",
     ]
     cols += sorted({k for r in rows for k in r} - set(cols))  # the task quality columns
+    # the folder is written as a unit, like every eexit command's (staged under a lock)
+    with output_folder(a.out, a.overwrite) as out:
+        write_tables(out, a, rt, config, rows, cols, notes, tasks, draft_rows)
+
+
+def write_tables(out, a, rt, config, rows, cols, notes, tasks, draft_rows) -> None:
+    """decoding.md, costs.md, drafts.md and tasks.md (the parts this run measured)."""
     write_results(
-        a.out,
+        out,
         "decoding",
         f"Decoding {Path(a.model).name}: side by side ({device_name(rt.device)}, {rt.dtype_name})",
         rows,
@@ -460,7 +478,7 @@ def main() -> None:
     )
     if COSTS:
         write_results(
-            a.out,
+            out,
             "costs",
             "The measured cost model: one decoding step's parts (ms, medians)",
             [r for policy, c in COSTS for r in cost_rows(policy, c)],
@@ -477,7 +495,7 @@ def main() -> None:
         )
     if draft_rows:
         write_results(
-            a.out,
+            out,
             "drafts",
             "Self-speculative drafts: the measured cost model's choice (batch 1)",
             draft_rows,
@@ -494,7 +512,7 @@ def main() -> None:
         )
     if tasks:
         write_results(
-            a.out,
+            out,
             "tasks",
             f"Task quality of each decoder, {Path(a.model).name}",
             tasks,
@@ -508,4 +526,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -51,7 +51,7 @@ from eexit.errors import EexitError  # noqa: E402
 from eexit.evaluation.generation import prompts_from  # noqa: E402
 from eexit.evaluation.records import collect_exit_table  # noqa: E402
 from eexit.evaluation.timing import transformers_greedy as hf_greedy  # noqa: E402
-from eexit.files import check_output_path, output_folder  # noqa: E402
+from eexit.files import check_output_path, output_folder, run_script  # noqa: E402
 from eexit.models.decoding import EarlyExitDecoder  # noqa: E402
 from eexit.models.loading import load_model  # noqa: E402
 from eexit.models.speculative import SelfSpeculativeDecoder  # noqa: E402
@@ -394,15 +394,4 @@ def parse_draft(spec: str, L: int) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except EexitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except OSError as e:  # a write that failed (disk full, read-only): one line, no traceback
-        from eexit.files import WRITE_ERRNOS, write_error
-
-        if e.errno not in WRITE_ERRNOS:
-            raise
-        print(f"error: {write_error(e)}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

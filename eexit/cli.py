@@ -30,12 +30,12 @@ from eexit.cli_options import (
     _POLICY,
     _SEQ,
     _SPLIT,
-    TASK_ONLY,
-    given_options,
     model_or_newest,
     quiet_libraries,
+    refuse_calibrate_ignored,
     refuse_ignored,
     request_from,
+    task_options,
 )
 from eexit.errors import EexitError
 from eexit.names import loss_names
@@ -195,7 +195,6 @@ def evaluate(
     from eexit.evaluation.entry import apply_calibrated
     from eexit.evaluation.entry import evaluate as run
     from eexit.evaluation.generation import generation_options
-    from eexit.evaluation.tasks import TaskOptions
     from eexit.reporting import print_rows
 
     gen = generation_options(  # refuses decoding-only options without --generate
@@ -228,13 +227,7 @@ def evaluate(
     )
     if calibrated:
         apply_calibrated(r, calibrated)
-    task = TaskOptions(
-        examples=examples,
-        max_new_tokens=max_new_tokens,
-        kv_mode=kv,
-        batch_size=batch_size,
-        given=given_options(ctx, TASK_ONLY),
-    )
+    task = task_options(ctx, examples, max_new_tokens, kv, batch_size)
     res = run(r, out=out, overwrite=overwrite, generation=gen, task=task)
     if not res.main:  # several processes: the main one prints
         return
@@ -280,7 +273,6 @@ def sweep_threshold(
     model = model_or_newest(model)
     quiet_libraries()
     from eexit.evaluation.entry import evaluate as run
-    from eexit.evaluation.tasks import TaskOptions
     from eexit.policies import POLICIES
     from eexit.policies.thresholds import parse_thresholds
     from eexit.reporting import print_rows
@@ -307,13 +299,7 @@ def sweep_threshold(
         device,
         dtype,
     )
-    task = TaskOptions(
-        examples=examples,
-        max_new_tokens=max_new_tokens,
-        kv_mode=kv,
-        batch_size=batch_size,
-        given=given_options(ctx, TASK_ONLY),
-    )
+    task = task_options(ctx, examples, max_new_tokens, kv, batch_size)
     res = run(r, out=out, overwrite=overwrite, sweep=True, task=task)
     if not res.main:
         return
@@ -461,24 +447,7 @@ def calibrate(
     dtype: str = _DTYPE,
 ):
     """Fit learned exit classifiers and/or pick a threshold with a Learn-then-Test guarantee."""
-    from eexit.names import SEQUENCE_RISKS, TOKEN_RISKS
-
-    if fit and not policy:
-        refuse_ignored(
-            ctx, "calibrate", "--fit and no --policy", "only the classifiers are fitted; add "
-            "--policy to calibrate a threshold too",
-        )  # fmt: skip
-    elif risk in SEQUENCE_RISKS:
-        if not fit:
-            refuse_ignored(
-                ctx, "calibrate", "a sequence-level risk and no --fit",
-                "the units are --prompts decoded prompts",
-            )  # fmt: skip
-    elif risk in TOKEN_RISKS:  # (an unknown risk is refused below, naming the valid ones)
-        refuse_ignored(
-            ctx, "calibrate", "a token-level risk", "token risks are read teacher-forced from "
-            "windows of the split; the sequence-* risks decode prompts",
-        )  # fmt: skip
+    refuse_calibrate_ignored(ctx, fit, policy, risk)
     quiet_libraries()
     model = model_or_newest(model)
     from eexit.calibration.calibrate import (

@@ -115,6 +115,43 @@ def refuse_ignored(ctx: typer.Context, command: str, mode: str, why: str) -> Non
         raise EexitError(f"{flag} has no effect with {mode} ({why}); leave it out")
 
 
+def refuse_calibrate_ignored(ctx: typer.Context, fit, policy, risk: str) -> None:
+    """calibrate's mode rules: LTT options without a policy to calibrate, the sequence options
+    under a token risk, --max-tokens under a sequence risk when nothing is fitted."""
+    from eexit.names import SEQUENCE_RISKS, TOKEN_RISKS
+
+    if fit and not policy:
+        refuse_ignored(
+            ctx, "calibrate", "--fit and no --policy", "only the classifiers are fitted; add "
+            "--policy to calibrate a threshold too",
+        )  # fmt: skip
+    elif risk in SEQUENCE_RISKS:
+        if not fit:
+            refuse_ignored(
+                ctx, "calibrate", "a sequence-level risk and no --fit",
+                "the units are --prompts decoded prompts",
+            )  # fmt: skip
+    elif risk in TOKEN_RISKS:  # (an unknown risk is refused later, naming the valid ones)
+        refuse_ignored(
+            ctx, "calibrate", "a token-level risk", "token risks are read teacher-forced from "
+            "windows of the split; the sequence-* risks decode prompts",
+        )  # fmt: skip
+
+
+def task_options(ctx: typer.Context, examples, max_new_tokens, kv, batch_size):
+    """The task decoding options of evaluate / sweep, with the task-only flags the user typed
+    (refused on an LM dataset once the dataset is known)."""
+    from eexit.evaluation.tasks import TaskOptions
+
+    return TaskOptions(
+        examples=examples,
+        max_new_tokens=max_new_tokens,
+        kv_mode=kv,
+        batch_size=batch_size,
+        given=given_options(ctx, TASK_ONLY),
+    )
+
+
 def model_or_newest(model: str | None) -> str:
     """--model, or the newest trained checkpoint under checkpoints/ (said on stderr); a --model
     with nothing behind it is refused here, before torch is imported."""

@@ -328,3 +328,22 @@ def output_folder(out: str | Path, overwrite: bool, what: str = "results folder"
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def run_script(main) -> None:
+    """The entry of a script outside the CLI (benchmarks, experiments): `main()`'s return code,
+    or bad input and failed writes as one line on stderr with the error's exit code (2), no
+    traceback, as `eexit` itself does."""
+    import sys
+
+    try:
+        code = main()
+    except EexitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)

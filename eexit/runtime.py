@@ -190,6 +190,18 @@ def parse_dtype(spec: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def check_process_device(device: str, world: int) -> str:
+    """--device as given, lower-cased; with several processes only auto, cuda or cpu (each
+    process takes its own device)."""
+    wanted = (device or "auto").strip().lower()
+    if world > 1 and wanted not in ("auto", "cpu", "cuda"):
+        raise EexitError(
+            f"--device {device}: with {world} processes each process takes its own device; "
+            "use --device auto, cuda or cpu"
+        )
+    return wanted
+
+
 MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -198,13 +210,7 @@ def training_placement(device: str = "auto", dtype: str = "auto") -> dict:
     {"cpu": run on the CPU, "mixed_precision": accelerate's (None = its own default, i.e. what
     `accelerate launch --mixed_precision` or its config set), "cuda_index": a GPU to use}.
     Weights stay float32; --dtype chooses the autocast precision (mixed precision)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    wanted = (device or "auto").strip().lower()
-    if world > 1 and wanted not in ("auto", "cpu", "cuda"):
-        raise EexitError(
-            f"--device {device}: with {world} processes each process takes its own device; "
-            "use --device auto, cuda or cpu"
-        )
+    wanted = check_process_device(device, int(os.environ.get("WORLD_SIZE", "1")))
     dev = torch.device("cpu") if wanted == "cpu" else parse_device(wanted)
     if dev.type == "mps":
         raise EexitError("--device mps: training runs on cuda or cpu; use one of them")
@@ -240,12 +246,7 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         return Runtime(device=dev, dtype=parse_dtype(dtype, dev))
     from accelerate import Accelerator
 
-    wanted = (device or "auto").strip().lower()
-    if wanted not in ("auto", "cpu", "cuda"):
-        raise EexitError(
-            f"--device {device}: with {world} processes each process takes its own device; "
-            "use --device auto, cuda or cpu"
-        )
+    wanted = check_process_device(device, world)
     on_cpu = wanted == "cpu" or not torch.cuda.is_available()
     if not on_cpu:
         parse_device("cuda")  # refused with one line when torch sees no GPU

@@ -239,10 +239,6 @@ def _measure_rows(model, policy, rows: int, context: int, shortlist: int, repeat
             repeats,
         ),
         "kv_fill": _median(fill(L - 1), dev, repeats),
-        "kv_fill_layer": (
-            max(0.0, _median(fill(1), dev, repeats) - _median(fill(L - 1), dev, repeats))
-            / max(1, L - 2)
-        ),
         "step_full": _median(
             lambda: dec._step(tokens, all_rows, slot, pos, None, None, 1), dev, repeats
         ),
@@ -274,6 +270,7 @@ def _measure_rows(model, policy, rows: int, context: int, shortlist: int, repeat
         reads["later"] = "logits" in decide(later, dict(carried)).__dict__
     else:
         out["decision_first"] = out["decision"] = 0.0
+    out["kv_fill_layer"] = max(0.0, _median(fill(1), dev, repeats) - out["kv_fill"]) / max(1, L - 2)
     out["overhead"] = max(0.0, out["step_full"] - L * out["block"] - out["head"])
     return {"seconds": out, "reads_head": reads}
 
@@ -289,47 +286,63 @@ def measure_costs(
 ) -> DecodeCosts:
     """The parts of a decoding step of `model` timed on its device and dtype (module docstring);
     read from `cache` (a folder) when this exact measurement is there, written to it after."""
-    from eexit.files import atomic_json
-
     if batch < 1 or context < 1 or repeats < 1:
         raise EexitError("cost model: batch, context and repeats must be >= 1")
-    key = cache_key(model, batch, context, shortlist, policy) if cache is not None else None
-    if cache is not None:
-        path = Path(cache) / f"{key}.json"
-        if path.is_file():
-            try:
-                return DecodeCosts.from_dict(json.loads(path.read_text()))
-            except (ValueError, KeyError, TypeError):
-                pass  # a damaged cache entry is measured again
-    w = model.parts.lm_head.weight
-    seconds: dict[str, dict[int, float]] = {part: {} for part in PARTS}
-    reads = {"first": False, "later": False}
-    for rows in sorted({1, batch}):
-        m = _measure_rows(model, policy, rows, context, shortlist, repeats)
-        reads = m["reads_head"]
-        for part, s in m["seconds"].items():
-            seconds[part][rows] = s
-    costs = DecodeCosts(
-        num_layers=model.num_layers,
-        batch=batch,
-        context=context,
-        shortlist=shortlist,
-        policy=None if policy is None else policy.registered_name,
-        decision_reads_head=reads["later"],
-        first_decision_reads_head=reads["first"],
-        device=str(w.device),
-        dtype=str(w.dtype).removeprefix("torch."),
-        seconds=seconds,
-    )
-    if cache is not None:
+
+    def measure() -> DecodeCosts:
+        w = model.parts.lm_head.weight
+        seconds: dict[str, dict[int, float]] = {part: {} for part in PARTS}
+        reads = {"first": False, "later": False}
+        for rows in sorted({1, batch}):
+            m = _measure_rows(model, policy, rows, context, shortlist, repeats)
+            reads = m["reads_head"]
+            for part, sec in m["seconds"].items():
+                seconds[part][rows] = sec
+        return DecodeCosts(
+            num_layers=model.num_layers,
+            batch=batch,
+            context=context,
+            shortlist=shortlist,
+            policy=None if policy is None else policy.registered_name,
+            decision_reads_head=reads["later"],
+            first_decision_reads_head=reads["first"],
+            device=str(w.device),
+            dtype=str(w.dtype).removeprefix("torch."),
+            seconds=seconds,
+        )
+
+    key = cache_key(model, batch, context, shortlist, policy) if cache is not None else ""
+    return _cached(cache, key, measure, DecodeCosts.from_dict, DecodeCosts.as_dict)
+
+
+def costs_cache() -> Path:
+    """Where measured costs are kept: the eexit cache's `costs` folder (content-keyed)."""
+    from eexit.data.corpora import cache_dir
+
+    return cache_dir() / "costs"
+
+
+def _cached(cache: Path | None, key: str, measure, load, dump):
+    """`measure()`, or its result read back from `cache`/<key>.json; a damaged entry is measured
+    again, and a cache that cannot be written is said once and skipped (it only saves time)."""
+    from eexit.files import atomic_json
+
+    path = Path(cache) / f"{key}.json" if cache is not None else None
+    if path is not None and path.is_file():
         try:
-            Path(cache).mkdir(parents=True, exist_ok=True)
-            atomic_json(Path(cache) / f"{key}.json", costs.as_dict())
-        except OSError as e:  # the cache only saves time: say so and go on
+            return load(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            pass
+    value = measure()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_json(path, dump(value))
+        except OSError as e:
             from eexit.reporting import log
 
             log(f"cost model not cached ({e.strerror or e}): {cache}")
-    return costs
+    return value
 
 
 def table_costs(model, policy, context: int) -> DecodeCosts | None:
@@ -337,12 +350,10 @@ def table_costs(model, policy, context: int) -> DecodeCosts | None:
     calibrate and the frontier, measured on the model's device and dtype at `context` tokens and
     cached under the eexit cache; None where eexit does not decode the model token by token (a
     encoder-decoder model: its steps are not timed here)."""
-    from eexit.data.corpora import cache_dir
-
     if model.parts.encoder is not None:
         return None
     decides = policy if policy is not None and not policy.needs_future else None
-    return measure_costs(model, decides, context=context, cache=cache_dir() / "costs")
+    return measure_costs(model, decides, context=context, cache=costs_cache())
 
 
 # -- self-speculative decoding ----------------------------------------------------------------
@@ -355,24 +366,16 @@ def measure_verify(
     """Seconds of a verification's parts at batch 1 for each draft length D: one block over D
     new tokens (`block`) and the final norm + LM head over D positions (`head`), timed like
     `measure_costs` and cached the same way (content key, plus the lengths)."""
-    from eexit.files import atomic_json
-
-    spec = {"verify": sorted(set(lengths)), "base": cache_key(model, 1, context, 0, None)}
+    lengths = sorted(set(lengths))
+    spec = {"verify": lengths, "base": cache_key(model, 1, context, 0, None)}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    path = Path(cache) / f"{key}.json" if cache is not None else None
-    if path is not None and path.is_file():
-        try:
-            return {int(d): v for d, v in json.loads(path.read_text()).items()}
-        except (ValueError, TypeError):
-            pass  # a damaged cache entry is measured again
-    out = {D: _verify_parts(model, D, context, repeats) for D in sorted(set(lengths))}
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_json(path, {str(d): v for d, v in out.items()})
-        except OSError:
-            pass  # the cache only saves time
-    return out
+    return _cached(
+        cache,
+        key,
+        lambda: {D: _verify_parts(model, D, context, repeats) for D in lengths},
+        lambda d: {int(k): v for k, v in d.items()},
+        lambda out: {str(k): v for k, v in out.items()},
+    )
 
 
 def _verify_parts(model, D: int, context: int, repeats: int) -> dict[str, float]:
@@ -403,16 +406,13 @@ def predict_self_spec(
     draft_layer: int,
     length: int,
     tokens_per_cycle: float,
-    draft_head: float | None = None,
 ) -> float:
     """Predicted speedup over full-depth decoding (batch 1) of self-speculative decoding that
     drafts `length` tokens with the first `draft_layer` layers and emits `tokens_per_cycle`
     tokens per cycle: a cycle is `length` draft steps (the per-token overhead, k blocks and the
-    draft head each) and one verification (L - k blocks over `length` tokens and their heads).
-    `draft_head`: seconds of the draft head (default: the full head)."""
+    full head each) and one verification (L - k blocks over `length` tokens and their heads)."""
     L, k, D = costs.num_layers, draft_layer, length
-    head = costs.at("head", 1) if draft_head is None else draft_head
-    draft = D * (costs.at("overhead", 1) + k * costs.at("block", 1) + head)
+    draft = D * (costs.at("overhead", 1) + k * costs.at("block", 1) + costs.at("head", 1))
     check = (L - k) * verify[D]["block"] + verify[D]["head"]
     return tokens_per_cycle * costs.at("step_full", 1) / (draft + check)
 

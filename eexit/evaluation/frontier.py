@@ -41,20 +41,10 @@ def oracle_indices(top1: torch.Tensor, exit_layers: list[int], min_exit_layer: i
     return stable.int().argmax(0), first
 
 
-def frontier_mean_layer(
-    oracle_layers: torch.Tensor, first_layer: int, agreement_pct: float
-) -> float:
-    """Mean exit layer of the cheapest rule with at least `agreement_pct` % agreement."""
-    n = oracle_layers.numel()
-    k = math.floor((1 - agreement_pct / 100.0) * n + 1e-9)
-    savings = (oracle_layers.double() - first_layer).clamp_min(0)
-    spent = savings.topk(min(max(k, 0), n)).values.sum() if k > 0 else 0.0
-    return float((oracle_layers.double().sum() - spent) / n)
-
-
 def frontier_exits(oracle_layers: torch.Tensor, first_layer: int, agreement_pct: float):
-    """Each token's exit under that cheapest rule: its oracle exit, except the tokens allowed to
-    disagree (those with the most to save), which leave at the first allowed exit."""
+    """Each token's exit under the cheapest rule with at least `agreement_pct` % agreement: its
+    oracle exit, except the tokens allowed to disagree (those with the most to save), which leave
+    at the first allowed exit."""
     n = oracle_layers.numel()
     k = min(max(math.floor((1 - agreement_pct / 100.0) * n + 1e-9), 0), n)
     exits = oracle_layers.clone()
@@ -62,6 +52,13 @@ def frontier_exits(oracle_layers: torch.Tensor, first_layer: int, agreement_pct:
         savings = (oracle_layers.double() - first_layer).clamp_min(0)
         exits[savings.topk(k).indices] = first_layer
     return exits
+
+
+def frontier_mean_layer(
+    oracle_layers: torch.Tensor, first_layer: int, agreement_pct: float
+) -> float:
+    """Mean exit layer of that cheapest rule."""
+    return float(frontier_exits(oracle_layers, first_layer, agreement_pct).double().mean())
 
 
 def ideal_speedup(num_layers: int, head: float, mean_layers: float) -> float:

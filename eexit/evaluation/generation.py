@@ -288,15 +288,14 @@ def compare(
     elif decoder.policy is not None:
         # the measured cost model (evaluation/costs.py) on this device, dtype and batch: what
         # it predicts for the exits and decisions taken, against the measured speedup
-        from eexit.data.corpora import cache_dir
-        from eexit.evaluation.costs import measure_costs
+        from eexit.evaluation.costs import costs_cache, measure_costs
 
         costs = measure_costs(
             model,
             decoder.policy,
-            batch=g.batch_size,
+            batch=min(g.batch_size, len(prompts)),
             context=prompts.shape[1] + new // 2,
-            cache=cache_dir() / "costs",
+            cache=costs_cache(),
         )
         scored = sorted(decoder.exits)
         predicted = costs.predicted_speedup(

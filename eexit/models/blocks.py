@@ -36,6 +36,7 @@ class BlockAdapter:
         self.model = model
         self.layers = model.parts.layers
         self.num_layers = len(self.layers)
+        self._stacks: dict = {}  # (first, stop) -> weights stacked over those blocks (`stacked`)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -54,6 +55,14 @@ class BlockAdapter:
         dh]. This default asks `kv` layer by layer; a family may batch the layers."""
         pairs = [self.kv(l, h, positions) for l in range(first, stop)]
         return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+
+    def stacked(self, first: int, stop: int, build):
+        """`build(blocks first..stop-1)`, the weights a batched `kv_many` stacks over those
+        blocks, built once per adapter and range (a copy of those weights)."""
+        key = (first, stop)
+        if key not in self._stacks:
+            self._stacks[key] = build([self.layers[l] for l in range(first, stop)])
+        return self._stacks[key]
 
     def finish(
         self, l: int, h: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor

@@ -88,7 +88,8 @@ class EarlyExitDecoder:
         self.exits = {
             l for l in model.exit_layers if policy is not None and policy.scored_at(l, self.L)
         }
-        self._exit_tensor: torch.Tensor | None = None  # `exit_tensor`, made on first use
+        # the scored exits as a tensor: each step counts a row's decisions from it
+        self.exit_tensor = torch.tensor(sorted(self.exits), dtype=torch.long, device=model.device)
 
     # ------------------------------------------------------------------ attention over our cache
     def _attend(self, l, q, k_new, v_new, rows, slots, qvalid=None):
@@ -416,14 +417,8 @@ class EarlyExitDecoder:
             active, h, r, slots, p = active[stay], h[stay], r[stay], slots[stay], p[stay]
         # a row decided at every scored exit up to the one it left at (once its output is fixed,
         # a full-mode row decides no more)
-        n_dec = (self.exit_tensor(dev)[None, :] <= out_layer[:, None]).sum(1)
+        n_dec = (self.exit_tensor[None, :] <= out_layer[:, None]).sum(1)
         return out_logits, out_layer, n_dec
-
-    def exit_tensor(self, dev) -> torch.Tensor:
-        """The scored exits (1-based layers) as a tensor on `dev`."""
-        if self._exit_tensor is None or self._exit_tensor.device != dev:
-            self._exit_tensor = torch.tensor(sorted(self.exits), dtype=torch.long, device=dev)
-        return self._exit_tensor
 
     def _fill_skipped(self, first: int, h, rows, slot: int, positions) -> None:
         """KV propagate: layers first..L-1 (0-based) get the keys and values of the exited state

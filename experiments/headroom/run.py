@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from eexit.errors import EexitError  # noqa: E402
-from eexit.files import atomic_write, output_folder  # noqa: E402
+from eexit.files import atomic_write, output_folder, run_script  # noqa: E402
 from eexit.reporting import log, provenance, save_figure, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -261,8 +261,4 @@ def name_the_destination(stage: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EexitError as e:  # bad input or a failed step: one line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)  # bad input or a failed step: one line, exit code 2

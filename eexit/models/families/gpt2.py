@@ -17,7 +17,6 @@ class GPT2Blocks(BlockAdapter):
         self.head_dim = attn.head_dim
         self.split = attn.split_size
         self._scaling = getattr(attn, "scaling", self.head_dim**-0.5)
-        self._kv_stack: dict = {}  # layers (start, stop) -> stacked K/V weights, for `kv_many`
         if getattr(attn, "scale_attn_by_inverse_layer_idx", False) or getattr(
             attn, "reorder_and_upcast_attn", False
         ):
@@ -58,7 +57,7 @@ class GPT2Blocks(BlockAdapter):
         affine weights differ), then one batched matmul over the layers' K/V columns of c_attn."""
         if stop - first < 2:
             return super().kv_many(first, stop, h, positions)
-        w_ln, b_ln, w_kv, b_kv, eps = self._stacked(first, stop)
+        w_ln, b_ln, w_kv, b_kv, eps = self.stacked(first, stop, self._stack_kv)
         b, t, d = h.shape
         x = torch.nn.functional.layer_norm(h, (d,), eps=eps).reshape(1, b * t, d)
         xs = x * w_ln[:, None, :] + b_ln[:, None, :]  # [layers, b t, d]: each layer's affine
@@ -66,20 +65,16 @@ class GPT2Blocks(BlockAdapter):
         kv = kv.permute(3, 0, 1, 4, 2, 5)  # [2, layers, b, heads, t, dh]
         return kv[0], kv[1]
 
-    def _stacked(self, first, stop):
-        """LayerNorm weights / biases [layers, d] and c_attn's K/V columns [layers, d, 2d] (and
-        biases) of blocks first..stop-1, built once per decoder and range."""
-        key = (first, stop)
-        if key not in self._kv_stack:
-            blks = [self.layers[l] for l in range(first, stop)]
-            self._kv_stack[key] = (
-                torch.stack([blk.ln_1.weight for blk in blks]),
-                torch.stack([blk.ln_1.bias for blk in blks]),
-                torch.stack([blk.attn.c_attn.weight[:, self.split :] for blk in blks]).contiguous(),
-                torch.stack([blk.attn.c_attn.bias[self.split :] for blk in blks])[:, None, :],
-                blks[0].ln_1.eps,
-            )
-        return self._kv_stack[key]
+    def _stack_kv(self, blks):
+        """LayerNorm weights / biases [layers, d], c_attn's K/V columns [layers, d, 2d] and
+        their biases, and LayerNorm's eps."""
+        return (
+            torch.stack([blk.ln_1.weight for blk in blks]),
+            torch.stack([blk.ln_1.bias for blk in blks]),
+            torch.stack([blk.attn.c_attn.weight[:, self.split :] for blk in blks]).contiguous(),
+            torch.stack([blk.attn.c_attn.bias[self.split :] for blk in blks])[:, None, :],
+            blks[0].ln_1.eps,
+        )
 
     def finish(self, l, h, ctx, rows):
         blk = self.layers[l]

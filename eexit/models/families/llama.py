@@ -28,7 +28,6 @@ class LlamaBlocks(BlockAdapter):
         # the same positions, so they are computed once per step (keyed on the very tensor and
         # its version, so an edited or another tensor is computed again)
         self._rope_memo: tuple | None = None
-        self._kv_stack: dict = {}  # layers (start, stop) -> stacked K/V weights, for `kv_many`
 
     @property
     def scaling(self):
@@ -90,7 +89,7 @@ class LlamaBlocks(BlockAdapter):
         norm = self.layers[first].input_layernorm
         if len(layers) < 2 or type(norm).__name__ not in RMS_NORMS:
             return super().kv_many(first, stop, h, positions)
-        w_norm, w_kv, b_kv = self._stacked(first, stop)
+        w_norm, w_kv, b_kv = self.stacked(first, stop, self._stack_kv)
         eps = norm.variance_epsilon
         x = h.to(torch.float32)
         x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
@@ -101,27 +100,19 @@ class LlamaBlocks(BlockAdapter):
         cos, sin = self._rope(h, positions)
         return self._rotate(kv[0], cos[None], sin[None]), kv[1]
 
-    def _stacked(self, first, stop):
-        """Norm weights [layers, d], K/V weights [layers, d, 2 Hkv dh] (and biases) of blocks
-        first..stop-1, built once per decoder and range (a copy of those K/V weights)."""
-        key = (first, stop)
-        if key not in self._kv_stack:
-            blks = [self.layers[l] for l in range(first, stop)]
-            w_norm = torch.stack([b.input_layernorm.weight for b in blks])
-            w_kv = torch.stack(
-                [
-                    torch.cat([b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]).t()
-                    for b in blks
-                ]
-            )
-            bias = [b.self_attn.k_proj.bias for b in blks]
-            b_kv = None
-            if bias[0] is not None:
-                b_kv = torch.stack(
-                    [torch.cat([b.self_attn.k_proj.bias, b.self_attn.v_proj.bias]) for b in blks]
-                )[:, None, :]
-            self._kv_stack[key] = (w_norm, w_kv.contiguous(), b_kv)
-        return self._kv_stack[key]
+    @staticmethod
+    def _stack_kv(blks):
+        """Norm weights [layers, d], K/V weights [layers, d, 2 Hkv dh] and biases (or None)."""
+        w_norm = torch.stack([b.input_layernorm.weight for b in blks])
+        w_kv = torch.stack(
+            [torch.cat([b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]).t() for b in blks]
+        ).contiguous()
+        b_kv = None
+        if blks[0].self_attn.k_proj.bias is not None:
+            b_kv = torch.stack(
+                [torch.cat([b.self_attn.k_proj.bias, b.self_attn.v_proj.bias]) for b in blks]
+            )[:, None, :]
+        return w_norm, w_kv, b_kv
 
     def finish(self, l, h, ctx, rows):
         blk = self.layers[l]
