@@ -333,14 +333,15 @@ def _cached(cache: Path | None, key: str, measure, load, dump):
             return load(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError):
             pass
+    from eexit.reporting import log
+
+    log("timing the decoding step's parts on this device (cached for the next run) ...")
     value = measure()
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_json(path, dump(value))
         except OSError as e:
-            from eexit.reporting import log
-
             log(f"cost model not cached ({e.strerror or e}): {cache}")
     return value
 

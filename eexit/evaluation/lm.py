@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from eexit.evaluation.context import EvalContext, lm_windows
 from eexit.evaluation.costs import table_costs
 from eexit.evaluation.frontier import frontier_rows
@@ -56,8 +54,8 @@ def flat_sweep_note(table: ExitTable, policy, rows: list[dict]) -> str:
     decided = [k for k, layer in enumerate(table.exit_layers) if policy.min_exit_layer <= layer < L]
     if not decided:
         return ""
-    scores = table.score[decided].flatten().float()
-    lo, hi = (float(v) for v in torch.quantile(scores, torch.tensor([0.1, 0.9])))
+    scores = table.score[decided].flatten().float().sort().values  # (quantile caps its input)
+    lo, hi = (float(scores[int(q * (len(scores) - 1))]) for q in (0.1, 0.9))
     step = max((hi - lo) / 10, 1e-4)
     return (
         f"Every threshold of this sweep took the same exits (compute {rows[0]['compute_pct']:.1f} "
