@@ -165,6 +165,7 @@ CASES = [
     ([*EV, "--generate", "--prompts", "0"], "--prompts and --prompt-len must be >= 1"),
     ([*EV, "--generate", "--max-new-tokens", "0"], "--max-new-tokens >= 2"),
     ([*EV, "--generate", "--max-new-tokens", "1"], "--max-new-tokens >= 2"),
+    ([*EV, "--generate", "--rounds", "0"], "--rounds must be in 1..100"),
     ([*EV, "--generate", "--prompt-len", "30"], "must be <= 32 (the model's positions)"),
     ([*EV, "--dataset", "aclsum", "--examples", "0"], "--examples and --batch-size must be >= 1"),
     ([*EV, "--dataset", "aclsum", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),

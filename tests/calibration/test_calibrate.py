@@ -203,6 +203,8 @@ def test_a_calibration_is_refused_on_retrained_weights(tiny_checkpoint, tmp_path
         "--delta", "0.3", "--max-tokens", "2048", "--out", str(cal),
     )  # fmt: skip
     assert code == 0, err
+    test_row = json.loads((cal / "calibration.json").read_text())[0]
+    assert test_row["test_predicted_speedup"] > 0  # the measured cost model on the test rows
     recorded = json.loads((cal / "calibrated.json").read_text())["model_identity"]
     assert recorded["num_layers"] == 3 and len(recorded["weights_sha256"]) == 64
     ev = ["evaluate", "--model", str(model), "--calibrated", str(cal), "--max-tokens", "256"]
