@@ -279,6 +279,7 @@ def run(model, tok, x, new: int, reps: int, batch: int, policies: dict, drafts) 
                 speedup_vs_full_depth=t_full / t,
                 predicted_speedup_vs_full_depth=predicted,
                 predicted_over_measured=predicted / (t_full / t),
+                step_depth_bound=costs.step_depth_bound(layers[:, 1:], batch),
             )
         if name in specs:
             dec = specs[name]
@@ -439,7 +440,10 @@ def main() -> None:
         "paired per-round speedups; agreement = tokens equal to transformers' greedy output, "
         "ROUGE-L = the decoded text's ROUGE-L F-measure against greedy's (x 100, rouge-score). "
         "Early exit: predicted = the measured cost model (costs.md) for the exits and "
-        "decisions taken, against the measured speedup over eexit full depth.\n\n"
+        "decisions taken, against the measured speedup over eexit full depth; "
+        "step_depth_bound = L / the mean number of layers a step ran (a step of rows decoded "
+        "together runs until its deepest row exits): the most a decoder that keeps rows in "
+        "step can gain over full depth if decisions, heads and fills were free.\n\n"
     )
     cols = [
         "batch",
@@ -456,6 +460,7 @@ def main() -> None:
         "speedup_vs_full_depth",
         "predicted_speedup_vs_full_depth",
         "predicted_over_measured",
+        "step_depth_bound",
         "acceptance_rate",
         "tokens_per_cycle",
     ]

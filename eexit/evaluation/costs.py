@@ -129,6 +129,23 @@ class DecodeCosts:
             raise EexitError("no decoding steps to predict a speedup from")
         return full / pred
 
+    def step_depth_bound(self, exits: torch.Tensor, batch: int | None = None) -> float:
+        """L over the mean number of layers a decoding step runs, for decoded steps `exits`
+        ([rows, T], 0 = row finished) taken `batch` rows at a time: a step of rows decoded
+        together runs until its deepest row exits, so this is the most any decoder that keeps
+        rows in step can gain over full depth, with decisions, heads and fills free."""
+        exits = exits.reshape(exits.shape[0], -1)
+        batch = batch or exits.shape[0]
+        depths = [
+            int(step.max())
+            for start in range(0, exits.shape[0], batch)
+            for step in exits[start : start + batch].T
+            if int(step.max()) > 0
+        ]
+        if not depths:
+            raise EexitError("no decoding steps to bound a speedup from")
+        return self.num_layers * len(depths) / sum(depths)
+
     def predicted_speedup_tokens(
         self, exits: torch.Tensor, decisions: torch.Tensor, decision_layers: list[int]
     ) -> float:

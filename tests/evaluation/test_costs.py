@@ -68,6 +68,17 @@ def test_predicted_speedup_sets_full_steps_against_the_exit_pattern():
     assert c.predicted_speedup(exits, decisions, [1, 2, 3]) == pytest.approx(4 * 7.0 / sum(steps))
 
 
+def test_step_depth_bound_counts_the_deepest_running_row_of_each_step():
+    c = costs_of(SECONDS)  # L = 4
+    exits = torch.tensor([[4, 1, 2], [1, 1, 0], [2, 3, 1], [1, 1, 1]])
+    # batch 1: every row on its own, the finished slot (0) skipped: 4 * 11 / (7 + 2 + 6 + 3)
+    assert c.step_depth_bound(exits, 1) == pytest.approx(4 * 11 / 18)
+    # batch 2: steps of rows (0, 1) run 4, 1, 2 layers; rows (2, 3) run 2, 3, 1
+    assert c.step_depth_bound(exits, 2) == pytest.approx(4 * 6 / (7 + 6))
+    # one batch of 4: the deepest row of each step, 4, 3, 2
+    assert c.step_depth_bound(exits) == pytest.approx(4 * 3 / 9)
+
+
 def test_measured_costs_on_a_tiny_model_and_their_content_keyed_cache(tmp_path):
     model = tiny(arch="llama", layers=3)
     policy = make_policy("max-prob", 0.5, 1)
