@@ -205,6 +205,35 @@ def check_process_device(device: str, world: int) -> str:
 MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def check_sharding(device: torch.device) -> None:
+    """A sharded launch (`accelerate launch --use_fsdp` / `--use_deepspeed`, or a config file
+    that asks for it) that this run cannot honour is refused: accelerate turns FSDP on for GPU
+    processes only, so on the CPU it would silently train plain data-parallel (DDP)."""
+    import importlib.util
+
+    asked = [
+        name
+        for name, var in (
+            ("FSDP", "ACCELERATE_USE_FSDP"),
+            ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
+        )
+        if os.environ.get(var, "false").lower() == "true"
+    ]
+    if not asked:
+        return
+    if "DeepSpeed" in asked and importlib.util.find_spec("deepspeed") is None:
+        raise EexitError(
+            "accelerate launch asked for DeepSpeed, which is not installed here; "
+            "pip install deepspeed, or launch without --use_deepspeed"
+        )
+    if device.type == "cpu":
+        raise EexitError(
+            f"accelerate launch asked for {asked[0]}, but accelerate shards only GPU processes: "
+            "on the CPU this run would be plain data-parallel; launch with --multi_gpu for "
+            f"data-parallel on CPUs, or use GPUs for {asked[0]}"
+        )
+
+
 def training_placement(device: str = "auto", dtype: str = "auto") -> dict:
     """`eexit train --device --dtype` as accelerate's settings, checked like every command's:
     {"cpu": run on the CPU, "mixed_precision": accelerate's (None = its own default, i.e. what
@@ -214,6 +243,7 @@ def training_placement(device: str = "auto", dtype: str = "auto") -> dict:
     dev = torch.device("cpu") if wanted == "cpu" else parse_device(wanted)
     if dev.type == "mps":
         raise EexitError("--device mps: training runs on cuda or cpu; use one of them")
+    check_sharding(dev)
     out = {"cpu": dev.type == "cpu", "mixed_precision": None, "cuda_index": None}
     if dev.type == "cuda" and dev.index is not None:
         out["cuda_index"] = dev.index

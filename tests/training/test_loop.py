@@ -320,3 +320,23 @@ def test_train_places_itself_by_device_and_dtype(tmp_path):
         lines = message_lines(err)
         assert code == 2 and len(lines) == 1 and msg in lines[0], err
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "var, words",
+    [
+        ("ACCELERATE_USE_FSDP", "asked for FSDP, but accelerate shards only GPU processes"),
+        ("ACCELERATE_USE_DEEPSPEED", "asked for DeepSpeed"),
+    ],
+)
+def test_a_sharded_launch_the_cpu_cannot_honour_is_refused(tmp_path, monkeypatch, var, words):
+    """accelerate 1.16 turns FSDP on for GPU processes only: `accelerate launch --use_fsdp` on
+    CPUs would silently train plain DDP (seen: DDP's own warning under --use_fsdp). Refused in one
+    line before any work; DeepSpeed is refused where it is not installed or on the CPU."""
+    monkeypatch.setenv(var, "true")
+    code, _, err = run_cli(
+        "train", *tiny_overrides(), "--device", "cpu", "--out", str(tmp_path / "x")
+    )
+    lines = message_lines(err)
+    assert code == 2 and len(lines) == 1 and words in lines[0], err
+    assert not (tmp_path / "x").exists()
